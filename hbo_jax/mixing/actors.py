@@ -1,0 +1,95 @@
+"""Actor state as a PyTree of logits, and the jitted REINFORCE-style update.
+
+HBO's actors are softmax policies whose parameters are the logits themselves (reference
+code `BaseActor`). The update takes `inner_steps` Adam steps on
+    loss(w) = -sum_k R_k * log_softmax(w)_k,
+whose gradient is -(R - p * sum R): the fixed point is p = R / sum R (hbo.md §1).
+One Adam over the stacked local logits [D, K] equals D independent actors because Adam
+is elementwise and the loss separates by row. Non-finite rewards never reach the logits:
+the update is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class MixerState:
+    global_logits: jax.Array  # [D]
+    local_logits: jax.Array  # [D, K]
+    global_opt: optax.OptState
+    local_opt: optax.OptState
+    global_ema: jax.Array  # [D], reference code initialises rbar to 1
+    local_ref_nll: jax.Array  # [D, K, M] initial NLL of the fixed local probe examples
+    num_updates: jax.Array  # [2] int32: global, local
+    num_skipped: jax.Array  # [] int32: updates skipped for non-finite rewards
+
+
+def actor_optimizer(lr: float) -> optax.GradientTransformation:
+    """Adam(lr, .9, .999, 1e-8), the reference code's actor optimizer."""
+    return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def init_mixer(prior: np.ndarray, num_buckets: int, num_local_probes: int, lr: float) -> MixerState:
+    """Global logits = log(prior) (no MSE fitting loop); local logits uniform."""
+    prior = np.asarray(prior, np.float64)
+    g = jnp.asarray(np.log(np.maximum(prior / prior.sum(), 1e-30)), jnp.float32)
+    loc = jnp.zeros((len(prior), num_buckets), jnp.float32)
+    tx = actor_optimizer(lr)
+    return MixerState(
+        global_logits=g, local_logits=loc, global_opt=tx.init(g), local_opt=tx.init(loc),
+        global_ema=jnp.ones_like(g),
+        local_ref_nll=jnp.zeros((len(prior), num_buckets, num_local_probes), jnp.float32),
+        num_updates=jnp.zeros(2, jnp.int32), num_skipped=jnp.zeros((), jnp.int32))
+
+
+def reinforce(logits, opt_state, rewards, lr: float, inner_steps: int):
+    """`inner_steps` Adam steps on -sum(R * log_softmax(w)); returns (logits, opt_state, ok)."""
+    tx = actor_optimizer(lr)
+    loss = lambda w: -jnp.sum(rewards * jax.nn.log_softmax(w, axis=-1))
+
+    def body(_, carry):
+        w, st = carry
+        upd, st = tx.update(jax.grad(loss)(w), st, w)
+        return optax.apply_updates(w, upd), st
+
+    new_w, new_st = jax.lax.fori_loop(0, inner_steps, body, (logits, opt_state))
+    ok = jnp.all(jnp.isfinite(rewards)) & jnp.all(jnp.isfinite(new_w))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    return keep(new_w, logits), keep(new_st, opt_state), ok
+
+
+@functools.partial(jax.jit, static_argnames=("lr", "inner_steps", "ema"))
+def update_global(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int, ema: float):
+    """Global actor step from per-dataset rewards [D] (optionally EMA-smoothed first)."""
+    finite = jnp.all(jnp.isfinite(rewards))
+    smoothed = ema * rewards + (1.0 - ema) * state.global_ema if ema > 0 else rewards
+    ema_state = jnp.where(finite, smoothed, state.global_ema) if ema > 0 else state.global_ema
+    w, opt, ok = reinforce(state.global_logits, state.global_opt, smoothed, lr, inner_steps)
+    return state.replace(
+        global_logits=w, global_opt=opt, global_ema=ema_state,
+        num_updates=state.num_updates.at[0].add(ok.astype(jnp.int32)),
+        num_skipped=state.num_skipped + (~ok).astype(jnp.int32)), smoothed
+
+
+@functools.partial(jax.jit, static_argnames=("lr", "inner_steps"))
+def update_local(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int):
+    """Local actors' step from relative per-bucket rewards [D, K]."""
+    w, opt, ok = reinforce(state.local_logits, state.local_opt, rewards, lr, inner_steps)
+    return state.replace(
+        local_logits=w, local_opt=opt,
+        num_updates=state.num_updates.at[1].add(ok.astype(jnp.int32)),
+        num_skipped=state.num_skipped + (~ok).astype(jnp.int32))
+
+
+def probabilities(state: MixerState) -> tuple[np.ndarray, np.ndarray]:
+    """(p_global [D], p_local [D, K]) read once on the host."""
+    pg, pl = jax.device_get((jax.nn.softmax(state.global_logits), jax.nn.softmax(state.local_logits, -1)))
+    return np.asarray(pg, np.float64), np.asarray(pl, np.float64)

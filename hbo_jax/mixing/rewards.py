@@ -1,0 +1,102 @@
+"""HBO rewards from batched, jitted probe steps.
+
+Global reward (paper Eq. 7): for each dataset i, the L2 norm of the gradient of the
+training loss on a probe batch B_i drawn evenly over i's buckets. All D probe batches
+go through one jitted call (`lax.map` over datasets, one gradient live at a time).
+
+Local reward (paper Eq. 8): for each (dataset, bucket), the mean over a fixed probe set
+of PPL_theta(y|x) / PPL_theta0(y|x), with theta0 the model at the start of training;
+then relative to the bucket mean, R_ij / mean_j R_ij. A higher value means less progress
+since the start, so more sampling. The probe sets are fixed at the start, which makes the
+ratio a paired comparison (same examples under theta and theta0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hbo_jax.data.store import collate
+from hbo_jax.parallel import batch_sharding, replicated
+from hbo_jax.step import masked_mean_loss, token_nll
+
+
+def make_gradnorm_fn(graphdef, mesh, num_datasets: int) -> Callable:
+    """Jitted `f(params, probes) -> [D]` batch-gradient norms; probes rows are [D * P, T]."""
+
+    def f(params, input_ids, targets, loss_mask):
+        shape = (num_datasets, -1, input_ids.shape[-1])
+        xs = tuple(a.reshape(shape) for a in (input_ids, targets, loss_mask))
+
+        def one(x):
+            ids, tg, m = x
+            loss = lambda p: masked_mean_loss(token_nll(graphdef, p, ids, tg), m)
+            return optax.global_norm(jax.grad(loss)(params))
+
+        return jax.lax.map(one, xs)
+
+    bs = batch_sharding(mesh)
+    return jax.jit(f, in_shardings=(None, bs, bs, bs), out_shardings=replicated(mesh))
+
+
+def relative(rewards: jax.Array | np.ndarray) -> np.ndarray:
+    """R_ij / mean_j R_ij (reference code utils:2006-2009)."""
+    r = np.asarray(rewards, np.float64)
+    return r / r.mean(axis=-1, keepdims=True)
+
+
+def ppl_ratio(nll_now: np.ndarray, nll_ref: np.ndarray) -> np.ndarray:
+    """Mean over probes of exp(NLL_now - NLL_ref) = PPL_theta / PPL_theta0; [D, K, M] -> [D, K]."""
+    return np.exp(np.asarray(nll_now, np.float64) - np.asarray(nll_ref, np.float64)).mean(-1)
+
+
+def draw_global_probes(leaves, per_bucket: int, seed: int, update_index: int) -> list[tuple[int, int]]:
+    """(dataset, example index) pairs: per dataset, `per_bucket` examples from every bucket."""
+    rng = np.random.default_rng([seed, 2, update_index])
+    picks = []
+    for i, row in enumerate(leaves):
+        for leaf in row:
+            if len(leaf):
+                picks += [(i, int(x)) for x in rng.choice(leaf, per_bucket, replace=len(leaf) < per_bucket)]
+            else:  # empty bucket: take the dataset's other buckets' examples instead
+                pool = np.concatenate([l for l in row if len(l)])
+                picks += [(i, int(x)) for x in rng.choice(pool, per_bucket)]
+    return picks
+
+
+def fixed_local_probes(leaves, per_group: int, seed: int) -> list[tuple[int, int]]:
+    """The probe set of every (dataset, bucket), fixed for the run, in [D, K, M] order."""
+    picks = []
+    for i, row in enumerate(leaves):
+        for j, leaf in enumerate(row):
+            rng = np.random.default_rng([seed, 3, i, j])
+            pool = leaf if len(leaf) else np.concatenate([l for l in row if len(l)])
+            picks += [(i, int(x)) for x in rng.choice(pool, per_group, replace=len(pool) < per_group)]
+    return picks
+
+
+def probe_batch(stores: Sequence, picks: list[tuple[int, int]], seq_len: int, pad_id: int) -> dict:
+    """Host arrays for probe examples (same layout as a training batch)."""
+    return collate([stores[i][x] for i, x in picks], seq_len, pad_id)
+
+
+def to_device(batch: dict, mesh, keys=("input_ids", "targets", "loss_mask")) -> tuple[jax.Array, ...]:
+    sh = batch_sharding(mesh)
+    return tuple(jax.device_put(batch[k], sh) for k in keys)
+
+
+def batched_example_nll(nll_fn: Callable, params, batch: dict, chunk: int, mesh) -> np.ndarray:
+    """Per-example mean NLL over a host batch, in fixed-size chunks (one compiled shape)."""
+    n = len(batch["input_ids"])
+    out = []
+    for a in range(0, n, chunk):
+        part = {k: v[a:a + chunk] for k, v in batch.items() if k in ("input_ids", "targets", "loss_mask")}
+        short = chunk - len(part["input_ids"])
+        if short:
+            part = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
+        out.append(np.asarray(jax.device_get(nll_fn(params, *to_device(part, mesh))[0])))
+    return np.concatenate(out)[:n]

@@ -1,0 +1,133 @@
+"""Sampling strategies as configuration over the same pieces, and the host-side Mixer.
+
+A strategy says which actors exist and what prior they start from:
+  hbo           global actor (grad-norm reward) + local actors (PPL-ratio reward)
+  hbo_global    global actor only (ablation)    hbo_local   local actors only (ablation)
+  proportional  static, T=1                     temperature static, T=10 by default
+  uniform       static, T=inf
+The Mixer runs the probes and actor updates on schedule, times them (the run reports the
+share of wall-clock spent on mixing) and hands new probabilities to the sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from hbo_jax.config import ConfigError, MixingConfig
+from hbo_jax.mixing import actors, rewards
+from hbo_jax.step import make_example_nll_fn
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    global_actor: bool
+    local_actor: bool
+    temperature: float
+
+    @property
+    def dynamic(self) -> bool:
+        return self.global_actor or self.local_actor
+
+
+_TABLE = {  # name: (global actor, local actor, default temperature)
+    "hbo": (True, True, 1.0), "hbo_global": (True, False, 1.0), "hbo_local": (False, True, 1.0),
+    "proportional": (False, False, 1.0), "temperature": (False, False, 10.0),
+    "uniform": (False, False, math.inf),
+}
+
+
+def resolve(cfg: MixingConfig) -> Strategy:
+    g, loc, default_t = _TABLE[cfg.strategy]
+    t = cfg.temperature or default_t
+    if cfg.strategy in ("proportional", "uniform") and cfg.temperature and cfg.temperature != default_t:
+        raise ConfigError(f"mixing.temperature={cfg.temperature} contradicts mixing.strategy="
+                          f"{cfg.strategy} (T={default_t}); use strategy=temperature")
+    return Strategy(cfg.strategy, g, loc, t)
+
+
+def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
+    """p_i proportional to |D_i|^(1/T); T=inf gives uniform."""
+    n = np.asarray(sizes, np.float64)
+    p = np.ones_like(n) if math.isinf(temperature) else n ** (1.0 / temperature)
+    return p / p.sum()
+
+
+class Mixer:
+    """Owns the MixerState; computes rewards and updates the actors every N steps."""
+
+    def __init__(self, strategy: Strategy, cfg: MixingConfig, sizes, leaves, stores, graphdef,
+                 mesh, seq_len: int, pad_id: int, seed: int):
+        self.strategy, self.cfg = strategy, cfg
+        self.leaves, self.stores, self.mesh = leaves, stores, mesh
+        self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
+        self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
+        self.state = actors.init_mixer(prior(sizes, strategy.temperature), self.num_buckets,
+                                       cfg.local_probes_per_group, cfg.actor_lr)
+        self.seconds = 0.0
+        self._gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, self.num_datasets) if strategy.global_actor else None
+        self._nll = make_example_nll_fn(graphdef, mesh) if strategy.local_actor else None
+        self._local_batch = None
+        if strategy.local_actor:
+            picks = rewards.fixed_local_probes(leaves, cfg.local_probes_per_group, seed)
+            self._local_batch = rewards.probe_batch(stores, picks, seq_len, pad_id)
+
+    @property
+    def chunk(self) -> int:
+        return self.cfg.local_probes_per_group * self.num_buckets
+
+    def start(self, params) -> None:
+        """Records the initial per-example NLL of the local probe sets (theta0)."""
+        if self._local_batch is None:
+            return
+        t0 = time.perf_counter()
+        nll0 = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
+        shape = (self.num_datasets, self.num_buckets, self.cfg.local_probes_per_group)
+        self.state = self.state.replace(local_ref_nll=jax.numpy.asarray(nll0.reshape(shape), np.float32))
+        self.seconds += time.perf_counter() - t0
+
+    def due(self, step: int) -> tuple[bool, bool]:
+        """Whether the global / local actor updates after `step` completed steps (never at 0)."""
+        g = self.strategy.global_actor and step > 0 and step % self.cfg.global_every == 0
+        loc = self.strategy.local_actor and step > 0 and step % self.cfg.local_every == 0
+        return g, loc
+
+    def update(self, step: int, params) -> dict | None:
+        """Runs the due updates; returns a mixing-log record, or None when nothing was due."""
+        do_global, do_local = self.due(step)
+        if not (do_global or do_local):
+            return None
+        t0 = time.perf_counter()
+        record: dict = {"step": step}
+        c = self.cfg
+        if do_global:
+            picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.seed, step)
+            batch = rewards.probe_batch(self.stores, picks, self.seq_len, self.pad_id)
+            r = self._gradnorm(params, *rewards.to_device(batch, self.mesh))
+            self.state, used = actors.update_global(self.state, r, lr=c.actor_lr, inner_steps=c.inner_steps, ema=c.ema)
+            record["reward_global"] = np.asarray(jax.device_get(used)).tolist()
+        if do_local:
+            nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
+            ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
+                                      np.asarray(jax.device_get(self.state.local_ref_nll)))
+            rel = rewards.relative(ratio)
+            self.state = actors.update_local(self.state, jax.numpy.asarray(rel, np.float32),
+                                             lr=c.actor_lr, inner_steps=c.inner_steps)
+            record["reward_local"] = rel.tolist()
+            record["ppl_ratio"] = ratio.tolist()
+        pg, pl = self.probabilities()
+        record.update(p_global=pg.tolist(), p_local=pl.tolist(),
+                      skipped=int(jax.device_get(self.state.num_skipped)))
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        record["seconds"] = dt
+        return record
+
+    def probabilities(self) -> tuple[np.ndarray, np.ndarray]:
+        return actors.probabilities(self.state)
