@@ -58,8 +58,8 @@ class DataConfig:
     source_dir: str = ""
     cache_dir: str = ""  # "" -> $HBO_JAX_CACHE or ~/.cache/hbo_jax
     tokenizer: str = "train"  # "train": byte-level BPE on the train split; else a HF dir
-    vocab_size: int = 4096
-    seq_len: int = 256
+    vocab_size: int = 2048
+    seq_len: int = 128
     num_buckets: int = 4
     difficulty: str = "ppl"  # ppl | loss | ifd | length
     bad_input: str = "skip"  # skip (counted and reported) | error
@@ -70,8 +70,8 @@ class DataConfig:
 class ScorerConfig:
     """The tiny model warmed up on the uniform mixture before it scores difficulty."""
 
-    warmup_steps: int = 120
-    batch_size: int = 32
+    warmup_steps: int = 150
+    batch_size: int = 16
     learning_rate: float = 3e-3
     score_batch_size: int = 64
 
@@ -81,20 +81,20 @@ class MixingConfig:
     """Sampling strategy and the HBO actors (see docs and hbo.md for the knobs)."""
 
     strategy: str = "hbo"  # hbo | hbo_global | hbo_local | proportional | temperature | uniform
-    temperature: float = 1.0  # prior p_i ~ |D_i|^(1/T); inf = uniform
-    global_every: int = 25  # steps between global actor updates
-    local_every: int = 25  # steps between local actor updates
+    temperature: float = 0.0  # prior p_i ~ |D_i|^(1/T); inf = uniform; 0 = the strategy default
+    global_every: int = 50  # steps between global actor updates
+    local_every: int = 50  # steps between local actor updates
     actor_lr: float = 5e-3  # paper/code: 1e-4 (moves logits ~0.02 per update)
     inner_steps: int = 200
     ema: float = 0.0  # 0 = off; else alpha in rbar <- a*r + (1-a)*rbar
-    global_probes_per_bucket: int = 8  # code: 4 batches x 2 = 8 per level
-    local_probes_per_group: int = 16  # code: 8 batches x 2 = 16 per group
+    global_probes_per_bucket: int = 4  # code: 4 batches x 2 = 8 per level
+    local_probes_per_group: int = 8  # code: 8 batches x 2 = 16 per group
 
 
 @dataclass
 class TrainConfig:
     steps: int = 300
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.0
@@ -164,8 +164,8 @@ def validate(cfg: Config) -> Config:
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-    if not (cfg.mixing.temperature > 0 or math.isinf(cfg.mixing.temperature)):
-        raise ConfigError(f"mixing.temperature={cfg.mixing.temperature} must be > 0 (or inf)")
+    if not (cfg.mixing.temperature >= 0 or math.isinf(cfg.mixing.temperature)):
+        raise ConfigError(f"mixing.temperature={cfg.mixing.temperature} must be > 0, inf, or 0 (strategy default)")
     if not 0.0 <= cfg.mixing.ema <= 1.0:
         raise ConfigError(f"mixing.ema={cfg.mixing.ema} must be in [0, 1]")
     if cfg.mixing.actor_lr <= 0:

@@ -112,6 +112,20 @@ def batch_divisor(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
+def check_batch_size(key: str, n: int, mesh: Mesh) -> None:
+    """Raises ConfigError unless the batch axes (data x fsdp) divide a global batch size."""
+    d = batch_divisor(mesh)
+    if n % d:
+        raise ConfigError(f"{key}={n} must be a multiple of the mesh's data x fsdp size {d} "
+                          f"(mesh {dict(mesh.shape)})")
+
+
+def round_up_rows(n: int, mesh: Mesh) -> int:
+    """The smallest row count >= n that the batch axes divide (for padded probe/eval batches)."""
+    d = batch_divisor(mesh)
+    return -(-n // d) * d
+
+
 def global_batch_from_host(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Builds global arrays from this host's slice of a batch (identity on one host)."""
     return {

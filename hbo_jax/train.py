@@ -30,7 +30,7 @@ from hbo_jax.evaluate import format_table, heldout_loss
 from hbo_jax.mixing.strategies import Mixer, resolve
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import load_params
-from hbo_jax.parallel import global_batch_from_host, host_slice, make_mesh
+from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, make_mesh
 from hbo_jax.report import probability_plot
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
                           state_shardings)
@@ -73,6 +73,8 @@ def run(cfg: Config) -> dict:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     mesh = make_mesh(cfg.mesh)
     log.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
+    check_batch_size("scorer.batch_size", cfg.scorer.batch_size, mesh)
 
     data = prepare(cfg, mesh)
     m = data.manifest
@@ -128,7 +130,8 @@ def run(cfg: Config) -> dict:
         state, metrics = train_step(state, global_batch_from_host(next(batches), mesh))
         acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
         done = s + 1
-        record = mixer.update(done, state.params)
+        # No update after the last step: nothing would sample from it.
+        record = mixer.update(done, state.params) if done < tc.steps else None
         if record is not None:
             sampler.schedule.set(done, record["p_global"], record["p_local"])
             record["from_step"] = done
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the demo run")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 mixing.strategy=uniform")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)  # absl installs a root handler first
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -156,6 +156,9 @@ def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: i
     """Mean response NLL per example in one batched pass, padded per length bucket."""
     from hbo_jax.mixing.rewards import to_device
 
+    from hbo_jax.parallel import round_up_rows
+
+    batch_size = round_up_rows(batch_size, mesh)
     lengths = np.array([len(ids) for ids, _ in examples])
     order = np.argsort(lengths, kind="stable")
     out = np.zeros(len(examples), np.float64)

@@ -86,6 +86,8 @@ def encode(tokenizer, convs: list[Conversation]) -> list[tuple[np.ndarray, np.nd
     mask[t] = 1 when token t belongs to an assistant turn (content and end-of-turn
     marker), i.e. when predicting it counts towards the loss.
     """
+    if not convs:
+        return []
     rendered = [_assistant_spans(tokenizer, c) for c in convs]
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []

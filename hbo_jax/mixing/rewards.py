@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from hbo_jax.data.store import collate
-from hbo_jax.parallel import batch_sharding, replicated
+from hbo_jax.parallel import batch_divisor, batch_sharding, replicated
 from hbo_jax.step import masked_mean_loss, token_nll
 
 
@@ -82,6 +82,25 @@ def fixed_local_probes(leaves, per_group: int, seed: int) -> list[tuple[int, int
 def probe_batch(stores: Sequence, picks: list[tuple[int, int]], seq_len: int, pad_id: int) -> dict:
     """Host arrays for probe examples (same layout as a training batch)."""
     return collate([stores[i][x] for i, x in picks], seq_len, pad_id)
+
+
+def pad_per_dataset(batch: dict, num_datasets: int, mesh) -> dict:
+    """Pads each dataset's probe rows with loss-free rows so D * rows divides the batch axes.
+
+    Rows with an all-zero loss mask change neither a masked-mean loss nor its gradient.
+    """
+    rows = len(batch["input_ids"]) // num_datasets
+    per = rows
+    while (num_datasets * per) % batch_divisor(mesh):
+        per += 1
+    if per == rows:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        v = v.reshape((num_datasets, rows) + v.shape[1:])
+        pad = np.zeros((num_datasets, per - rows) + v.shape[2:], v.dtype)
+        out[k] = np.concatenate([v, pad], axis=1).reshape((num_datasets * per,) + v.shape[2:])
+    return out
 
 
 def to_device(batch: dict, mesh, keys=("input_ids", "targets", "loss_mask")) -> tuple[jax.Array, ...]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from hbo_jax.config import ConfigError, MixingConfig
 from hbo_jax.mixing import actors, rewards
+from hbo_jax.parallel import replicated, round_up_rows
 from hbo_jax.step import make_example_nll_fn
 
 
@@ -68,8 +69,10 @@ class Mixer:
         self.leaves, self.stores, self.mesh = leaves, stores, mesh
         self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
         self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
-        self.state = actors.init_mixer(prior(sizes, strategy.temperature), self.num_buckets,
-                                       cfg.local_probes_per_group, cfg.actor_lr)
+        # Replicated on every device of the mesh: each host holds the same policy.
+        self.state = jax.device_put(
+            actors.init_mixer(prior(sizes, strategy.temperature), self.num_buckets,
+                              cfg.local_probes_per_group, cfg.actor_lr), replicated(mesh))
         self.seconds = 0.0
         self._gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, self.num_datasets) if strategy.global_actor else None
         self._nll = make_example_nll_fn(graphdef, mesh) if strategy.local_actor else None
@@ -80,7 +83,7 @@ class Mixer:
 
     @property
     def chunk(self) -> int:
-        return self.cfg.local_probes_per_group * self.num_buckets
+        return round_up_rows(self.cfg.local_probes_per_group * self.num_buckets, self.mesh)
 
     def start(self, params) -> None:
         """Records the initial per-example NLL of the local probe sets (theta0)."""
@@ -89,7 +92,7 @@ class Mixer:
         t0 = time.perf_counter()
         nll0 = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
         shape = (self.num_datasets, self.num_buckets, self.cfg.local_probes_per_group)
-        self.state = self.state.replace(local_ref_nll=jax.numpy.asarray(nll0.reshape(shape), np.float32))
+        self.state = self.state.replace(local_ref_nll=jax.device_put(nll0.reshape(shape).astype(np.float32), replicated(self.mesh)))
         self.seconds += time.perf_counter() - t0
 
     def due(self, step: int) -> tuple[bool, bool]:
@@ -109,6 +112,7 @@ class Mixer:
         if do_global:
             picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.seed, step)
             batch = rewards.probe_batch(self.stores, picks, self.seq_len, self.pad_id)
+            batch = rewards.pad_per_dataset(batch, self.num_datasets, self.mesh)
             r = self._gradnorm(params, *rewards.to_device(batch, self.mesh))
             self.state, used = actors.update_global(self.state, r, lr=c.actor_lr, inner_steps=c.inner_steps, ema=c.ema)
             record["reward_global"] = np.asarray(jax.device_get(used)).tolist()
@@ -117,7 +121,7 @@ class Mixer:
             ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
                                       np.asarray(jax.device_get(self.state.local_ref_nll)))
             rel = rewards.relative(ratio)
-            self.state = actors.update_local(self.state, jax.numpy.asarray(rel, np.float32),
+            self.state = actors.update_local(self.state, jax.device_put(rel.astype(np.float32), replicated(self.mesh)),
                                              lr=c.actor_lr, inner_steps=c.inner_steps)
             record["reward_local"] = rel.tolist()
             record["ppl_ratio"] = ratio.tolist()

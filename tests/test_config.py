@@ -1,0 +1,50 @@
+import pytest
+
+from hbo_jax.config import ConfigError, load_config
+from hbo_jax.mixing.strategies import resolve
+
+
+def test_defaults_are_valid_and_run_hbo():
+    cfg = load_config()
+    assert cfg.mixing.strategy == "hbo"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(overrides=["train.stepz=3"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(overrides=["train.steps=many"])
+
+
+def test_bad_choice_is_named():
+    with pytest.raises(ConfigError, match="mixing.strategy"):
+        load_config(overrides=["mixing.strategy=greedy"])
+
+
+def test_non_positive_is_named():
+    with pytest.raises(ConfigError, match="data.num_buckets"):
+        load_config(overrides=["data.num_buckets=0"])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["train.steps"])
+
+
+def test_yaml_file_is_merged(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\nmixing:\n  strategy: uniform\n")
+    cfg = load_config(path, ["train.batch_size=8"])
+    assert (cfg.train.steps, cfg.mixing.strategy, cfg.train.batch_size) == (7, "uniform", 8)
+
+
+def test_temperature_strategy_defaults_to_ten():
+    assert resolve(load_config(overrides=["mixing.strategy=temperature"]).mixing).temperature == 10.0
+
+
+def test_temperature_contradicting_strategy_is_rejected():
+    with pytest.raises(ConfigError, match="mixing.temperature"):
+        resolve(load_config(overrides=["mixing.strategy=proportional", "mixing.temperature=5"]).mixing)

@@ -1,0 +1,55 @@
+"""A two-step run on the committed fixture writes every output; a resumed run continues."""
+
+import json
+
+import pytest
+
+from hbo_jax.train import main
+
+from conftest import tiny_overrides
+
+OUTPUTS = ("config.yaml", "metrics.jsonl", "mixing.jsonl", "probabilities_start.json", "eval.json",
+           "summary.json", "probabilities.png")
+
+
+@pytest.fixture(scope="module")
+def hbo_run(tmp_path_factory, shared_cache):
+    run_dir = tmp_path_factory.mktemp("run") / "hbo"
+    assert main(tiny_overrides(run_dir, shared_cache, "train.steps=3")) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_two_step_run_writes_output(hbo_run, name):
+    assert (hbo_run / name).stat().st_size > 0
+
+
+def test_checkpoint_is_written(hbo_run):
+    assert (hbo_run / "checkpoints" / "3").is_dir()
+
+
+def test_mixing_log_records_both_actors(hbo_run):
+    rows = [json.loads(l) for l in (hbo_run / "mixing.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # no update after the last step
+    assert all("reward_global" in r and "reward_local" in r for r in rows)
+    assert all(abs(sum(r["p_global"]) - 1) < 1e-5 for r in rows)
+
+
+def test_eval_reports_every_subset(hbo_run):
+    ev = json.loads((hbo_run / "eval.json").read_text())
+    assert set(ev["after"]) >= {"chat", "arithmetic", "medical_sentiment", "hindi_qa", "proverbs_sw"}
+
+
+def test_resume_continues_from_checkpoint(tmp_path, shared_cache):
+    assert main(tiny_overrides(tmp_path, shared_cache, "train.steps=2")) == 0
+    assert main(tiny_overrides(tmp_path, shared_cache, "train.steps=4")) == 0
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "temperature", "hbo_local"])
+def test_other_strategies_run(tmp_path, shared_cache, strategy):
+    run_dir = tmp_path / strategy
+    assert main(tiny_overrides(run_dir, shared_cache, f"mixing.strategy={strategy}")) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["strategy"] == strategy
