@@ -93,7 +93,7 @@ def tree_shardings(abstract_state, mesh: Mesh):
     def one(var):
         if isinstance(var, nnx.Variable):
             names = var.get_metadata().get("out_sharding")
-            return var.replace(NamedSharding(mesh, logical_to_spec(names, var.value.shape, mesh)))
+            return var.replace(NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh)))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

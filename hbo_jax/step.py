@@ -91,7 +91,7 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding) -> Call
         params = optax.apply_updates(state.params, updates)
         mask = batch["loss_mask"]
         ex_nll, count = example_nll(nll, mask)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": jnp.sum(mask)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask)}
         metrics.update(group_stats(ex_nll, jnp.sum(nll * mask, -1), count, batch["group_id"], num_groups))
         return TrainState(state.step + 1, params, opt_state), metrics
 

@@ -35,7 +35,7 @@ def make_gradnorm_fn(graphdef, mesh, num_datasets: int) -> Callable:
         def one(x):
             ids, tg, m = x
             loss = lambda p: masked_mean_loss(token_nll(graphdef, p, ids, tg), m)
-            return optax.global_norm(jax.grad(loss)(params))
+            return optax.tree.norm(jax.grad(loss)(params))
 
         return jax.lax.map(one, xs)
 

@@ -27,7 +27,7 @@ def _flat(pure: dict) -> dict[str, np.ndarray]:
 def save_params(params, path: str | Path) -> None:
     from safetensors.numpy import save_file
 
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in _flat(params.to_pure_dict()).items()}
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in _flat(nnx.to_pure_dict(params)).items()}
     tmp = Path(str(path) + ".tmp")
     save_file(flat, str(tmp))
     tmp.rename(path)
@@ -38,8 +38,8 @@ def load_params(path: str | Path, abstract_params, mesh):
     from safetensors import safe_open
 
     shardings = tree_shardings(abstract_params, mesh)
-    expected = _flat(jax.tree.map(lambda v: v, abstract_params.to_pure_dict()))
-    flat_shard = _flat(shardings.to_pure_dict())
+    expected = _flat(nnx.to_pure_dict(abstract_params))
+    flat_shard = _flat(nnx.to_pure_dict(shardings))
     out = {}
     with safe_open(str(path), framework="numpy") as f:
         have = set(f.keys())
