@@ -143,7 +143,7 @@ def run(cfg: Config) -> dict:
             nsteps = tc.log_every if done % tc.log_every == 0 else done % tc.log_every
             line = {"step": done, "loss": float(host["loss"] / nsteps),
                     "grad_norm": float(host["grad_norm"] / nsteps),
-                    "tokens_per_s": float(host["tokens"] / dt), "examples": int(n),
+                    "loss_tokens_per_s": float(host["tokens"] / dt), "examples": int(n),
                     "mixing_share": (mixer.seconds - mix_before) / dt}
             line.update(_per_subset(host, data.names, k))
             metrics_log.write(line)

@@ -67,3 +67,8 @@ def test_empty_subset_is_a_clear_cli_error(tmp_path, capsys):
 def test_missing_source_dir_is_a_clear_cli_error(tmp_path, capsys):
     code = main(tiny_overrides(tmp_path / "run", tmp_path / "cache", f"data.source_dir={tmp_path / 'none'}"))
     assert code == 2 and "directory not found" in capsys.readouterr().err
+
+
+def test_missing_tokenizer_dir_is_a_clear_cli_error(tmp_path, capsys):
+    code = main(tiny_overrides(tmp_path / "run", tmp_path / "cache", f"data.tokenizer={tmp_path / 'tok'}"))
+    assert code == 2 and "not a tokenizer directory" in capsys.readouterr().err

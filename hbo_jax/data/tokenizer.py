@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from hbo_jax.data.formats import Conversation
+from hbo_jax.data.formats import Conversation, DataError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,10 +53,10 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: not a tokenizer directory (no tokenizer.json)")
+        raise DataError(f"data.tokenizer={path}: not a tokenizer directory (no tokenizer.json)")
     tok = AutoTokenizer.from_pretrained(str(path))
     if not tok.chat_template:
-        raise ValueError(f"{path}: tokenizer has no chat_template")
+        raise DataError(f"data.tokenizer={path}: tokenizer has no chat_template")
     return tok
 
 
