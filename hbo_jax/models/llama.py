@@ -21,6 +21,25 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 RoPE frequency scaling (`rope_type: llama3` in Hugging Face configs).
+
+    Attributes:
+        factor: Divisor applied to the low frequencies (long wavelengths).
+        low_freq_factor: Wavelengths above `original_max_position_embeddings /
+            low_freq_factor` are divided by `factor`.
+        high_freq_factor: Wavelengths below `original_max_position_embeddings /
+            high_freq_factor` are kept; the band in between is interpolated.
+        original_max_position_embeddings: Context length the model was pretrained with.
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaSpec:
     """Resolved, hashable model shape (ModelConfig with the vocab filled in)."""
 
@@ -38,6 +57,7 @@ class LlamaSpec:
     dtype: str
     param_dtype: str
     remat: bool
+    rope_scaling: RopeScaling | None = None
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int | None = None) -> "LlamaSpec":
@@ -92,9 +112,23 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float):
-    """cos/sin tables [B, T, head_dim] in the HF `rotate_half` layout."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """Inverse frequencies [head_dim / 2], with Llama-3 scaling applied when given."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old_len / scaling.high_freq_factor) & (wavelen <= old_len / scaling.low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None):
+    """cos/sin tables [B, T, head_dim] in the HF `rotate_half` layout."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -172,7 +206,7 @@ class LlamaLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[spec.dtype])
-        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta)
+        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling)
         for layer in self.layers:
             if spec.remat:
                 x = nnx.remat(lambda blk, h: blk(h, cos, sin))(layer, x)

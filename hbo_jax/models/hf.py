@@ -1,0 +1,403 @@
+"""Hugging Face Llama / Qwen2 checkpoints in and out, offline, tensor by tensor.
+
+`load_hf` reads a directory with `config.json` and `model.safetensors` (or a sharded
+`model.safetensors.index.json`) straight into the sharded parameters of our NNX model:
+each device shard is sliced out of the memory-mapped file, so neither the whole model
+nor a second copy of it is ever built on the host (a host reads only the slices its
+devices hold). `export_hf` writes `config.json` + `model.safetensors` (+ tokenizer
+files) that `transformers.AutoModelForCausalLM.from_pretrained` loads; it too writes
+one tensor at a time.
+
+The mapping between Hugging Face names and our parameter paths lives in one table,
+`_NAME_TABLE`. Hugging Face `Linear` weights are `[out, in]`; our kernels are `[in, out]`,
+so every kernel is transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
+from hbo_jax.models.loading import CheckpointMismatch
+from hbo_jax.parallel import tree_shardings
+
+# (Hugging Face name, our parameter path, transposed). `{i}` is the layer index.
+# Rows whose path is absent from a model (lm_head when tied, biases without
+# qkv_bias) are skipped for that model.
+_NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("model.embed_tokens.weight", "embed", False),
+    ("model.norm.weight", "norm.weight", False),
+    ("lm_head.weight", "lm_head.kernel", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attn_norm.weight", False),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q_proj.kernel", True),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k_proj.kernel", True),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_proj.kernel", True),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_proj.kernel", True),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q_proj.bias", False),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k_proj.bias", False),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v_proj.bias", False),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.kernel", True),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.kernel", True),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.kernel", True),
+)
+
+# Tensors some checkpoints carry that the model does not need.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jax.numpy.bfloat16, "F64": np.float64}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_SUPPORTED_TYPES = ("llama", "qwen2")
+
+
+def name_map(spec: LlamaSpec) -> dict[str, tuple[str, bool]]:
+    """Our parameter path -> (Hugging Face tensor name, transposed) for a model shape.
+
+    Args:
+        spec: The model shape; decides whether `lm_head` and q/k/v biases exist.
+
+    Returns:
+        One entry per parameter of `LlamaLM(spec)`, in a stable order.
+    """
+    out = {}
+    for hf_name, path, transposed in _NAME_TABLE:
+        if path.startswith("lm_head") and spec.tie_embeddings:
+            continue
+        if path.endswith(".bias") and not spec.qkv_bias:
+            continue
+        layers = range(spec.num_layers) if "{i}" in path else [None]
+        for i in layers:
+            out[path.format(i=i)] = (hf_name.format(i=i), transposed)
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _rope(cfg: dict) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from a v5 `rope_parameters` or legacy `rope_scaling` config."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise CheckpointMismatch("config.json: per-layer rope_parameters are not supported")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise CheckpointMismatch(f"config.json: rope type {kind!r} is not supported (default, llama3)")
+    try:
+        scaling = RopeScaling(
+            factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params.get(
+                "original_max_position_embeddings", cfg.get("max_position_embeddings"))))
+    except (KeyError, TypeError) as e:
+        raise CheckpointMismatch(f"config.json: llama3 rope scaling lacks field {e}") from None
+    return theta, scaling
+
+
+def spec_from_hf_config(cfg: dict, *, dtype: str = "float32", param_dtype: str = "float32",
+                        remat: bool = False) -> LlamaSpec:
+    """Builds our model shape from a Hugging Face `config.json` dict.
+
+    Args:
+        cfg: The parsed `config.json` of a Llama or Qwen2 model.
+        dtype: Compute dtype (`float32` or `bfloat16`).
+        param_dtype: Dtype of the master weights.
+        remat: Rematerialise each block in the backward pass.
+
+    Returns:
+        The LlamaSpec the checkpoint's weights fit.
+
+    Raises:
+        CheckpointMismatch: The architecture or one of its options is not supported;
+            the message names the config field.
+    """
+    mtype = cfg.get("model_type")
+    if mtype not in _SUPPORTED_TYPES:
+        raise CheckpointMismatch(f"config.json: model_type {mtype!r} is not supported {_SUPPORTED_TYPES}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointMismatch(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    if cfg.get("mlp_bias"):
+        raise CheckpointMismatch("config.json: mlp_bias=true is not supported")
+    if mtype == "llama" and cfg.get("attention_bias"):
+        raise CheckpointMismatch("config.json: attention_bias=true (o_proj bias) is not supported")
+    if mtype == "qwen2" and cfg.get("use_sliding_window"):
+        raise CheckpointMismatch("config.json: use_sliding_window=true is not supported")
+    try:
+        heads = int(cfg["num_attention_heads"])
+        theta, scaling = _rope(cfg)
+        return LlamaSpec(
+            vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+            num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            intermediate_size=int(cfg["intermediate_size"]), rope_theta=theta,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=mtype == "qwen2", dtype=dtype, param_dtype=param_dtype, remat=remat,
+            rope_scaling=scaling)
+    except KeyError as e:
+        raise CheckpointMismatch(f"config.json: required field {e} is missing") from None
+
+
+def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int = 4096,
+                        torch_dtype: str = "float32", extra: dict | None = None) -> dict:
+    """The `config.json` dict (transformers v5 layout) describing `spec`.
+
+    Args:
+        spec: Our model shape.
+        max_position_embeddings: Context length to declare.
+        torch_dtype: Dtype the weights are stored in.
+        extra: Fields to add or override (token ids, ...).
+
+    Returns:
+        A JSON-serialisable dict: `LlamaForCausalLM`, or `Qwen2ForCausalLM` when the
+        spec has q/k/v biases.
+    """
+    qwen = spec.qkv_bias
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling is not None:
+        s = spec.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim, "hidden_act": "silu", "rms_norm_eps": spec.rms_norm_eps,
+        "max_position_embeddings": max_position_embeddings, "rope_theta": spec.rope_theta,
+        "rope_parameters": rope, "tie_word_embeddings": spec.tie_embeddings,
+        "dtype": torch_dtype, "use_cache": True,
+    }
+    if qwen:
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    else:
+        cfg.update(attention_bias=False, mlp_bias=False)
+    cfg.update(extra or {})
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _TensorSource:
+    """Name -> memory-mapped safetensors slice, over one file or an index of shards."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (model_dir / "model.safetensors").exists():
+            with safe_open(str(model_dir / "model.safetensors"), framework="numpy") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+        self.dir, self.weight_map, self._open = model_dir, weight_map, {}
+
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def slice(self, name: str):
+        from safetensors import safe_open
+
+        fname = self.weight_map[name]
+        if fname not in self._open:
+            path = self.dir / fname
+            if not path.exists():
+                raise CheckpointMismatch(f"{path}: shard file listed for tensor {name!r} is missing")
+            self._open[fname] = safe_open(str(path), framework="numpy")
+        return self._open[fname].get_slice(name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _read_into(src: _TensorSource, hf_name: str, transposed: bool, abstract, sharding):
+    """One global array with `sharding`; each device shard is read from its own slice."""
+    sl = src.slice(hf_name)
+    shape = tuple(sl.get_shape())
+    want = tuple(abstract.shape)
+    if (shape[::-1] if transposed else shape) != want:
+        shown = f"{shape} (transposed {shape[::-1]})" if transposed else f"{shape}"
+        raise CheckpointMismatch(f"{src.dir}: tensor {hf_name!r} has shape {shown}, model expects {want}")
+    cache: dict = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:
+            part = sl[index[::-1]].T if transposed else sl[index]
+            cache[key] = np.ascontiguousarray(part).astype(abstract.dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(want, sharding, shard)
+
+
+def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
+            remat: bool = False):
+    """Loads a Hugging Face Llama / Qwen2 directory into sharded NNX parameters.
+
+    Args:
+        model_dir: Directory with `config.json` and `model.safetensors` or
+            `model.safetensors.index.json` + shards.
+        mesh: The device mesh; parameters land in the shardings of `hbo_jax.parallel`.
+        dtype: Compute dtype of the model.
+        param_dtype: Dtype of the loaded parameters (weights are cast per tensor).
+        remat: Rematerialise each block in the backward pass.
+
+    Returns:
+        (graphdef, params, spec): `nnx.merge(graphdef, params)` is the model.
+
+    Raises:
+        CheckpointMismatch: A tensor is missing, has the wrong shape or is not
+            expected, or the config is unsupported; the message names it.
+    """
+    model_dir = Path(model_dir)
+    spec = spec_from_hf_config(json.loads((model_dir / "config.json").read_text()),
+                               dtype=dtype, param_dtype=param_dtype, remat=remat)
+    graphdef, abstract = abstract_model(spec)
+    flat_abs = _flat(abstract)
+    flat_shard = _flat(tree_shardings(abstract, mesh))
+    names = name_map(spec)
+    src = _TensorSource(model_dir)
+    have = src.names()
+    used = {hf for hf, _ in names.values()}
+    extra = sorted(n for n in have - used if not n.endswith(_IGNORED_SUFFIXES)
+                   and not (spec.tie_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise CheckpointMismatch(f"{model_dir}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
+    loaded = {}
+    try:
+        for path, (hf_name, transposed) in names.items():
+            if hf_name not in have:
+                raise CheckpointMismatch(f"{model_dir}: tensor {hf_name!r} is missing")
+            loaded[path] = _read_into(src, hf_name, transposed, flat_abs[path], flat_shard[path])
+    finally:
+        src.close()
+    return graphdef, _unflat(abstract, loaded), spec
+
+
+def load_hf_tokenizer(model_dir: str | Path):
+    """The tokenizer (with its chat template) saved in a Hugging Face directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _host_array(x) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype: str | None = None,
+              max_position_embeddings: int = 4096) -> Path:
+    """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Tensors are gathered and written one at a time (the header is computed from the
+    shapes first), so host memory holds at most one full tensor beyond the model.
+    In a multi-process run every process must call this (gathers are collective);
+    only process 0 writes.
+
+    Args:
+        params: The model's `nnx.Param` state (as from `load_hf` or `init_params`).
+        spec: The model shape.
+        tokenizer: A `transformers` tokenizer, a `tokenizers.Tokenizer`, or None.
+        out_dir: Output directory (created).
+        dtype: Stored dtype (`float32`, `bfloat16`, `float16`); default the params'.
+        max_position_embeddings: Context length declared in `config.json`.
+
+    Returns:
+        The output directory.
+    """
+    out_dir = Path(out_dir)
+    flat = _flat(params)
+    names = name_map(spec)
+    np_dtype = np.dtype(_ST_DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[
+        dtype or spec.param_dtype]])
+    header, offset = {}, 0
+    for path, (hf_name, transposed) in names.items():
+        shape = list(flat[path].shape[::-1] if transposed else flat[path].shape)
+        size = int(np.prod(shape)) * np_dtype.itemsize
+        header[hf_name] = {"dtype": _ST_NAMES[np_dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    write = jax.process_index() == 0
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "model.safetensors.tmp"
+    f = open(tmp, "wb") if write else None
+    try:
+        if f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+        for path, (_, transposed) in names.items():
+            arr = _host_array(flat[path])
+            if f:
+                arr = arr.T if transposed else arr
+                f.write(np.ascontiguousarray(arr.astype(np_dtype)).tobytes())
+    finally:
+        if f:
+            f.close()
+    if not write:
+        return out_dir
+    tmp.rename(out_dir / "model.safetensors")
+    extra = _tokenizer_ids(tokenizer)
+    torch_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[_ST_NAMES[np_dtype]]
+    cfg = hf_config_from_spec(spec, max_position_embeddings, torch_dtype, extra)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {k: v for k, v in extra.items() if k.endswith("token_id")}, indent=2) + "\n")
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, out_dir)
+    return out_dir
+
+
+def _tokenizer_ids(tokenizer) -> dict:
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def _save_tokenizer(tokenizer, out_dir: Path) -> None:
+    if not hasattr(tokenizer, "save_pretrained"):  # a bare `tokenizers.Tokenizer`
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _flat(state) -> dict:
+    pure = nnx.to_pure_dict(state)
+    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(pure).items()}
+
+
+def _unflat(abstract, flat: dict):
+    def key(part: str):
+        return int(part) if part.isdigit() else part
+
+    nested = traverse_util.unflatten_dict({tuple(key(p) for p in k.split(".")): v for k, v in flat.items()})
+    params = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(params, nested)
+    return params
