@@ -89,6 +89,10 @@ class MixingConfig:
     ema: float = 0.0  # 0 = off; else alpha in rbar <- a*r + (1-a)*rbar
     global_probes_per_bucket: int = 4  # code: 4 batches x 2 = 8 per level
     local_probes_per_group: int = 8  # code: 8 batches x 2 = 16 per group
+    # Where the local PPL-ratio reward comes from: "probes" = fixed probe sets re-scored at
+    # every update (paper/code); "train" = the training batches since the last update,
+    # against each example's NLL under the starting model (no extra compute).
+    local_source: str = "probes"
 
 
 @dataclass
@@ -134,6 +138,7 @@ _CHOICES = {
     "data.difficulty": ("ppl", "loss", "ifd", "length"),
     "data.bad_input": ("skip", "error"),
     "mixing.strategy": STRATEGIES,
+    "mixing.local_source": ("probes", "train"),
 }
 _POSITIVE = (
     "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
@@ -168,6 +173,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mixing.temperature={cfg.mixing.temperature} must be > 0, inf, or 0 (strategy default)")
     if not 0.0 <= cfg.mixing.ema <= 1.0:
         raise ConfigError(f"mixing.ema={cfg.mixing.ema} must be in [0, 1]")
+    if cfg.mixing.local_source == "train" and cfg.model.init != "scorer":
+        raise ConfigError("mixing.local_source=train needs model.init=scorer: the reference NLLs "
+                          "come from the scoring model, which must be the starting model")
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     for name in ("data", "fsdp", "tensor"):

@@ -78,8 +78,13 @@ def state_shardings(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding) -> Callable:
-    """Returns jitted `step(state, batch) -> (state, metrics)`; the state is donated."""
+def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll: bool = False) -> Callable:
+    """Returns jitted `step(state, batch) -> (state, metrics)`; the state is donated.
+
+    With `ref_nll`, the batch carries each row's NLL under the starting model and the
+    metrics add `group_ppl_ratio`: the per-group sum of PPL_theta / PPL_theta0 over the
+    batch's examples (the local HBO reward, measured on the training batch for free).
+    """
 
     def step(state: TrainState, batch: Batch):
         def loss_fn(params):
@@ -93,11 +98,16 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding) -> Call
         ex_nll, count = example_nll(nll, mask)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask)}
         metrics.update(group_stats(ex_nll, jnp.sum(nll * mask, -1), count, batch["group_id"], num_groups))
+        if ref_nll:
+            ratio = jnp.exp(jax.lax.stop_gradient(ex_nll) - batch["ref_nll"])
+            metrics["group_ppl_ratio"] = jax.ops.segment_sum(ratio, batch["group_id"], num_segments=num_groups)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     bs = batch_sharding(mesh)
     in_batch = {"input_ids": bs, "targets": bs, "loss_mask": bs,
                 "group_id": batch_sharding(mesh, 1)}
+    if ref_nll:
+        in_batch["ref_nll"] = batch_sharding(mesh, 1)
     return jax.jit(step, in_shardings=(state_sharding, in_batch),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
 

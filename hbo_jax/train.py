@@ -89,7 +89,7 @@ def run(cfg: Config) -> dict:
     tx = make_optimizer(tc.learning_rate, tc.steps, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
     state = init_train_state(params, tx, mesh)
     k, d = data.num_buckets, len(data.names)
-    train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state))
+    train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=True)
     nll_fn = make_example_nll_fn(graphdef, mesh)
 
     strategy = resolve(cfg.mixing)
@@ -120,8 +120,9 @@ def run(cfg: Config) -> dict:
             (run_dir / "probabilities_start.json").write_text(json.dumps(
                 {"step": 0, "p_global": pg.tolist(), "p_local": pl.tolist()}))
 
-    batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size))
-    acc, t_log, tokens_since, mix_before = None, time.perf_counter(), 0.0, mixer.seconds
+    batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size),
+                             ref_nll=data.nll0)
+    acc, mix_acc, t_log, mix_before = None, None, time.perf_counter(), mixer.seconds
     meta = lambda: {"eval_before": before, "config": to_dict(cfg)}
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=f"train [{strategy.name}]",
                disable=jax.process_index() != 0)
@@ -129,9 +130,14 @@ def run(cfg: Config) -> dict:
     for s in bar:
         state, metrics = train_step(state, global_batch_from_host(next(batches), mesh))
         acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
+        # Per-group PPL ratios since the last local update, summed on device (no host sync).
+        local = {key: metrics[key] for key in ("group_ppl_ratio", "group_examples")}
+        mix_acc = local if mix_acc is None else jax.tree.map(lambda a, b: a + b, mix_acc, local)
         done = s + 1
         # No update after the last step: nothing would sample from it.
-        record = mixer.update(done, state.params) if done < tc.steps else None
+        record = mixer.update(done, state.params, mix_acc) if done < tc.steps else None
+        if record is not None and "reward_local" in record:
+            mix_acc = None
         if record is not None:
             sampler.schedule.set(done, record["p_global"], record["p_local"])
             record["from_step"] = done

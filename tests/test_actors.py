@@ -75,3 +75,10 @@ def test_relative_reward_is_normalised_by_bucket_mean():
 def test_ppl_ratio_is_mean_of_exp_nll_difference():
     now, ref = np.log([[[2.0, 4.0]]]), np.log([[[1.0, 1.0]]])
     np.testing.assert_allclose(rewards.ppl_ratio(now, ref), [[3.0]])
+
+
+def test_train_ppl_ratio_fills_unsampled_buckets_neutrally():
+    ratio_sum = np.array([[2.0, 0.0, 6.0], [0.0, 0.0, 0.0]])
+    count = np.array([[2, 0, 3], [0, 0, 0]])
+    r = rewards.train_ppl_ratio(ratio_sum, count)
+    np.testing.assert_allclose(r, [[1.0, 1.5, 2.0], [1.0, 1.0, 1.0]])

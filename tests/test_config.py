@@ -48,3 +48,8 @@ def test_temperature_strategy_defaults_to_ten():
 def test_temperature_contradicting_strategy_is_rejected():
     with pytest.raises(ConfigError, match="mixing.temperature"):
         resolve(load_config(overrides=["mixing.strategy=proportional", "mixing.temperature=5"]).mixing)
+
+
+def test_train_local_source_needs_the_scorer_as_start():
+    with pytest.raises(ConfigError, match="mixing.local_source"):
+        load_config(overrides=["mixing.local_source=train", "model.init=random"])

@@ -71,3 +71,18 @@ def test_sharded_forward_equals_single_device():
         graphdef, params = init_params(SPEC, mesh, seed=0)
         outs.append(np.asarray(jax.jit(lambda p, t: token_nll(graphdef, p, t, t))(params, tokens)))
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_group_ppl_ratio_is_one_against_own_nll():
+    """With ref_nll = the model's own per-example NLL, every example's ratio is exactly ~1."""
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    graphdef, params = init_params(SPEC, mesh, seed=0)
+    batch = _batch()
+    nll = np.asarray(token_nll(graphdef, jax.device_get(params), batch["input_ids"], batch["targets"]))
+    m = batch["loss_mask"]
+    batch["ref_nll"] = ((nll * m).sum(1) / m.sum(1)).astype(np.float32)
+    tx = make_optimizer(1e-3, 10, 1, 0.0, 1.0)
+    state = init_train_state(params, tx, mesh)
+    step = make_train_step(graphdef, tx, mesh, D * K, state_shardings(state), ref_nll=True)
+    _, metrics = step(state, global_batch_from_host(batch, mesh))
+    np.testing.assert_allclose(metrics["group_ppl_ratio"], metrics["group_examples"], rtol=1e-5)

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from hbo_jax.train import main
@@ -53,3 +55,12 @@ def test_other_strategies_run(tmp_path, shared_cache, strategy):
     assert main(tiny_overrides(run_dir, shared_cache, f"mixing.strategy={strategy}")) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"] == strategy
+
+
+def test_local_reward_from_training_batches_runs_without_probes(tmp_path, shared_cache):
+    run_dir = tmp_path / "train_source"
+    assert main(tiny_overrides(run_dir, shared_cache, "mixing.local_source=train", "train.steps=3")) == 0
+    rows = [json.loads(l) for l in (run_dir / "mixing.jsonl").read_text().splitlines()]
+    ratios = np.array(rows[0]["ppl_ratio"])
+    # After one step from theta0 the ratio on the sampled examples is close to 1, and positive.
+    assert np.all(ratios > 0) and np.all(np.abs(np.log(ratios)) < 1.0)

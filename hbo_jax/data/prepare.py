@@ -33,7 +33,7 @@ from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch
 from hbo_jax.data.store import TokenStore, collate
 
 log = logging.getLogger(__name__)
-PREPARE_VERSION = "1"
+PREPARE_VERSION = "2"
 
 
 @dataclass
@@ -44,6 +44,7 @@ class PreparedData:
     eval: list[TokenStore]
     buckets: list[np.ndarray]  # bucket id per train example, per subset
     scores: list[np.ndarray]
+    nll0: list[np.ndarray]  # mean response NLL of each train example under the scorer
     tokenizer: object
     manifest: dict
 
@@ -174,16 +175,22 @@ def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: i
 
 
 def difficulty(kind: str, examples: list, nll_fn, params, mesh, cfg: Config, pad_id: int, name: str):
-    if kind == "length":
-        return np.array([m[1:].sum() for _, m in examples], np.float64)
+    """(difficulty score, mean response NLL under the scorer) per example.
+
+    The NLL is kept for every kind: with the scorer as the starting model it is the
+    theta0 term of the local PPL-ratio reward, so that reward can come from training
+    batches without probes (`mixing.local_source=train`).
+    """
     args = (nll_fn, params, mesh, cfg.data.seq_len, pad_id, cfg.scorer.score_batch_size)
     nll = score_examples(examples, *args, desc=f"scoring {name}")
+    if kind == "length":
+        return np.array([m[1:].sum() for _, m in examples], np.float64), nll
     if kind == "loss":
-        return nll
+        return nll, nll
     if kind == "ppl":
-        return np.exp(nll)
+        return np.exp(nll), nll
     alone = score_examples([_response_only(i, m) for i, m in examples], *args, desc=f"scoring {name} (alone)")
-    return nll / np.maximum(alone, 1e-6)  # IFD: loss(y|x) / loss(y)
+    return nll / np.maximum(alone, 1e-6), nll  # IFD: loss(y|x) / loss(y)
 
 
 def make_buckets(scores: np.ndarray, k: int) -> tuple[np.ndarray, list[list[float]]]:
@@ -258,9 +265,10 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     subsets = []
     for n, store in zip(names, train_stores):
         exs = [store[i] for i in range(len(store))]
-        scores = difficulty(cfg.data.difficulty, exs, nll_fn, params, mesh, cfg, pad, n)
+        scores, nll0 = difficulty(cfg.data.difficulty, exs, nll_fn, params, mesh, cfg, pad, n)
         bucket, edges = make_buckets(scores, cfg.data.num_buckets)
         np.save(tmp / n / "scores.npy", scores)
+        np.save(tmp / n / "nll0.npy", nll0.astype(np.float32))
         np.save(tmp / n / "buckets.npy", bucket)
         subsets.append({"name": n, "train": len(store), "eval": len(eval_stores[names.index(n)]),
                         "bucket_sizes": np.bincount(bucket, minlength=cfg.data.num_buckets).tolist(),
@@ -293,4 +301,5 @@ def load(root: Path, cfg: Config, tokenizer=None) -> PreparedData:
         eval=[TokenStore(root / n / "eval") for n in names],
         buckets=[np.load(root / n / "buckets.npy") for n in names],
         scores=[np.load(root / n / "scores.npy") for n in names],
+        nll0=[np.load(root / n / "nll0.npy") for n in names],
         tokenizer=tokenizer, manifest=manifest)

@@ -158,14 +158,19 @@ class PlanDataset(grain.IterDataset):
 
 
 def batch_iterator(sampler: HierarchicalSampler, stores: Sequence, seq_len: int, pad_id: int,
-                   rows: slice):
-    """Grain iterator of host-local training batches: plan -> gather this host's rows -> pad."""
+                   rows: slice, ref_nll: Sequence[np.ndarray] | None = None):
+    """Grain iterator of host-local training batches: plan -> gather this host's rows -> pad.
+
+    With `ref_nll` (per subset, per example), each row also carries its reference NLL.
+    """
     from hbo_jax.data.store import collate
 
     def load(plan):
         sel = range(sampler.batch_size)[rows]
         batch = collate([stores[plan["dataset"][r]][plan["index"][r]] for r in sel], seq_len, pad_id)
         batch["group_id"] = plan["group_id"][rows]
+        if ref_nll is not None:
+            batch["ref_nll"] = np.array([ref_nll[plan["dataset"][r]][plan["index"][r]] for r in sel], np.float32)
         return batch
 
     return iter(PlanDataset(sampler).map(load))

@@ -54,6 +54,19 @@ def ppl_ratio(nll_now: np.ndarray, nll_ref: np.ndarray) -> np.ndarray:
     return np.exp(np.asarray(nll_now, np.float64) - np.asarray(nll_ref, np.float64)).mean(-1)
 
 
+def train_ppl_ratio(ratio_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Mean PPL ratio per (dataset, bucket) from training-batch sums [D, K].
+
+    A bucket not sampled since the last update gets its dataset's mean over sampled
+    buckets (neutral after `relative`); a dataset with no sampled bucket gets 1 everywhere.
+    """
+    ratio_sum, count = np.asarray(ratio_sum, np.float64), np.asarray(count, np.float64)
+    seen = count > 0
+    mean = np.where(seen, ratio_sum / np.maximum(count, 1), 0.0)
+    row = np.where(seen.any(1), mean.sum(1) / np.maximum(seen.sum(1), 1), 1.0)
+    return np.where(seen, mean, row[:, None])
+
+
 def draw_global_probes(leaves, per_bucket: int, seed: int, update_index: int) -> list[tuple[int, int]]:
     """(dataset, example index) pairs: per dataset, `per_bucket` examples from every bucket."""
     rng = np.random.default_rng([seed, 2, update_index])

@@ -77,7 +77,7 @@ class Mixer:
         self._gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, self.num_datasets) if strategy.global_actor else None
         self._nll = make_example_nll_fn(graphdef, mesh) if strategy.local_actor else None
         self._local_batch = None
-        if strategy.local_actor:
+        if strategy.local_actor and cfg.local_source == "probes":
             picks = rewards.fixed_local_probes(leaves, cfg.local_probes_per_group, seed)
             self._local_batch = rewards.probe_batch(stores, picks, seq_len, pad_id)
 
@@ -101,11 +101,21 @@ class Mixer:
         loc = self.strategy.local_actor and step > 0 and step % self.cfg.local_every == 0
         return g, loc
 
-    def update(self, step: int, params) -> dict | None:
-        """Runs the due updates; returns a mixing-log record, or None when nothing was due."""
+    @property
+    def uses_train_stats(self) -> bool:
+        return self.strategy.local_actor and self.cfg.local_source == "train"
+
+    def update(self, step: int, params, train_stats: dict | None = None) -> dict | None:
+        """Runs the due updates; returns a mixing-log record, or None when nothing was due.
+
+        `train_stats` (for `local_source=train`): per-group sums of `group_ppl_ratio` and
+        `group_examples` over the training steps since the last local update.
+        """
         do_global, do_local = self.due(step)
         if not (do_global or do_local):
             return None
+        # Let the queued train steps finish first, so their time is not billed to mixing.
+        jax.block_until_ready((params, train_stats))
         t0 = time.perf_counter()
         record: dict = {"step": step}
         c = self.cfg
@@ -117,9 +127,14 @@ class Mixer:
             self.state, used = actors.update_global(self.state, r, lr=c.actor_lr, inner_steps=c.inner_steps, ema=c.ema)
             record["reward_global"] = np.asarray(jax.device_get(used)).tolist()
         if do_local:
-            nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
-            ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
-                                      np.asarray(jax.device_get(self.state.local_ref_nll)))
+            if self.uses_train_stats:
+                shape = (self.num_datasets, self.num_buckets)
+                ratio = rewards.train_ppl_ratio(np.asarray(train_stats["group_ppl_ratio"]).reshape(shape),
+                                                np.asarray(train_stats["group_examples"]).reshape(shape))
+            else:
+                nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
+                ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
+                                          np.asarray(jax.device_get(self.state.local_ref_nll)))
             rel = rewards.relative(ratio)
             self.state = actors.update_local(self.state, jax.device_put(rel.astype(np.float32), replicated(self.mesh)),
                                              lr=c.actor_lr, inner_steps=c.inner_steps)
