@@ -44,7 +44,10 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     remat: bool = False
     # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
-    # also scored difficulty (the demo's stand-in for a pretrained base), "random".
+    # also scored difficulty (the demo's stand-in for a pretrained base), "random",
+    # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/models/pretrained.py). A
+    # pretrained model brings its own shape, tokenizer and chat template, and scores
+    # difficulty itself; the shape fields above are then ignored.
     init: str = "scorer"
 
 
@@ -133,7 +136,6 @@ STRATEGIES = ("hbo", "hbo_global", "hbo_local", "proportional", "temperature", "
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.init": ("scorer", "random"),
     "data.mixture": ("embedded",),
     "data.difficulty": ("ppl", "loss", "ifd", "length"),
     "data.bad_input": ("skip", "error"),
@@ -173,9 +175,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mixing.temperature={cfg.mixing.temperature} must be > 0, inf, or 0 (strategy default)")
     if not 0.0 <= cfg.mixing.ema <= 1.0:
         raise ConfigError(f"mixing.ema={cfg.mixing.ema} must be in [0, 1]")
-    if cfg.mixing.local_source == "train" and cfg.model.init != "scorer":
-        raise ConfigError("mixing.local_source=train needs model.init=scorer: the reference NLLs "
-                          "come from the scoring model, which must be the starting model")
+    from hbo_jax.models.pretrained import parse_init
+
+    parse_init(cfg.model.init)
+    if cfg.mixing.local_source == "train" and cfg.model.init == "random":
+        raise ConfigError("mixing.local_source=train needs the scoring model to be the starting "
+                          "model (model.init=scorer or a pretrained model), not model.init=random")
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     for name in ("data", "fsdp", "tensor"):

@@ -29,7 +29,8 @@ from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch
 from hbo_jax.evaluate import format_table, heldout_loss
 from hbo_jax.mixing.strategies import Mixer, resolve
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
-from hbo_jax.models.loading import load_params
+from hbo_jax.models.loading import CheckpointMismatch, load_params
+from hbo_jax.models.pretrained import is_pretrained, load_pretrained
 from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, make_mesh
 from hbo_jax.report import probability_plot
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
@@ -52,6 +53,9 @@ class JsonlWriter:
 
 
 def _initial_params(cfg: Config, data: PreparedData, mesh):
+    if is_pretrained(cfg.model.init):
+        graphdef, params, _ = load_pretrained(cfg.model.init, mesh, cfg.model)
+        return graphdef, params
     spec = LlamaSpec.from_config(cfg.model, vocab_size=len(data.tokenizer))
     if cfg.model.init == "scorer":
         graphdef, abstract = abstract_model(spec)
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

