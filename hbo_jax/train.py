@@ -31,7 +31,7 @@ from hbo_jax.mixing.strategies import Mixer, resolve
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import CheckpointMismatch, load_params
 from hbo_jax.models.pretrained import is_pretrained, load_pretrained
-from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, make_mesh
+from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, make_mesh, replicated
 from hbo_jax.report import probability_plot
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
                           state_shardings)
@@ -45,6 +45,12 @@ class JsonlWriter:
     def __init__(self, path: Path):
         self.path = path
         self.enabled = jax.process_index() == 0
+
+    def truncate(self, step: int) -> None:
+        """Drops records after `step` (written after the checkpoint a run resumes from)."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            self.path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -106,12 +112,17 @@ def run(cfg: Config) -> dict:
     evaluate = lambda p: heldout_loss(nll_fn, p, data.eval, data.names, mesh, cfg.data.seq_len,
                                       data.pad_id, cfg.data.max_eval_per_subset, cfg.scorer.score_batch_size)
 
-    start = ckpt.latest_step()
+    start, mix_acc = ckpt.latest_step(), None
     if start is not None:
         restored = ckpt.restore(start, state, mixer.state)
         state, mixer.state = restored["train"], restored["mixer"]
         sampler.set_state(restored["sampler"])
         before = restored["meta"]["eval_before"]
+        if restored["meta"].get("mix_acc"):
+            mix_acc = jax.device_put({k: np.asarray(v, np.float32) for k, v in restored["meta"]["mix_acc"].items()},
+                                     replicated(mesh))
+        metrics_log.truncate(start)
+        mixing_log.truncate(start)
         log.info("resumed from step %d in %s", start, ckpt.directory)
     else:
         start = 0
@@ -126,8 +137,13 @@ def run(cfg: Config) -> dict:
 
     batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size),
                              ref_nll=data.nll0)
-    acc, mix_acc, t_log, mix_before = None, None, time.perf_counter(), mixer.seconds
-    meta = lambda: {"eval_before": before, "config": to_dict(cfg)}
+    acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
+
+    def meta() -> dict:
+        # The local reward's partial-interval sums travel with the checkpoint (exact resume).
+        acc_host = None if mix_acc is None else {k: np.asarray(jax.device_get(v)).tolist()
+                                                 for k, v in mix_acc.items()}
+        return {"eval_before": before, "config": to_dict(cfg), "mix_acc": acc_host}
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=f"train [{strategy.name}]",
                disable=jax.process_index() != 0)
     t_loop = time.perf_counter()

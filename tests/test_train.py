@@ -92,3 +92,21 @@ def test_fine_tunes_a_hugging_face_model_directory(tmp_path, shared_cache):
                                "mixing.local_source=train", "train.steps=2")) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_after"]["macro_avg"]["loss"] > 0
+
+
+@pytest.mark.parametrize("local_source", ["probes", "train"])
+def test_resume_equals_the_uninterrupted_run(tmp_path, shared_cache, local_source):
+    """Preempted after the step-2 checkpoint, resumed: logs and probabilities match exactly."""
+    import shutil
+
+    extra = ("train.steps=4", "train.checkpoint_every=2", "mixing.global_every=3", "mixing.local_every=3",
+             f"mixing.local_source={local_source}")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(tiny_overrides(full, shared_cache, *extra)) == 0
+    assert main(tiny_overrides(cut, shared_cache, *extra)) == 0
+    shutil.rmtree(cut / "checkpoints" / "4")  # as if the job died after step 4's logs
+    assert main(tiny_overrides(cut, shared_cache, *extra)) == 0
+    for name in ("metrics.jsonl", "mixing.jsonl"):
+        rows = lambda d: [{k: v for k, v in json.loads(l).items() if "seconds" not in k and "share" not in k
+                           and "per_s" not in k} for l in (d / name).read_text().splitlines()]
+        assert rows(cut) == rows(full), name
