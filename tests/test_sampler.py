@@ -82,3 +82,20 @@ def test_batches_carry_group_ids_and_masks(tmp_path):
     np.testing.assert_array_equal(batch["group_id"], plan["group_id"])
     np.testing.assert_array_equal(batch["input_ids"][:, 0], plan["dataset"] * 1000 + plan["index"])
     assert batch["loss_mask"].sum() == 8 * 3
+
+
+def test_two_hosts_slices_make_the_global_batch(tmp_path):
+    """Each simulated host computes the same plan and loads only its rows; together they are the batch."""
+    stores = []
+    for d, row in enumerate(LEAVES):
+        n = max(int(l.max()) for l in row) + 1
+        exs = [(np.arange(d * 1000 + i, d * 1000 + i + 4, dtype=np.int32), np.array([0, 1, 1, 1], np.uint8))
+               for i in range(n)]
+        stores.append(TokenStore.write(tmp_path / str(d), exs))
+    one = batch_iterator(_sampler(batch=8), stores, 6, 0, slice(0, 8))
+    hosts = [batch_iterator(_sampler(batch=8), stores, 6, 0, slice(0, 4)),
+             batch_iterator(_sampler(batch=8), stores, 6, 0, slice(4, 8))]
+    for _ in range(5):
+        whole, parts = next(one), [next(h) for h in hosts]
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
