@@ -83,7 +83,7 @@ class ScorerConfig:
 class MixingConfig:
     """Sampling strategy and the HBO actors (see docs and hbo.md for the knobs)."""
 
-    strategy: str = "hbo"  # hbo | hbo_global | hbo_local | proportional | temperature | uniform
+    strategy: str = "hbo"  # hbo | hbo_global | hbo_local | mos | mos_plus | proportional | temperature | uniform
     temperature: float = 0.0  # prior p_i ~ |D_i|^(1/T); inf = uniform; 0 = the strategy default
     global_every: int = 50  # steps between global actor updates
     local_every: int = 50  # steps between local actor updates
@@ -132,7 +132,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
-STRATEGIES = ("hbo", "hbo_global", "hbo_local", "proportional", "temperature", "uniform")
+STRATEGIES = ("hbo", "hbo_global", "hbo_local", "mos", "mos_plus", "proportional", "temperature", "uniform")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),

@@ -156,7 +156,7 @@ def run(cfg: Config) -> dict:
         done = s + 1
         # No update after the last step: nothing would sample from it.
         record = mixer.update(done, state.params, mix_acc) if done < tc.steps else None
-        if record is not None and "reward_local" in record:
+        if record is not None and "ppl_ratio" in record:
             mix_acc = None
         if record is not None:
             sampler.schedule.set(done, record["p_global"], record["p_local"])

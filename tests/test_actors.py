@@ -82,3 +82,17 @@ def test_train_ppl_ratio_fills_unsampled_buckets_neutrally():
     count = np.array([[2, 0, 3], [0, 0, 0]])
     r = rewards.train_ppl_ratio(ratio_sum, count)
     np.testing.assert_allclose(r, [[1.0, 1.5, 2.0], [1.0, 1.0, 1.0]])
+
+
+def test_flat_actor_starts_at_prior_over_buckets():
+    pg, pl = actors.probabilities(actors.init_mixer(PRIOR, 3, 2, 0.05, flat=True), flat=True)
+    np.testing.assert_allclose(pg, PRIOR, rtol=1e-6)
+    np.testing.assert_allclose(pl, 1 / 3, rtol=1e-6)
+
+
+def test_flat_actor_converges_to_joint_reward_share():
+    r = np.arange(1.0, 13.0, dtype=np.float32).reshape(4, 3)
+    state = actors.update_local(actors.init_mixer(PRIOR, 3, 2, 0.05, flat=True), jnp.asarray(r),
+                                lr=0.05, inner_steps=2000, flat=True)
+    pg, pl = actors.probabilities(state, flat=True)
+    np.testing.assert_allclose(pg[:, None] * pl, r / r.sum(), atol=2e-3)

@@ -49,7 +49,7 @@ def test_resume_continues_from_checkpoint(tmp_path, shared_cache):
     assert steps == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "temperature", "hbo_local"])
+@pytest.mark.parametrize("strategy", ["uniform", "temperature", "hbo_local", "mos", "mos_plus"])
 def test_other_strategies_run(tmp_path, shared_cache, strategy):
     run_dir = tmp_path / strategy
     assert main(tiny_overrides(run_dir, shared_cache, f"mixing.strategy={strategy}")) == 0
@@ -57,9 +57,11 @@ def test_other_strategies_run(tmp_path, shared_cache, strategy):
     assert summary["strategy"] == strategy
 
 
-def test_local_reward_from_training_batches_runs_without_probes(tmp_path, shared_cache):
+@pytest.mark.parametrize("strategy", ["hbo", "mos", "mos_plus"])
+def test_local_reward_from_training_batches_runs_without_probes(tmp_path, shared_cache, strategy):
     run_dir = tmp_path / "train_source"
-    assert main(tiny_overrides(run_dir, shared_cache, "mixing.local_source=train", "train.steps=3")) == 0
+    assert main(tiny_overrides(run_dir, shared_cache, "mixing.local_source=train", "train.steps=3",
+                               f"mixing.strategy={strategy}")) == 0
     rows = [json.loads(l) for l in (run_dir / "mixing.jsonl").read_text().splitlines()]
     ratios = np.array(rows[0]["ppl_ratio"])
     # After one step from theta0 the ratio on the sampled examples is close to 1, and positive.

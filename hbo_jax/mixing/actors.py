@@ -37,11 +37,18 @@ def actor_optimizer(lr: float) -> optax.GradientTransformation:
     return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
-def init_mixer(prior: np.ndarray, num_buckets: int, num_local_probes: int, lr: float) -> MixerState:
-    """Global logits = log(prior) (no MSE fitting loop); local logits uniform."""
+def init_mixer(prior: np.ndarray, num_buckets: int, num_local_probes: int, lr: float,
+               flat: bool = False) -> MixerState:
+    """Global logits = log(prior) (no MSE fitting loop); local logits uniform.
+
+    With `flat`, the [D, K] local logits are one joint softmax over all groups (MoS+),
+    initialised to log(prior_i / K).
+    """
     prior = np.asarray(prior, np.float64)
-    g = jnp.asarray(np.log(np.maximum(prior / prior.sum(), 1e-30)), jnp.float32)
-    loc = jnp.zeros((len(prior), num_buckets), jnp.float32)
+    logp = np.log(np.maximum(prior / prior.sum(), 1e-30))
+    g = jnp.asarray(logp, jnp.float32)
+    loc = (jnp.asarray(np.repeat(logp[:, None] - np.log(num_buckets), num_buckets, 1), jnp.float32)
+           if flat else jnp.zeros((len(prior), num_buckets), jnp.float32))
     tx = actor_optimizer(lr)
     return MixerState(
         global_logits=g, local_logits=loc, global_opt=tx.init(g), local_opt=tx.init(loc),
@@ -50,10 +57,17 @@ def init_mixer(prior: np.ndarray, num_buckets: int, num_local_probes: int, lr: f
         num_updates=jnp.zeros(2, jnp.int32), num_skipped=jnp.zeros((), jnp.int32))
 
 
-def reinforce(logits, opt_state, rewards, lr: float, inner_steps: int):
-    """`inner_steps` Adam steps on -sum(R * log_softmax(w)); returns (logits, opt_state, ok)."""
+def _log_softmax(w, flat: bool):
+    return jax.nn.log_softmax(w.reshape(-1)).reshape(w.shape) if flat else jax.nn.log_softmax(w, axis=-1)
+
+
+def reinforce(logits, opt_state, rewards, lr: float, inner_steps: int, flat: bool = False):
+    """`inner_steps` Adam steps on -sum(R * log_softmax(w)); returns (logits, opt_state, ok).
+
+    The softmax is over the last axis (one actor per row), or over all entries with `flat`.
+    """
     tx = actor_optimizer(lr)
-    loss = lambda w: -jnp.sum(rewards * jax.nn.log_softmax(w, axis=-1))
+    loss = lambda w: -jnp.sum(rewards * _log_softmax(w, flat))
 
     def body(_, carry):
         w, st = carry
@@ -79,17 +93,26 @@ def update_global(state: MixerState, rewards: jax.Array, *, lr: float, inner_ste
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32)), smoothed
 
 
-@functools.partial(jax.jit, static_argnames=("lr", "inner_steps"))
-def update_local(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int):
-    """Local actors' step from relative per-bucket rewards [D, K]."""
-    w, opt, ok = reinforce(state.local_logits, state.local_opt, rewards, lr, inner_steps)
+@functools.partial(jax.jit, static_argnames=("lr", "inner_steps", "flat"))
+def update_local(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int, flat: bool = False):
+    """Local actors' step from per-bucket rewards [D, K] (one flat actor over all with `flat`)."""
+    w, opt, ok = reinforce(state.local_logits, state.local_opt, rewards, lr, inner_steps, flat)
     return state.replace(
         local_logits=w, local_opt=opt,
         num_updates=state.num_updates.at[1].add(ok.astype(jnp.int32)),
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32))
 
 
-def probabilities(state: MixerState) -> tuple[np.ndarray, np.ndarray]:
-    """(p_global [D], p_local [D, K]) read once on the host."""
+def probabilities(state: MixerState, flat: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(p_global [D], p_local [D, K]) read once on the host.
+
+    With `flat`, the joint p(i, j) of the flat actor factorises as p_global[i] = sum_j p(i, j)
+    and p_local[i, j] = p(i, j) / p_global[i], which the hierarchical sampler draws exactly.
+    """
+    if flat:
+        joint = np.asarray(jax.device_get(jax.nn.softmax(state.local_logits.reshape(-1))), np.float64)
+        joint = joint.reshape(state.local_logits.shape)
+        pg = joint.sum(1)
+        return pg, joint / np.maximum(pg[:, None], 1e-30)
     pg, pl = jax.device_get((jax.nn.softmax(state.global_logits), jax.nn.softmax(state.local_logits, -1)))
     return np.asarray(pg, np.float64), np.asarray(pl, np.float64)

@@ -1,8 +1,10 @@
 """Sampling strategies as configuration over the same pieces, and the host-side Mixer.
 
-A strategy says which actors exist and what prior they start from:
-  hbo           global actor (grad-norm reward) + local actors (PPL-ratio reward)
+A strategy says which actors exist, what rewards feed them and what prior they start from:
+  hbo           global actor (grad-norm reward) + local actors (relative PPL-ratio reward)
   hbo_global    global actor only (ablation)    hbo_local   local actors only (ablation)
+  mos           one actor over datasets, PPL-ratio reward (MoS "Diff", EMA optional)
+  mos_plus      one flat actor over all D x K (dataset, bucket) groups, PPL-ratio reward
   proportional  static, T=1                     temperature static, T=10 by default
   uniform       static, T=inf
 The Mixer runs the probes and actor updates on schedule, times them (the run reports the
@@ -31,26 +33,31 @@ class Strategy:
     global_actor: bool
     local_actor: bool
     temperature: float
+    global_reward: str = "gradnorm"  # gradnorm | ppl_ratio (per dataset, raw)
+    flat: bool = False  # the local logits are one joint actor over all groups (MoS+)
 
     @property
     def dynamic(self) -> bool:
         return self.global_actor or self.local_actor
 
 
-_TABLE = {  # name: (global actor, local actor, default temperature)
-    "hbo": (True, True, 1.0), "hbo_global": (True, False, 1.0), "hbo_local": (False, True, 1.0),
-    "proportional": (False, False, 1.0), "temperature": (False, False, 10.0),
-    "uniform": (False, False, math.inf),
+_TABLE = {  # name: (global actor, local actor, default temperature, global reward, flat)
+    "hbo": (True, True, 1.0, "gradnorm", False), "hbo_global": (True, False, 1.0, "gradnorm", False),
+    "hbo_local": (False, True, 1.0, "gradnorm", False),
+    "mos": (True, False, 1.0, "ppl_ratio", False), "mos_plus": (False, True, 1.0, "gradnorm", True),
+    "proportional": (False, False, 1.0, "gradnorm", False),
+    "temperature": (False, False, 10.0, "gradnorm", False),
+    "uniform": (False, False, math.inf, "gradnorm", False),
 }
 
 
 def resolve(cfg: MixingConfig) -> Strategy:
-    g, loc, default_t = _TABLE[cfg.strategy]
+    g, loc, default_t, global_reward, flat = _TABLE[cfg.strategy]
     t = cfg.temperature or default_t
     if cfg.strategy in ("proportional", "uniform") and cfg.temperature and cfg.temperature != default_t:
         raise ConfigError(f"mixing.temperature={cfg.temperature} contradicts mixing.strategy="
                           f"{cfg.strategy} (T={default_t}); use strategy=temperature")
-    return Strategy(cfg.strategy, g, loc, t)
+    return Strategy(cfg.strategy, g, loc, t, global_reward, flat)
 
 
 def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
@@ -72,12 +79,13 @@ class Mixer:
         # Replicated on every device of the mesh: each host holds the same policy.
         self.state = jax.device_put(
             actors.init_mixer(prior(sizes, strategy.temperature), self.num_buckets,
-                              cfg.local_probes_per_group, cfg.actor_lr), replicated(mesh))
+                              cfg.local_probes_per_group, cfg.actor_lr, flat=strategy.flat), replicated(mesh))
         self.seconds = 0.0
-        self._gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, self.num_datasets) if strategy.global_actor else None
-        self._nll = make_example_nll_fn(graphdef, mesh) if strategy.local_actor else None
+        gradnorm = strategy.global_actor and strategy.global_reward == "gradnorm"
+        self._gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, self.num_datasets) if gradnorm else None
+        self._nll = make_example_nll_fn(graphdef, mesh) if self.needs_ppl_ratio else None
         self._local_batch = None
-        if strategy.local_actor and cfg.local_source == "probes":
+        if self.needs_ppl_ratio and cfg.local_source == "probes":
             picks = rewards.fixed_local_probes(leaves, cfg.local_probes_per_group, seed)
             self._local_batch = rewards.probe_batch(stores, picks, seq_len, pad_id)
 
@@ -102,8 +110,26 @@ class Mixer:
         return g, loc
 
     @property
+    def needs_ppl_ratio(self) -> bool:
+        s = self.strategy
+        return s.local_actor or (s.global_actor and s.global_reward == "ppl_ratio")
+
+    @property
     def uses_train_stats(self) -> bool:
-        return self.strategy.local_actor and self.cfg.local_source == "train"
+        return self.needs_ppl_ratio and self.cfg.local_source == "train"
+
+    def _ppl_ratio(self, params, train_stats) -> tuple[np.ndarray, np.ndarray]:
+        """(per-group [D, K], per-dataset [D]) PPL ratio to theta0, from probes or training stats."""
+        shape = (self.num_datasets, self.num_buckets)
+        if self.uses_train_stats:
+            s = np.asarray(train_stats["group_ppl_ratio"], np.float64).reshape(shape)
+            n = np.asarray(train_stats["group_examples"], np.float64).reshape(shape)
+            return rewards.train_ppl_ratio(s, n), rewards.train_ppl_ratio(s.sum(1, keepdims=True).T,
+                                                                          n.sum(1, keepdims=True).T)[0]
+        nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
+        ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
+                                  np.asarray(jax.device_get(self.state.local_ref_nll)))
+        return ratio, ratio.mean(1)  # equal probe counts per bucket
 
     def update(self, step: int, params, train_stats: dict | None = None) -> dict | None:
         """Runs the due updates; returns a mixing-log record, or None when nothing was due.
@@ -119,27 +145,26 @@ class Mixer:
         t0 = time.perf_counter()
         record: dict = {"step": step}
         c = self.cfg
+        want_ratio = do_local or (do_global and self.strategy.global_reward == "ppl_ratio")
+        ratio, ratio_ds = self._ppl_ratio(params, train_stats) if want_ratio else (None, None)
+        if ratio is not None:
+            record["ppl_ratio"] = ratio.tolist()  # consumed: train-stat sums restart from here
         if do_global:
-            picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.seed, step)
-            batch = rewards.probe_batch(self.stores, picks, self.seq_len, self.pad_id)
-            batch = rewards.pad_per_dataset(batch, self.num_datasets, self.mesh)
-            r = self._gradnorm(params, *rewards.to_device(batch, self.mesh))
+            if self.strategy.global_reward == "gradnorm":
+                picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.seed, step)
+                batch = rewards.probe_batch(self.stores, picks, self.seq_len, self.pad_id)
+                batch = rewards.pad_per_dataset(batch, self.num_datasets, self.mesh)
+                r = self._gradnorm(params, *rewards.to_device(batch, self.mesh))
+            else:  # MoS "Diff": the dataset's PPL ratio, raw (higher = less learned = more sampling)
+                r = jax.device_put(ratio_ds.astype(np.float32), replicated(self.mesh))
             self.state, used = actors.update_global(self.state, r, lr=c.actor_lr, inner_steps=c.inner_steps, ema=c.ema)
             record["reward_global"] = np.asarray(jax.device_get(used)).tolist()
         if do_local:
-            if self.uses_train_stats:
-                shape = (self.num_datasets, self.num_buckets)
-                ratio = rewards.train_ppl_ratio(np.asarray(train_stats["group_ppl_ratio"]).reshape(shape),
-                                                np.asarray(train_stats["group_examples"]).reshape(shape))
-            else:
-                nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
-                ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
-                                          np.asarray(jax.device_get(self.state.local_ref_nll)))
-            rel = rewards.relative(ratio)
-            self.state = actors.update_local(self.state, jax.device_put(rel.astype(np.float32), replicated(self.mesh)),
-                                             lr=c.actor_lr, inner_steps=c.inner_steps)
-            record["reward_local"] = rel.tolist()
-            record["ppl_ratio"] = ratio.tolist()
+            # HBO: relative to the dataset's bucket mean; MoS+ (flat): raw, across all groups.
+            r = ratio if self.strategy.flat else rewards.relative(ratio)
+            self.state = actors.update_local(self.state, jax.device_put(r.astype(np.float32), replicated(self.mesh)),
+                                             lr=c.actor_lr, inner_steps=c.inner_steps, flat=self.strategy.flat)
+            record["reward_local"] = r.tolist()
         pg, pl = self.probabilities()
         record.update(p_global=pg.tolist(), p_local=pl.tolist(),
                       skipped=int(jax.device_get(self.state.num_skipped)))
@@ -149,4 +174,4 @@ class Mixer:
         return record
 
     def probabilities(self) -> tuple[np.ndarray, np.ndarray]:
-        return actors.probabilities(self.state)
+        return actors.probabilities(self.state, flat=self.strategy.flat)
