@@ -96,6 +96,9 @@ class MixingConfig:
     # every update (paper/code); "train" = the training batches since the last update,
     # against each example's NLL under the starting model (no extra compute).
     local_source: str = "probes"
+    # strategy=replay: a run directory (its schedule.json) or a schedule.json file whose
+    # probability schedule is replayed step for step, with no actors.
+    replay_from: str = ""
 
 
 @dataclass
@@ -132,7 +135,8 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
-STRATEGIES = ("hbo", "hbo_global", "hbo_local", "mos", "mos_plus", "proportional", "temperature", "uniform")
+STRATEGIES = ("hbo", "hbo_global", "hbo_local", "mos", "mos_plus", "proportional", "temperature", "uniform",
+              "replay")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -175,6 +179,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mixing.temperature={cfg.mixing.temperature} must be > 0, inf, or 0 (strategy default)")
     if not 0.0 <= cfg.mixing.ema <= 1.0:
         raise ConfigError(f"mixing.ema={cfg.mixing.ema} must be in [0, 1]")
+    if (cfg.mixing.strategy == "replay") != bool(cfg.mixing.replay_from):
+        raise ConfigError("mixing.replay_from must be set exactly when mixing.strategy=replay "
+                          f"(strategy={cfg.mixing.strategy!r}, replay_from={cfg.mixing.replay_from!r})")
     from hbo_jax.models.pretrained import parse_init
 
     parse_init(cfg.model.init)

@@ -27,7 +27,7 @@ from hbo_jax.data.formats import DataError
 from hbo_jax.data.prepare import PreparedData, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.evaluate import format_table, heldout_loss
-from hbo_jax.mixing.strategies import Mixer, resolve
+from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedule
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import CheckpointMismatch, load_params
 from hbo_jax.models.pretrained import is_pretrained, load_pretrained
@@ -106,7 +106,9 @@ def run(cfg: Config) -> dict:
     leaves = data.leaves()
     mixer = Mixer(strategy, cfg.mixing, data.sizes, leaves, data.train, graphdef, mesh,
                   cfg.data.seq_len, data.pad_id, tc.seed)
-    sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, ProbabilitySchedule(*mixer.probabilities()))
+    schedule = (load_schedule(cfg.mixing.replay_from, data.names, k) if strategy.name == "replay"
+                else ProbabilitySchedule(*mixer.probabilities()))
+    sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, schedule)
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints)
     metrics_log, mixing_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "mixing.jsonl")
     evaluate = lambda p: heldout_loss(nll_fn, p, data.eval, data.names, mesh, cfg.data.seq_len,
@@ -130,10 +132,15 @@ def run(cfg: Config) -> dict:
             (run_dir / f).unlink(missing_ok=True)
         before = evaluate(state.params)
         mixer.start(state.params)
-        pg, pl = mixer.probabilities()
+        pg, pl = sampler.schedule.at(0)
         if jax.process_index() == 0:
             (run_dir / "probabilities_start.json").write_text(json.dumps(
                 {"step": 0, "p_global": pg.tolist(), "p_local": pl.tolist()}))
+
+    for e in sampler.schedule.entries:  # a replayed schedule's future entries, logged like updates
+        if e["from_step"] > start:
+            mixing_log.write({"step": e["from_step"], "from_step": e["from_step"], "replayed": True,
+                              "p_global": e["p_global"], "p_local": e["p_local"]})
 
     batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size),
                              ref_nll=data.nll0)
@@ -183,7 +190,7 @@ def run(cfg: Config) -> dict:
     ckpt.close()
 
     after = evaluate(state.params)
-    pg, pl = mixer.probabilities()
+    pg, pl = sampler.schedule.at(tc.steps)
     summary = {
         "strategy": strategy.name, "steps": tc.steps, "subsets": data.names,
         "eval_before": before, "eval_after": after,
@@ -197,6 +204,7 @@ def run(cfg: Config) -> dict:
     }
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+        save_schedule(run_dir / "schedule.json", sampler.schedule, data.names)
         summary["plot"] = str(probability_plot(run_dir, data.names, tc.steps))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print("\nHeld-out response loss / perplexity per subset:")

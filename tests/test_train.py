@@ -10,7 +10,7 @@ from hbo_jax.train import main
 
 from conftest import tiny_overrides
 
-OUTPUTS = ("config.yaml", "metrics.jsonl", "mixing.jsonl", "probabilities_start.json", "eval.json",
+OUTPUTS = ("config.yaml", "metrics.jsonl", "mixing.jsonl", "probabilities_start.json", "eval.json", "schedule.json",
            "summary.json", "probabilities.png")
 
 
@@ -112,3 +112,19 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, shared_cache, local_sourc
         rows = lambda d: [{k: v for k, v in json.loads(l).items() if "seconds" not in k and "share" not in k
                            and "per_s" not in k} for l in (d / name).read_text().splitlines()]
         assert rows(cut) == rows(full), name
+
+
+def test_replay_reproduces_the_recorded_schedule_and_batches(hbo_run, tmp_path, shared_cache):
+    run_dir = tmp_path / "replay"
+    assert main(tiny_overrides(run_dir, shared_cache, "train.steps=3", "mixing.strategy=replay",
+                               f"mixing.replay_from={hbo_run}")) == 0
+    recorded = json.loads((hbo_run / "schedule.json").read_text())
+    assert json.loads((run_dir / "schedule.json").read_text()) == recorded
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(run_dir) == losses(hbo_run)  # same schedule and seed: the same batches
+
+
+def test_replay_of_another_mixture_is_rejected(hbo_run, tmp_path, shared_cache, capsys):
+    code = main(tiny_overrides(tmp_path / "r", shared_cache, "mixing.strategy=replay", "data.num_buckets=3",
+                               f"mixing.replay_from={hbo_run}"))
+    assert code == 2 and "num_buckets" in capsys.readouterr().err

@@ -13,15 +13,18 @@ share of wall-clock spent on mixing) and hands new probabilities to the sampler.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from hbo_jax.config import ConfigError, MixingConfig
+from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.mixing import actors, rewards
 from hbo_jax.parallel import replicated, round_up_rows
 from hbo_jax.step import make_example_nll_fn
@@ -48,6 +51,7 @@ _TABLE = {  # name: (global actor, local actor, default temperature, global rewa
     "proportional": (False, False, 1.0, "gradnorm", False),
     "temperature": (False, False, 10.0, "gradnorm", False),
     "uniform": (False, False, math.inf, "gradnorm", False),
+    "replay": (False, False, 1.0, "gradnorm", False),  # the schedule comes from a recorded run
 }
 
 
@@ -58,6 +62,28 @@ def resolve(cfg: MixingConfig) -> Strategy:
         raise ConfigError(f"mixing.temperature={cfg.temperature} contradicts mixing.strategy="
                           f"{cfg.strategy} (T={default_t}); use strategy=temperature")
     return Strategy(cfg.strategy, g, loc, t, global_reward, flat)
+
+
+def save_schedule(path, schedule: ProbabilitySchedule, names: Sequence[str]) -> None:
+    """Writes a run's probability schedule (what `strategy=replay` reads)."""
+    Path(path).write_text(json.dumps({"subsets": list(names), "entries": schedule.to_json()}, indent=1))
+
+
+def load_schedule(source: str, names: Sequence[str], num_buckets: int) -> ProbabilitySchedule:
+    """Reads `schedule.json` from a run directory or a file; checks it fits this mixture."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "schedule.json"
+    if not path.is_file():
+        raise ConfigError(f"mixing.replay_from={source}: {path} not found (a finished run writes schedule.json)")
+    data = json.loads(path.read_text())
+    if data["subsets"] != list(names):
+        raise ConfigError(f"mixing.replay_from={source}: recorded subsets {data['subsets']} differ from "
+                          f"this mixture's {list(names)}")
+    k = len(data["entries"][0]["p_local"][0])
+    if k != num_buckets:
+        raise ConfigError(f"mixing.replay_from={source}: recorded K={k} buckets, data.num_buckets={num_buckets}")
+    return ProbabilitySchedule.from_json(data["entries"])
 
 
 def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
