@@ -99,6 +99,9 @@ class MixingConfig:
     # strategy=replay: a run directory (its schedule.json) or a schedule.json file whose
     # probability schedule is replayed step for step, with no actors.
     replay_from: str = ""
+    # Guardrail: every dataset and every bucket keeps at least this sampling probability
+    # (p' = (1 - n * floor) * p + floor, so the actors' logits are untouched); 0 = off.
+    min_prob: float = 0.0
 
 
 @dataclass
@@ -188,6 +191,8 @@ def validate(cfg: Config) -> Config:
     if cfg.mixing.local_source == "train" and cfg.model.init == "random":
         raise ConfigError("mixing.local_source=train needs the scoring model to be the starting "
                           "model (model.init=scorer or a pretrained model), not model.init=random")
+    if not 0.0 <= cfg.mixing.min_prob < 1.0:
+        raise ConfigError(f"mixing.min_prob={cfg.mixing.min_prob} must be in [0, 1)")
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     for name in ("data", "fsdp", "tensor"):

@@ -96,3 +96,12 @@ def test_flat_actor_converges_to_joint_reward_share():
                                 lr=0.05, inner_steps=2000, flat=True)
     pg, pl = actors.probabilities(state, flat=True)
     np.testing.assert_allclose(pg[:, None] * pl, r / r.sum(), atol=2e-3)
+
+
+def test_floor_keeps_every_probability_above_it_and_sums_at_one():
+    from hbo_jax.mixing.strategies import apply_floor
+
+    p = apply_floor(np.array([[0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]]), 0.05)
+    assert p.min() >= 0.05 - 1e-12
+    np.testing.assert_allclose(p.sum(-1), 1.0)
+    np.testing.assert_allclose(p[1], 0.25)  # uniform stays uniform

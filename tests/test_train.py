@@ -128,3 +128,11 @@ def test_replay_of_another_mixture_is_rejected(hbo_run, tmp_path, shared_cache, 
     code = main(tiny_overrides(tmp_path / "r", shared_cache, "mixing.strategy=replay", "data.num_buckets=3",
                                f"mixing.replay_from={hbo_run}"))
     assert code == 2 and "num_buckets" in capsys.readouterr().err
+
+
+def test_probability_floor_holds_in_the_mixing_log(tmp_path, shared_cache):
+    run_dir = tmp_path / "floor"
+    assert main(tiny_overrides(run_dir, shared_cache, "mixing.min_prob=0.1", "mixing.actor_lr=5.0")) == 0
+    rows = [json.loads(l) for l in (run_dir / "mixing.jsonl").read_text().splitlines()]
+    assert min(min(r["p_global"]) for r in rows) >= 0.1 - 1e-9
+    assert min(min(min(x) for x in r["p_local"]) for r in rows) >= 0.1 - 1e-9

@@ -14,6 +14,7 @@ share of wall-clock spent on mixing) and hands new probabilities to the sampler.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.mixing import actors, rewards
 from hbo_jax.parallel import replicated, round_up_rows
 from hbo_jax.step import make_example_nll_fn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,16 @@ def load_schedule(source: str, names: Sequence[str], num_buckets: int) -> Probab
     return ProbabilitySchedule.from_json(data["entries"])
 
 
+def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
+    """(1 - n * floor) * p + floor along the last axis: every entry >= floor, sums kept at 1."""
+    n = p.shape[-1]
+    if floor <= 0:
+        return p
+    if floor * n > 1:
+        raise ConfigError(f"mixing.min_prob={floor} is more than 1/{n} (the uniform probability)")
+    return (1.0 - n * floor) * p + floor
+
+
 def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
     """p_i proportional to |D_i|^(1/T); T=inf gives uniform."""
     n = np.asarray(sizes, np.float64)
@@ -107,6 +120,7 @@ class Mixer:
             actors.init_mixer(prior(sizes, strategy.temperature), self.num_buckets,
                               cfg.local_probes_per_group, cfg.actor_lr, flat=strategy.flat), replicated(mesh))
         self.seconds = 0.0
+        self._warned: set[str] = set()
         gradnorm = strategy.global_actor and strategy.global_reward == "gradnorm"
         self._gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, self.num_datasets) if gradnorm else None
         self._nll = make_example_nll_fn(graphdef, mesh) if self.needs_ppl_ratio else None
@@ -200,4 +214,12 @@ class Mixer:
         return record
 
     def probabilities(self) -> tuple[np.ndarray, np.ndarray]:
-        return actors.probabilities(self.state, flat=self.strategy.flat)
+        """The sampling distribution: the actors' probabilities with the floor applied."""
+        pg, pl = actors.probabilities(self.state, flat=self.strategy.flat)
+        pg, pl = apply_floor(pg, self.cfg.min_prob), apply_floor(pl, self.cfg.min_prob)
+        for name, p in (("global", pg[None]), ("local", pl)):
+            if self.strategy.dynamic and p.shape[-1] > 1 and name not in self._warned and (p.max(-1) > 0.9).any():
+                self._warned.add(name)
+                log.warning("the %s sampling distribution is collapsing (max p %.3f > 0.9); "
+                            "consider mixing.min_prob or a lower mixing.actor_lr", name, float(p.max()))
+        return pg, pl
