@@ -59,6 +59,9 @@ class JsonlWriter:
 
 
 def _initial_params(cfg: Config, data: PreparedData, mesh):
+    if cfg.model.init != "random" and data.scorer_model is not None:
+        model, data.scorer_model = data.scorer_model, None  # the train step will donate these buffers
+        return model
     if is_pretrained(cfg.model.init):
         graphdef, params, _ = load_pretrained(cfg.model.init, mesh, cfg.model)
         return graphdef, params
@@ -99,13 +102,15 @@ def run(cfg: Config) -> dict:
     tx = make_optimizer(tc.learning_rate, tc.steps, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
     state = init_train_state(params, tx, mesh)
     k, d = data.num_buckets, len(data.names)
-    train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=True)
     nll_fn = make_example_nll_fn(graphdef, mesh)
 
     strategy = resolve(cfg.mixing)
     leaves = data.leaves()
     mixer = Mixer(strategy, cfg.mixing, data.sizes, leaves, data.train, graphdef, mesh,
                   cfg.data.seq_len, data.pad_id, tc.seed)
+    # Only a reward taken from training batches needs each row's reference NLL in the step.
+    use_ref = mixer.uses_train_stats
+    train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=use_ref)
     schedule = (load_schedule(cfg.mixing.replay_from, data.names, k) if strategy.name == "replay"
                 else ProbabilitySchedule(*mixer.probabilities()))
     sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, schedule)
@@ -143,7 +148,7 @@ def run(cfg: Config) -> dict:
                               "p_global": e["p_global"], "p_local": e["p_local"]})
 
     batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size),
-                             ref_nll=data.nll0)
+                             ref_nll=data.nll0 if use_ref else None)
     acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
 
     def meta() -> dict:
@@ -158,8 +163,9 @@ def run(cfg: Config) -> dict:
         state, metrics = train_step(state, global_batch_from_host(next(batches), mesh))
         acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
         # Per-group PPL ratios since the last local update, summed on device (no host sync).
-        local = {key: metrics[key] for key in ("group_ppl_ratio", "group_examples")}
-        mix_acc = local if mix_acc is None else jax.tree.map(lambda a, b: a + b, mix_acc, local)
+        if use_ref:
+            local = {key: metrics[key] for key in ("group_ppl_ratio", "group_examples")}
+            mix_acc = local if mix_acc is None else jax.tree.map(lambda a, b: a + b, mix_acc, local)
         done = s + 1
         # No update after the last step: nothing would sample from it.
         record = mixer.update(done, state.params, mix_acc) if done < tc.steps else None
@@ -209,7 +215,7 @@ def run(cfg: Config) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print("\nHeld-out response loss / perplexity per subset:")
         print(format_table(before, after))
-        print(f"\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(data.names, pg)))
+        print("\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(data.names, pg)))
         print(f"mixing overhead: {100 * summary['mixing_share']:.1f}% of the training loop "
               f"({mixer.seconds:.1f}s of {loop_seconds:.1f}s)")
         print(f"run directory: {run_dir} (plot: {summary['plot']})")

@@ -48,6 +48,9 @@ class PreparedData:
     nll0: list[np.ndarray]  # mean response NLL of each train example under the scorer
     tokenizer: object
     manifest: dict
+    # (graphdef, params) of the scoring model when this process just prepared the data: the
+    # trainer starts from it instead of reading it back (or reloading a pretrained model).
+    scorer_model: tuple | None = None
 
     @property
     def pad_id(self) -> int:
@@ -165,7 +168,6 @@ def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: i
                    batch_size: int, desc: str = "") -> np.ndarray:
     """Mean response NLL per example in one batched pass, padded per length bucket."""
     from hbo_jax.mixing.rewards import to_device
-
     from hbo_jax.parallel import round_up_rows
 
     batch_size = round_up_rows(batch_size, mesh)
@@ -301,7 +303,9 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    return load(root, cfg, tokenizer)
+    data = load(root, cfg, tokenizer)
+    data.scorer_model = (graphdef, params)
+    return data
 
 
 def load(root: Path, cfg: Config, tokenizer=None) -> PreparedData:

@@ -164,8 +164,8 @@ class Mixer:
         if self.uses_train_stats:
             s = np.asarray(train_stats["group_ppl_ratio"], np.float64).reshape(shape)
             n = np.asarray(train_stats["group_examples"], np.float64).reshape(shape)
-            return rewards.train_ppl_ratio(s, n), rewards.train_ppl_ratio(s.sum(1, keepdims=True).T,
-                                                                          n.sum(1, keepdims=True).T)[0]
+            # Per dataset: its buckets pooled, as one row of "buckets" = datasets.
+            return rewards.train_ppl_ratio(s, n), rewards.train_ppl_ratio(s.sum(1)[None], n.sum(1)[None])[0]
         nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
         ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
                                   np.asarray(jax.device_get(self.state.local_ref_nll)))

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hbo_jax.models.hf import flat_params, name_map, params_from_flat, place_tensor
+from hbo_jax.models.hf import name_map
 from hbo_jax.models.llama import LlamaSpec, abstract_model
-from hbo_jax.models.loading import CheckpointMismatch
+from hbo_jax.models.loading import CheckpointMismatch, flat_params, params_from_flat, place_tensor
 from hbo_jax.parallel import tree_shardings
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

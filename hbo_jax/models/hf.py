@@ -21,10 +21,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx, traverse_util
 
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
-from hbo_jax.models.loading import CheckpointMismatch
+from hbo_jax.models.loading import CheckpointMismatch, flat_params, params_from_flat, place_tensor
 from hbo_jax.parallel import tree_shardings
 
 # (Hugging Face name, our parameter path, transposed). `{i}` is the layer index.
@@ -224,42 +223,6 @@ class _TensorSource:
         self._open.clear()
 
 
-def place_tensor(source, name: str, transposed: bool, abstract, sharding, where: str | Path):
-    """One global array in `sharding`, each device shard sliced from `source` on demand.
-
-    Args:
-        source: A sliceable tensor in Hugging Face layout (a safetensors slice, a
-            memory map or a NumPy array); only the slices this host's devices hold are
-            read.
-        name: The tensor's name, for error messages.
-        transposed: `source` is `[out, in]` and our parameter `[in, out]`.
-        abstract: The parameter's ShapeDtypeStruct (shape and dtype to produce).
-        sharding: The parameter's NamedSharding.
-        where: The checkpoint, for error messages.
-
-    Returns:
-        A `jax.Array` of `abstract.shape` and `abstract.dtype`.
-
-    Raises:
-        CheckpointMismatch: The tensor's shape does not fit the model.
-    """
-    shape = tuple(source.get_shape() if hasattr(source, "get_shape") else source.shape)
-    want = tuple(abstract.shape)
-    if (shape[::-1] if transposed else shape) != want:
-        shown = f"{shape} (transposed {shape[::-1]})" if transposed else f"{shape}"
-        raise CheckpointMismatch(f"{where}: tensor {name!r} has shape {shown}, model expects {want}")
-    cache: dict = {}
-
-    def shard(index: tuple[slice, ...]) -> np.ndarray:
-        key = tuple((s.start, s.stop) for s in index)
-        if key not in cache:
-            part = source[index[::-1]].T if transposed else source[index]
-            cache[key] = np.ascontiguousarray(part).astype(abstract.dtype)
-        return cache[key]
-
-    return jax.make_array_from_callback(want, sharding, shard)
-
-
 def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
             remat: bool = False):
     """Loads a Hugging Face Llama / Qwen2 directory into sharded NNX parameters.
@@ -400,23 +363,3 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
 
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     tokenizer.save_pretrained(str(out_dir))
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def flat_params(state) -> dict:
-    """`{"layers.0.attn.q_proj.kernel": leaf}` for an nnx.State (or its abstract twin)."""
-    pure = nnx.to_pure_dict(state)
-    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(pure).items()}
-
-
-def params_from_flat(abstract, flat: dict):
-    """The nnx.State shaped like `abstract` holding the arrays of a flat path dict."""
-    def key(part: str):
-        return int(part) if part.isdigit() else part
-
-    nested = traverse_util.unflatten_dict({tuple(key(p) for p in k.split(".")): v for k, v in flat.items()})
-    params = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(params, nested)
-    return params

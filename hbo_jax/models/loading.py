@@ -1,8 +1,9 @@
-"""Saving and loading model parameters as safetensors, straight into sharded arrays.
+"""Parameters by flat path, tensor by tensor: our safetensors format and the shared loaders.
 
-The native layout uses our parameter paths (`layers.0.attn.q_proj.kernel`, ...). Loading
-checks every tensor's presence and shape against the model and names the offending
-tensor when they disagree.
+The native layout uses our parameter paths (`layers.0.attn.q_proj.kernel`, ...). Every
+loader (this one, Hugging Face, GGUF) places each tensor with `place_tensor`: each device
+shard is sliced from the source on demand, so no host builds the whole model twice.
+Loading checks every tensor's presence and shape and names the offending tensor.
 """
 
 from __future__ import annotations
@@ -20,44 +21,82 @@ class CheckpointMismatch(ValueError):
     """A weights file does not fit the model; the message names the tensor."""
 
 
-def _flat(pure: dict) -> dict[str, np.ndarray]:
+def flat_params(state) -> dict:
+    """`{"layers.0.attn.q_proj.kernel": leaf}` for an nnx.State (or its abstract twin)."""
+    pure = nnx.to_pure_dict(state)
     return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(pure).items()}
+
+
+def params_from_flat(abstract, flat: dict):
+    """The nnx.State shaped like `abstract` holding the arrays of a flat path dict."""
+    def key(part: str):
+        return int(part) if part.isdigit() else part
+
+    nested = traverse_util.unflatten_dict({tuple(key(p) for p in k.split(".")): v for k, v in flat.items()})
+    params = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(params, nested)
+    return params
+
+
+def place_tensor(source, name: str, transposed: bool, abstract, sharding, where: str | Path):
+    """One global array in `sharding`, each device shard sliced from `source` on demand.
+
+    Args:
+        source: A sliceable tensor in Hugging Face layout (a safetensors slice, a
+            memory map or a NumPy array); only the slices this host's devices hold are
+            read.
+        name: The tensor's name, for error messages.
+        transposed: `source` is `[out, in]` and our parameter `[in, out]`.
+        abstract: The parameter's ShapeDtypeStruct (shape and dtype to produce).
+        sharding: The parameter's NamedSharding.
+        where: The checkpoint, for error messages.
+
+    Returns:
+        A `jax.Array` of `abstract.shape` and `abstract.dtype`.
+
+    Raises:
+        CheckpointMismatch: The tensor's shape does not fit the model.
+    """
+    shape = tuple(source.get_shape() if hasattr(source, "get_shape") else source.shape)
+    want = tuple(abstract.shape)
+    if (shape[::-1] if transposed else shape) != want:
+        shown = f"{shape} (transposed {shape[::-1]})" if transposed else f"{shape}"
+        raise CheckpointMismatch(f"{where}: tensor {name!r} has shape {shown}, model expects {want}")
+    cache: dict = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:
+            part = source[index[::-1]].T if transposed else source[index]
+            cache[key] = np.ascontiguousarray(part).astype(abstract.dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(want, sharding, shard)
 
 
 def save_params(params, path: str | Path) -> None:
     from safetensors.numpy import save_file
 
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in _flat(nnx.to_pure_dict(params)).items()}
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params).items()}
     tmp = Path(str(path) + ".tmp")
     save_file(flat, str(tmp))
     tmp.rename(path)
 
 
 def load_params(path: str | Path, abstract_params, mesh):
-    """Reads a safetensors file tensor by tensor into the shardings of `abstract_params`."""
+    """Reads a safetensors file of our layout into the shardings of `abstract_params`."""
     from safetensors import safe_open
 
-    shardings = tree_shardings(abstract_params, mesh)
-    expected = _flat(nnx.to_pure_dict(abstract_params))
-    flat_shard = _flat(nnx.to_pure_dict(shardings))
+    expected = flat_params(abstract_params)
+    flat_shard = flat_params(tree_shardings(abstract_params, mesh))
     out = {}
     with safe_open(str(path), framework="numpy") as f:
         have = set(f.keys())
-        for name, spec in expected.items():
-            if name not in have:
-                raise CheckpointMismatch(f"{path}: tensor {name!r} is missing")
-            t = f.get_tensor(name)
-            if tuple(t.shape) != tuple(spec.shape):
-                raise CheckpointMismatch(f"{path}: tensor {name!r} has shape {t.shape}, model expects {spec.shape}")
-            out[name] = jax.device_put(t.astype(spec.dtype), flat_shard[name])
         extra = sorted(have - set(expected))
         if extra:
             raise CheckpointMismatch(f"{path}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
-    nested = traverse_util.unflatten_dict({tuple(_key(p) for p in k.split(".")): v for k, v in out.items()})
-    params = jax.tree.map(lambda x: x, abstract_params)
-    nnx.replace_by_pure_dict(params, nested)
-    return params
-
-
-def _key(part: str):
-    return int(part) if part.isdigit() else part
+        for name, spec in expected.items():
+            if name not in have:
+                raise CheckpointMismatch(f"{path}: tensor {name!r} is missing")
+            out[name] = place_tensor(f.get_slice(name), name, False, spec, flat_shard[name], path)
+    return params_from_flat(abstract_params, out)
