@@ -119,6 +119,34 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What is evaluated, and when (see hbo_jax/evaluate.py).
+
+    Held-out loss and perplexity (per subset and per difficulty bucket) are always
+    computed. Each subset also gets a task metric: `auto` picks multiple-choice accuracy
+    when its eval rows carry `options`, exact match when the reference answers are short,
+    and none otherwise; `metrics` sets it per subset (`mc`, `exact_match` or `none`).
+    """
+
+    every: int = 100  # steps between periodic evaluations (capped set, loss only); 0 = off
+    periodic_max_per_subset: int = 16
+    metrics: dict[str, str] = field(default_factory=dict)  # subset -> auto | mc | exact_match | none
+    tasks: bool = True  # task metrics (accuracy, exact match) before and after training
+    max_new_tokens: int = 24  # greedy decoding budget for exact match
+    exact_match_max_chars: int = 40  # auto: exact match when every reference is at most this long
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers. TensorBoard event files go to `<run_dir>/tb`."""
+
+    tensorboard: bool = True
+    wandb_project: str = ""  # "" = Weights & Biases off
+    wandb_entity: str = ""
+    wandb_mode: str = "online"  # online | offline | disabled
+
+
+@dataclass
 class MeshConfig:
     """Mesh shape over (data, fsdp, tensor); -1 fills with the remaining devices."""
 
@@ -136,6 +164,8 @@ class Config:
     mixing: MixingConfig = field(default_factory=MixingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 STRATEGIES = ("hbo", "hbo_global", "hbo_local", "mos", "mos_plus", "proportional", "temperature", "uniform",
@@ -148,14 +178,17 @@ _CHOICES = {
     "data.bad_input": ("skip", "error"),
     "mixing.strategy": STRATEGIES,
     "mixing.local_source": ("probes", "train"),
+    "tracking.wandb_mode": ("online", "offline", "disabled"),
 }
+TASK_METRICS = ("auto", "mc", "exact_match", "none")
 _POSITIVE = (
     "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.intermediate_size", "data.vocab_size", "data.seq_len", "data.num_buckets",
     "scorer.batch_size", "scorer.score_batch_size", "mixing.global_every",
     "mixing.local_every", "mixing.inner_steps", "mixing.global_probes_per_bucket",
     "mixing.local_probes_per_group", "train.steps", "train.batch_size", "train.log_every",
-    "train.checkpoint_every", "train.keep_checkpoints",
+    "train.checkpoint_every", "train.keep_checkpoints", "eval.periodic_max_per_subset",
+    "eval.max_new_tokens",
 )
 
 
@@ -195,6 +228,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"mixing.min_prob={cfg.mixing.min_prob} must be in [0, 1)")
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
+    if cfg.eval.every < 0:
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0 = no periodic evaluation)")
+    for subset, metric in cfg.eval.metrics.items():
+        if metric not in TASK_METRICS:
+            raise ConfigError(f"eval.metrics.{subset}={metric!r} is not one of {list(TASK_METRICS)}")
     for name in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, name)
         if v == 0 or v < -1:
