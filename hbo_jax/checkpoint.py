@@ -43,5 +43,23 @@ class Checkpointer:
             sampler=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return {k: out[k] for k in ("train", "mixer", "sampler", "meta")}
 
+    def restore_params(self, step: int, params_like, mesh):
+        """Restores only the model parameters of a checkpoint (no optimizer state is read).
+
+        Args:
+            step: Checkpoint step.
+            params_like: The model's parameter state, abstract or concrete; gives the tree
+                structure, shapes and dtypes.
+            mesh: Mesh the parameters are placed on (by their logical axis names).
+        """
+        from hbo_jax.parallel import tree_shardings
+
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              params_like, tree_shardings(params_like, mesh))
+        item = {"params": target}
+        out = self.manager.restore(step, args=ocp.args.Composite(train=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        return out["train"]["params"]
+
     def close(self) -> None:
         self.manager.close()

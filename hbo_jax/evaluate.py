@@ -1,40 +1,258 @@
-"""Held-out loss and perplexity per subset (and macro average)."""
+"""Evaluation: held-out loss per subset and difficulty bucket, and task metrics.
+
+`python -m hbo_jax.evaluate RUN_DIR [--model ...]` evaluates a model on a run's eval
+data (the run's config decides tokenizer, sequence length and buckets):
+
+  --model checkpoint   the run's latest checkpoint (default; `--step N` for another)
+  --model base         the model the run started from (before training)
+  --model hf:<dir>     an exported Hugging Face directory (e.g. `export_hf` of this run)
+  --model gguf:<file>  a GGUF file; `--model smollm2` the packaged SmolLM2
+
+`--config FILE [key=value ...]` instead of RUN_DIR evaluates on any configured mixture.
+Results go to `<run_dir>/eval_<model>.json` (or `--out`) and a table is printed.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import math
+import sys
+from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
+from hbo_jax import tasks
 from hbo_jax.data.prepare import score_examples
+
+log = logging.getLogger(__name__)
+TASK_KEYS = ("acc", "acc_norm", "exact_match")
+
+
+def bucket_losses(nll: np.ndarray, tokens: np.ndarray, buckets: np.ndarray, k: int) -> list[float | None]:
+    """Token-weighted mean NLL per bucket (None for a bucket with no eval examples)."""
+    out = []
+    for j in range(k):
+        sel = buckets == j
+        out.append(float((nll[sel] * tokens[sel]).sum() / tokens[sel].sum()) if tokens[sel].sum() else None)
+    return out
 
 
 def heldout_loss(nll_fn, params, stores: Sequence, names: Sequence[str], mesh, seq_len: int,
-                 pad_id: int, max_per_subset: int, batch_size: int) -> dict[str, dict[str, float]]:
-    """Token-weighted response NLL and perplexity on each subset's eval split."""
+                 pad_id: int, max_per_subset: int, batch_size: int,
+                 buckets: Sequence[np.ndarray] | None = None, num_buckets: int = 0) -> dict[str, dict]:
+    """Token-weighted response NLL and perplexity on each subset's eval split.
+
+    With `buckets` (each eval example's difficulty bucket) the loss per bucket is added as
+    `bucket_loss`. A `macro_avg` entry averages the subsets' losses with equal weight.
+    """
     out = {}
-    for name, store in zip(names, stores):
+    for i, (name, store) in enumerate(zip(names, stores)):
         n = min(len(store), max_per_subset)
         if n == 0:
             continue
-        exs = [store[i] for i in range(n)]
+        exs = [store[j] for j in range(n)]
         nll = score_examples(exs, nll_fn, params, mesh, seq_len, pad_id, batch_size)
         tokens = np.array([m[1:].sum() for _, m in exs], np.float64)
         loss = float((nll * tokens).sum() / tokens.sum())
         out[name] = {"loss": loss, "ppl": math.exp(loss), "examples": n}
-    if out:
-        macro = float(np.mean([v["loss"] for v in out.values()]))
-        out["macro_avg"] = {"loss": macro, "ppl": math.exp(macro),
-                            "examples": int(sum(v["examples"] for v in out.values()))}
+        if buckets is not None:
+            out[name]["bucket_loss"] = bucket_losses(nll, tokens, np.asarray(buckets[i][:n]), num_buckets)
     return out
 
 
-def format_table(before: dict, after: dict) -> str:
-    """A plain-text table of held-out loss / perplexity before and after training."""
-    rows = [f"{'subset':<20} {'loss before':>11} {'loss after':>10} {'ppl before':>10} {'ppl after':>9}"]
-    for name in after:
-        b, a = before.get(name, {}), after[name]
-        rows.append(f"{name:<20} {b.get('loss', float('nan')):>11.3f} {a['loss']:>10.3f} "
-                    f"{b.get('ppl', float('nan')):>10.2f} {a['ppl']:>9.2f}")
+def macro_average(results: dict[str, dict]) -> dict:
+    """Each metric averaged over the subsets that have it (equal weight per subset)."""
+    subsets = [v for k, v in results.items() if k != "macro_avg"]
+    macro: dict = {}
+    for key in ("loss",) + TASK_KEYS:
+        vals = [v[key] for v in subsets if v.get(key) is not None]
+        if vals:
+            macro[key] = float(np.mean(vals))
+            macro[f"{key}_subsets"] = len(vals)
+    if "loss" in macro:
+        macro["ppl"] = math.exp(macro["loss"])
+    macro["examples"] = int(sum(v.get("examples", 0) for v in subsets))
+    return macro
+
+
+def make_logprob_fn(nll_fn, params, mesh, seq_len: int, pad_id: int, batch_size: int):
+    """`f([(ids, mask), ...]) -> summed log-probability of each example's masked tokens`."""
+    def f(encoded: list) -> np.ndarray:
+        nll = score_examples(encoded, nll_fn, params, mesh, seq_len, pad_id, batch_size)
+        return -nll * np.array([m[1:].sum() for _, m in encoded], np.float64)
+    return f
+
+
+def make_generate_fn(graphdef, params, mesh, tokenizer, pad_id: int, max_new_tokens: int, batch_size: int):
+    """`f([prompt ids, ...]) -> [greedy answer ids, ...]` through the KV-cache decoder."""
+    from hbo_jax.models.generate import generate
+
+    def f(prompts: list) -> list:
+        return generate(graphdef, params, prompts, mesh=mesh, max_new_tokens=max_new_tokens,
+                        eos_ids=tasks.eos_ids(tokenizer), pad_id=pad_id, batch_size=batch_size)
+    return f
+
+
+def task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset: int) -> dict[str, dict]:
+    """Multiple-choice accuracy or exact match per subset, as `cfg.eval` chooses."""
+    seq_len, bs = cfg.data.seq_len, cfg.scorer.score_batch_size
+    example_logprob = make_logprob_fn(nll_fn, params, mesh, seq_len, data.pad_id, bs)
+    generate_fn = make_generate_fn(graphdef, params, mesh, data.tokenizer, data.pad_id,
+                                   cfg.eval.max_new_tokens, bs)
+    out = {}
+    for src in data.manifest["sources"]:
+        name = src["name"]
+        items = tasks.read_eval_items(src["eval"])[:max_per_subset] if src["eval"] else []
+        metric = tasks.choose_metric(cfg.eval.metrics.get(name, "auto"), items, cfg.eval.exact_match_max_chars)
+        if metric == "mc":
+            out[name] = tasks.score_mc(items, data.tokenizer, seq_len, example_logprob)
+        elif metric == "exact_match":
+            max_prompt = max(seq_len - cfg.eval.max_new_tokens, 1)
+            out[name] = tasks.score_exact_match(items, data.tokenizer, generate_fn, max_prompt)
+        else:
+            out[name] = {"metric": "none"}
+    return out
+
+
+def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset: int,
+                   with_tasks: bool, desc: str = "") -> dict[str, dict]:
+    """Held-out loss (per subset and bucket) plus, optionally, task metrics; with `macro_avg`."""
+    bar = f"evaluating {desc}" if desc else ""
+    if bar:
+        log.info("%s (%d eval examples per subset at most)", bar, max_per_subset)
+    out = heldout_loss(nll_fn, params, data.eval, data.names, mesh, cfg.data.seq_len, data.pad_id,
+                       max_per_subset, cfg.scorer.score_batch_size, data.eval_buckets, data.num_buckets)
+    if with_tasks:
+        for name, res in task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset).items():
+            out.setdefault(name, {}).update(res)
+    out["macro_avg"] = macro_average(out)
+    return out
+
+
+def _cell(res: dict) -> str:
+    metric = res.get("metric")
+    if metric == "mc" and "acc" in res:
+        return f"acc {res['acc']:.3f}"
+    if metric == "exact_match" and "exact_match" in res:
+        return f"em {res['exact_match']:.3f}"
+    return "-"
+
+
+def _macro_cell(res: dict) -> str:
+    cells = [f"{short} {res[k]:.3f}" for k, short in (("acc", "acc"), ("exact_match", "em")) if k in res]
+    return " ".join(cells) or "-"
+
+
+def format_results(result: dict) -> str:
+    """A plain-text table of one model's held-out loss, perplexity and task metric."""
+    rows = [f"{'subset':<20} {'loss':>8} {'ppl':>9}  {'task':>18}"]
+    for name, r in result.items():
+        cell = _macro_cell(r) if name == "macro_avg" else _cell(r)
+        rows.append(f"{name:<20} {r['loss']:>8.3f} {r['ppl']:>9.2f}  {cell:>18}")
     return "\n".join(rows)
+
+
+def format_table(before: dict, after: dict) -> str:
+    """Held-out loss / perplexity and the task metric per subset, before and after training."""
+    rows = [f"{'subset':<20} {'loss before':>11} {'loss after':>10} {'ppl before':>10} {'ppl after':>9}"
+            f"  {'task before':>11} {'task after':>10}"]
+    for name, a in after.items():
+        b = before.get(name, {})
+        cell = _macro_cell if name == "macro_avg" else _cell
+        tb, ta = cell(b), cell(a)
+        rows.append(f"{name:<20} {b.get('loss', float('nan')):>11.3f} {a['loss']:>10.3f} "
+                    f"{b.get('ppl', float('nan')):>10.2f} {a['ppl']:>9.2f}  {tb:>11} {ta:>10}")
+    return "\n".join(rows)
+
+
+def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | None):
+    """(graphdef, params) for `--model`: checkpoint | base | hf:<dir> | gguf:<file> | smollm2."""
+    from hbo_jax.checkpoint import Checkpointer
+    from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
+    from hbo_jax.models.loading import load_params
+    from hbo_jax.models.pretrained import is_pretrained, load_pretrained
+
+    if spec not in ("checkpoint", "base"):
+        graphdef, params, model_spec = load_pretrained(spec, mesh, cfg.model)
+        if model_spec.vocab_size < len(data.tokenizer):
+            raise ValueError(f"--model {spec}: vocabulary {model_spec.vocab_size} is smaller than the "
+                             f"run's tokenizer ({len(data.tokenizer)}); evaluate it with its own config")
+        return graphdef, params
+    if spec == "checkpoint" and run_dir is None:
+        raise ValueError("--model checkpoint needs a RUN_DIR")
+    base = cfg.model.init
+    if is_pretrained(base):  # a checkpoint then overwrites these weights
+        graphdef, params, _ = load_pretrained(base, mesh, cfg.model)
+    else:
+        model_spec = LlamaSpec.from_config(cfg.model, vocab_size=len(data.tokenizer))
+        graphdef, params = abstract_model(model_spec)
+        if spec == "base":
+            params = (init_params(model_spec, mesh, cfg.train.seed)[1] if base == "random"
+                      else load_params(data.scorer_params, params, mesh))
+    if spec == "checkpoint":
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=1000)
+        step = step if step is not None else ckpt.latest_step()
+        if step is None:
+            ckpt.close()
+            raise ValueError(f"{run_dir / 'checkpoints'}: no checkpoint found")
+        params = ckpt.restore_params(step, params, mesh)
+        ckpt.close()
+    return graphdef, params
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hbo_jax.config import ConfigError, load_config
+    from hbo_jax.data.formats import DataError
+    from hbo_jax.data.prepare import prepare
+    from hbo_jax.models.loading import CheckpointMismatch
+    from hbo_jax.parallel import make_mesh
+    from hbo_jax.step import make_example_nll_fn
+
+    ap = argparse.ArgumentParser(prog="python -m hbo_jax.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", nargs="?", help="a run directory (its config.yaml and checkpoints)")
+    ap.add_argument("--config", help="YAML config instead of a run directory")
+    ap.add_argument("--model", default="checkpoint", help="checkpoint | base | hf:<dir> | gguf:<file> | smollm2")
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--max-per-subset", type=int, help="eval examples per subset (default: data.max_eval_per_subset)")
+    ap.add_argument("--no-tasks", action="store_true", help="held-out loss only")
+    ap.add_argument("--out", help="output JSON (default: <run_dir>/eval_<model>.json)")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        run_dir = Path(args.run_dir) if args.run_dir else None
+        if run_dir is not None and not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+        if run_dir is None and not args.config:
+            raise ConfigError("give a RUN_DIR or --config FILE")
+        cfg = load_config(run_dir / "config.yaml" if run_dir else args.config, args.overrides)
+        mesh = make_mesh(cfg.mesh)
+        data = prepare(cfg, mesh)
+        model = args.model if run_dir is not None or args.model != "checkpoint" else "base"
+        graphdef, params = load_model(model, cfg, data, mesh, run_dir, args.step)
+        nll_fn = make_example_nll_fn(graphdef, mesh)
+        cap = args.max_per_subset or cfg.data.max_eval_per_subset
+        result = evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset=cap,
+                                with_tasks=not args.no_tasks, desc=model)
+    except (ConfigError, DataError, CheckpointMismatch, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tag = "".join(c if c.isalnum() else "_" for c in model.split("/")[-1])
+    out = Path(args.out) if args.out else (run_dir or Path(cfg.run_dir)) / f"eval_{tag}.json"
+    if jax.process_index() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": model, "step": args.step, "eval": result}, indent=2))
+        print(format_results(result))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,9 +3,11 @@
 With no arguments it runs the default demo: the embedded real-data mixture, a tiny
 Llama warmed up as the scoring/base model, and HBO choosing what to sample.
 
-Run directory outputs: config.yaml (resolved), metrics.jsonl, mixing.jsonl (every actor
-update: probabilities, rewards, seconds), probabilities.png, eval.json (held-out loss
-and perplexity per subset, before and after), summary.json, checkpoints/ (Orbax).
+Run directory outputs: config.yaml (resolved), metrics.jsonl (training metrics and the
+examples drawn per subset and bucket), mixing.jsonl (every actor update: probabilities,
+rewards, seconds), eval.jsonl (periodic held-out loss), eval.json (loss per subset and
+bucket and task metrics, before and after), summary.json, schedule.json, report/ (PNGs and
+report.md), tb/ (TensorBoard), checkpoints/ (Orbax).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
 from hbo_jax.data.formats import DataError
 from hbo_jax.data.prepare import PreparedData, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
-from hbo_jax.evaluate import format_table, heldout_loss
+from hbo_jax.evaluate import evaluate_model, format_table
 from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedule
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import CheckpointMismatch, load_params
@@ -116,8 +118,16 @@ def run(cfg: Config) -> dict:
     sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, schedule)
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints)
     metrics_log, mixing_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "mixing.jsonl")
-    evaluate = lambda p: heldout_loss(nll_fn, p, data.eval, data.names, mesh, cfg.data.seq_len,
-                                      data.pad_id, cfg.data.max_eval_per_subset, cfg.scorer.score_batch_size)
+    eval_log = JsonlWriter(run_dir / "eval.jsonl")
+
+    def evaluate(p, desc: str) -> dict:  # full evaluation, with task metrics
+        return evaluate_model(graphdef, p, data, cfg, mesh, nll_fn, max_per_subset=cfg.data.max_eval_per_subset,
+                              with_tasks=cfg.eval.tasks, desc=desc)
+
+    def periodic_eval(p, step: int) -> None:  # capped held-out loss for the curves
+        res = evaluate_model(graphdef, p, data, cfg, mesh, nll_fn, with_tasks=False,
+                             max_per_subset=cfg.eval.periodic_max_per_subset)
+        eval_log.write({"step": step, "eval": res})
 
     start, mix_acc = ckpt.latest_step(), None
     if start is not None:
@@ -128,14 +138,16 @@ def run(cfg: Config) -> dict:
         if restored["meta"].get("mix_acc"):
             mix_acc = jax.device_put({k: np.asarray(v, np.float32) for k, v in restored["meta"]["mix_acc"].items()},
                                      replicated(mesh))
-        metrics_log.truncate(start)
-        mixing_log.truncate(start)
+        for writer in (metrics_log, mixing_log, eval_log):
+            writer.truncate(start)
         log.info("resumed from step %d in %s", start, ckpt.directory)
     else:
         start = 0
-        for f in ("metrics.jsonl", "mixing.jsonl"):
+        for f in ("metrics.jsonl", "mixing.jsonl", "eval.jsonl"):
             (run_dir / f).unlink(missing_ok=True)
-        before = evaluate(state.params)
+        before = evaluate(state.params, "the starting model")
+        if cfg.eval.every:
+            periodic_eval(state.params, 0)
         mixer.start(state.params)
         pg, pl = sampler.schedule.at(0)
         if jax.process_index() == 0:
@@ -185,9 +197,12 @@ def run(cfg: Config) -> dict:
                     "loss_tokens_per_s": float(host["tokens"] / dt), "examples": int(n),
                     "mixing_share": (mixer.seconds - mix_before) / dt}
             line.update(_per_subset(host, data.names, k))
+            line["drawn"] = host["group_examples"].reshape(d, k).astype(int).tolist()
             metrics_log.write(line)
             bar.set_postfix(loss=f"{line['loss']:.3f}", mix=f"{100 * line['mixing_share']:.1f}%")
             acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
+        if cfg.eval.every and done % cfg.eval.every == 0:
+            periodic_eval(state.params, done)
         if done % tc.checkpoint_every == 0 and done < tc.steps:
             ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
     loop_seconds = time.perf_counter() - t_loop
@@ -195,7 +210,7 @@ def run(cfg: Config) -> dict:
     ckpt.save(tc.steps, state, mixer.state, sampler.get_state(), meta())
     ckpt.close()
 
-    after = evaluate(state.params)
+    after = evaluate(state.params, "the trained model")
     pg, pl = sampler.schedule.at(tc.steps)
     summary = {
         "strategy": strategy.name, "steps": tc.steps, "subsets": data.names,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import tarfile
@@ -24,14 +25,14 @@ from hbo_jax.data.formats import DataError
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # 2: multiple-choice rows carry `options`
 BIGBENCH = "bigbench==1.0.0"
 EVALS = "evals==3.0.1.post1"
 EVAL_FRACTION_MOD = 10  # 1 in 10 prompts (by hash) is held out
 MAX_EVAL = 200
 MAX_PROMPT_CHARS = 2000
 
-Record = dict  # {"messages": [...], "lang": str}
+Record = dict  # {"messages": [...], "lang": str, optional "options": [str, ...]}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ def _bb_answer(ex: dict) -> str | None:
         return t[0] if isinstance(t, list) else t
     scores = ex.get("target_scores") or {}
     return max(scores, key=scores.get) if scores else None
+
+
+def _with_options(rec: Record, ex: dict) -> Record:
+    """Adds the task's answer options (BIG-bench `target_scores`) for multiple-choice scoring."""
+    rec["options"] = [o.strip() for o in ex["target_scores"]]
+    return rec
 
 
 def _conv_plain(task: dict, ex: dict, member: str) -> Record | None:
@@ -73,8 +80,8 @@ def _conv_chat(task: dict, ex: dict, member: str) -> Record | None:
 def _conv_math_word(task: dict, ex: dict, member: str) -> Record | None:
     ans = _bb_answer(ex)
     prompt = "What is the answer to the following math word problem?\n" + ex["input"].strip()
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": ans.strip()}]} if ans else None
+    return _with_options({"messages": [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": ans.strip()}]}, ex) if ans else None
 
 
 def _conv_sentiment(task: dict, ex: dict, member: str) -> Record | None:
@@ -84,7 +91,7 @@ def _conv_sentiment(task: dict, ex: dict, member: str) -> Record | None:
     rec = {"messages": [{"role": "user", "content": prompt[-MAX_PROMPT_CHARS:]},
                         {"role": "assistant", "content": ans.strip()}]}
     rec["lang"] = member.rsplit("_", 1)[-1]
-    return rec
+    return _with_options(rec, ex)
 
 
 def _conv_summary(task: dict, ex: dict, member: str) -> Record | None:
@@ -97,8 +104,8 @@ def _conv_proverb(task: dict, ex: dict, member: str) -> Record | None:
     ans = _bb_answer(ex)
     prompt = ("Give the English proverb closest in meaning to this Swahili proverb.\n"
               + ex["input"].strip())
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": ans.strip()}]} if ans else None
+    return _with_options({"messages": [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": ans.strip()}]}, ex) if ans else None
 
 
 def _conv_evals(task: None, ex: dict, member: str) -> Record | None:
@@ -112,6 +119,11 @@ def _conv_evals(task: None, ex: dict, member: str) -> Record | None:
         # The registry's system prompt asks for reasoning the answers do not contain.
         msgs = [{"role": "system", "content": "Answer with the letter of the correct choice "
                  "in square brackets, like [X]."}] + [m for m in msgs if m["role"] != "system"]
+        rec = {"messages": msgs + [{"role": "assistant", "content": str(ideal).strip()}]}
+        options = [f"[{c}]" for c in re.findall(r"^([A-E])\. ", msgs[-1]["content"], flags=re.M)]
+        if str(ideal).strip() in options:  # the choices are lettered lines of the question
+            rec["options"] = options
+        return rec
     return {"messages": msgs + [{"role": "assistant", "content": str(ideal).strip()}]}
 
 

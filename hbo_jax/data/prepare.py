@@ -34,7 +34,7 @@ from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
 
 log = logging.getLogger(__name__)
-PREPARE_VERSION = "2"
+PREPARE_VERSION = "3"  # 3: eval examples carry difficulty buckets
 
 
 @dataclass
@@ -44,6 +44,7 @@ class PreparedData:
     train: list[TokenStore]
     eval: list[TokenStore]
     buckets: list[np.ndarray]  # bucket id per train example, per subset
+    eval_buckets: list[np.ndarray]  # bucket id per eval example (by the train split's bucket edges)
     scores: list[np.ndarray]
     nll0: list[np.ndarray]  # mean response NLL of each train example under the scorer
     tokenizer: object
@@ -203,6 +204,12 @@ def difficulty(kind: str, examples: list, nll_fn, params, mesh, cfg: Config, pad
     return nll / np.maximum(alone, 1e-6), nll  # IFD: loss(y|x) / loss(y)
 
 
+def assign_buckets(scores: np.ndarray, edges: list[list[float]]) -> np.ndarray:
+    """Bucket of each score under the train split's bucket edges ([min, max] per bucket)."""
+    upper = np.array([hi for _, hi in edges[:-1]])
+    return np.searchsorted(upper, scores, side="left").astype(np.int32)
+
+
 def make_buckets(scores: np.ndarray, k: int) -> tuple[np.ndarray, list[list[float]]]:
     """K equal-size quantile buckets (sizes differ by at most one; nothing dropped)."""
     order = np.argsort(scores, kind="stable")
@@ -278,10 +285,16 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     t_warm = time.perf_counter() - t0 - t_tok
     nll_fn = make_example_nll_fn(graphdef, mesh)
     subsets = []
-    for n, store in zip(names, train_stores):
+    for n, store, ev_store in zip(names, train_stores, eval_stores):
         exs = [store[i] for i in range(len(store))]
         scores, nll0 = difficulty(cfg.data.difficulty, exs, nll_fn, params, mesh, cfg, pad, n)
         bucket, edges = make_buckets(scores, cfg.data.num_buckets)
+        # Eval examples go to the bucket their score falls in, so per-bucket eval loss
+        # reads "how did the examples that were hard for the starting model do".
+        ev_exs = [ev_store[i] for i in range(len(ev_store))]
+        ev_scores = difficulty(cfg.data.difficulty, ev_exs, nll_fn, params, mesh, cfg, pad, f"{n} eval")[0] \
+            if ev_exs else np.zeros(0)
+        np.save(tmp / n / "eval_buckets.npy", assign_buckets(ev_scores, edges))
         np.save(tmp / n / "scores.npy", scores)
         np.save(tmp / n / "nll0.npy", nll0.astype(np.float32))
         np.save(tmp / n / "buckets.npy", bucket)
@@ -319,6 +332,7 @@ def load(root: Path, cfg: Config, tokenizer=None) -> PreparedData:
         train=[TokenStore(root / n / "train") for n in names],
         eval=[TokenStore(root / n / "eval") for n in names],
         buckets=[np.load(root / n / "buckets.npy") for n in names],
+        eval_buckets=[np.load(root / n / "eval_buckets.npy") for n in names],
         scores=[np.load(root / n / "scores.npy") for n in names],
         nll0=[np.load(root / n / "nll0.npy") for n in names],
         tokenizer=tokenizer, manifest=manifest)

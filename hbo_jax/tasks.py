@@ -1,0 +1,186 @@
+"""Task metrics per subset: multiple-choice accuracy and exact match.
+
+Each eval row is a conversation whose last assistant turn is the reference answer; a
+row may also carry `options` (the answer choices, the reference among them).
+
+  mc           log-likelihood of each option as the assistant's answer (the option's
+               tokens and the end-of-turn marker); `acc` takes the most likely option,
+               `acc_norm` divides by the option's length in characters first (the
+               lm-evaluation-harness conventions).
+  exact_match  greedy decoding through the KV cache; the first line of the answer and
+               the reference are compared after `normalize_answer`.
+  none         held-out loss only (long free-form answers such as summaries or chat).
+
+`auto` (the default) picks mc when the subset's rows carry options, exact match when
+its median reference is short (`eval.exact_match_max_chars`), none otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from hbo_jax.data import tokenizer as tok_lib
+from hbo_jax.data.formats import to_conversation
+
+_LETTER = re.compile(r"^(?:answer\s*[:：]?\s*)?[\[(]?\s*([A-J])\s*[\])]?[.:)]?$", re.IGNORECASE)
+_NUMBER = re.compile(r"^[-+]?[$€£¥]?\s*[-+]?\d[\d,]*(?:\.\d+)?\s*%?$|^[-+]?\.\d+\s*%?$")
+
+
+@dataclass
+class EvalItem:
+    """One eval row: the prompt turns, the reference answer and (for mc) its options."""
+
+    prompt: list[dict]
+    answer: str
+    options: list[str] | None = None
+
+
+def read_eval_items(path: str | Path) -> list[EvalItem]:
+    """Eval rows of a subset file; rows the data pipeline skips are skipped here too."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    items = []
+    with opener(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                conv = to_conversation(row)
+            except (ValueError, UnicodeDecodeError):
+                continue  # counted and reported when the mixture was prepared
+            last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+            options = row.get("options")
+            if not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
+                options = None
+            items.append(EvalItem(conv[:last], conv[last]["content"].strip(), options))
+    return items
+
+
+def choose_metric(requested: str, items: Sequence[EvalItem], max_chars: int) -> str:
+    """Resolves `auto` for a subset from its rows; other choices pass through."""
+    if requested != "auto":
+        return requested
+    if items and sum(it.options is not None for it in items) >= len(items) / 2:
+        return "mc"
+    if items and float(np.median([len(it.answer) for it in items])) <= max_chars:
+        return "exact_match"
+    return "none"
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form for exact match.
+
+    Option letters (`[C]`, `(c)`, `C.`, `Answer: C`) become `[c]`; numbers lose
+    thousands separators, currency signs, spacing before `%` and trailing zeros
+    (`1,035.50 $` is not a number, `$1,035.50` is `1035.5`); other text is NFKC-folded,
+    lower-cased, stripped of punctuation and of repeated whitespace.
+    """
+    text = unicodedata.normalize("NFKC", text).strip()
+    letter = _LETTER.match(text)
+    if letter:
+        return f"[{letter.group(1).lower()}]"
+    if _NUMBER.match(text):
+        pct = text.endswith("%")
+        digits = re.sub(r"[$€£¥,%\s]", "", text)
+        try:
+            value = Decimal(digits).normalize()
+            canon = format(value, "f")
+            if "." in canon:
+                canon = canon.rstrip("0").rstrip(".")
+            return canon + ("%" if pct else "")
+        except InvalidOperation:
+            pass
+    text = "".join(c for c in text.casefold() if not unicodedata.category(c).startswith("P"))
+    return " ".join(text.split())
+
+
+def first_answer_line(text: str) -> str:
+    """The part of a generated answer that is compared: its first non-empty line."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """1.0 where the normalised first line of the prediction equals the normalised reference."""
+    return np.array([float(normalize_answer(first_answer_line(p)) == normalize_answer(r))
+                     for p, r in zip(predictions, references)])
+
+
+def mc_choices(option_logprobs: Sequence[np.ndarray], options: Sequence[Sequence[str]]):
+    """(argmax index, length-normalised argmax index) per row of option log-likelihoods."""
+    raw = np.array([int(np.argmax(lp)) for lp in option_logprobs])
+    norm = np.array([int(np.argmax(np.asarray(lp) / np.array([max(len(o), 1) for o in opts])))
+                     for lp, opts in zip(option_logprobs, options)])
+    return raw, norm
+
+
+def eos_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn for this tokenizer."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def score_mc(items: Sequence[EvalItem], tokenizer, seq_len: int,
+             example_logprob: Callable[[list], np.ndarray]) -> dict[str, float]:
+    """Multiple-choice accuracy of a model on the rows whose reference is one of their options.
+
+    Args:
+        items: Eval rows; rows without options, or whose reference is not an option, are not scored.
+        tokenizer: Tokenizer with the chat template the model was trained with.
+        seq_len: Sequence length (prompts are cut from the left to fit, as in training).
+        example_logprob: Maps a list of (ids, loss mask) pairs to the summed log-probability
+            of each pair's masked tokens.
+    """
+    rows = [it for it in items if it.options and it.answer in it.options]
+    if not rows:
+        return {"metric": "mc", "examples": 0}
+    convs = [it.prompt + [{"role": "assistant", "content": o}] for it in rows for o in it.options]
+    encoded = []
+    for ids, mask in tok_lib.encode(tokenizer, convs):
+        kept = tok_lib.truncate(ids, mask, seq_len + 1)
+        encoded.append(kept if kept is not None else (ids[-(seq_len + 1):], mask[-(seq_len + 1):]))
+    flat = example_logprob(encoded)
+    bounds = np.cumsum([0] + [len(it.options) for it in rows])
+    per_row = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    raw, norm = mc_choices(per_row, [it.options for it in rows])
+    gold = np.array([it.options.index(it.answer) for it in rows])
+    return {"metric": "mc", "acc": float((raw == gold).mean()), "acc_norm": float((norm == gold).mean()),
+            "examples": len(rows)}
+
+
+def generation_prompts(items: Sequence[EvalItem], tokenizer, max_len: int) -> list[list[int]]:
+    """Chat-templated prompt ids ending with the assistant header, cut from the left to max_len."""
+    texts = [tokenizer.apply_chat_template(it.prompt, tokenize=False, add_generation_prompt=True)
+             for it in items]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(x[-max_len:]) for x in ids]
+
+
+def score_exact_match(items: Sequence[EvalItem], tokenizer, generate_fn: Callable[[list], list],
+                      max_prompt_len: int) -> dict:
+    """Exact match of greedy answers; `generate_fn` maps prompt id lists to answer id lists."""
+    if not items:
+        return {"metric": "exact_match", "examples": 0}
+    answers = generate_fn(generation_prompts(items, tokenizer, max_prompt_len))
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    em = exact_match(texts, [it.answer for it in items])
+    samples = [{"reference": it.answer, "prediction": t} for it, t in list(zip(items, texts))[:3]]
+    return {"metric": "exact_match", "exact_match": float(em.mean()), "examples": len(items),
+            "samples": samples}
