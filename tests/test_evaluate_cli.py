@@ -63,3 +63,15 @@ def test_cli_reproduces_the_runs_own_evaluation(run_dir, tmp_path, model, key):
 def test_cli_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_exported_hugging_face_directory_evaluates_like_the_checkpoint(run_dir, tmp_path):
+    from hbo_jax.export import main as export_main
+
+    hf_dir = tmp_path / "hf"
+    assert export_main([str(run_dir), str(hf_dir)]) == 0
+    out = tmp_path / "hf.json"
+    assert evaluate.main([str(run_dir), "--model", f"hf:{hf_dir}", "--no-tasks", "--out", str(out)]) == 0
+    got, want = json.loads(out.read_text())["eval"], _eval(run_dir)["after"]
+    for name in want:
+        assert got[name]["loss"] == pytest.approx(want[name]["loss"], rel=1e-5), name

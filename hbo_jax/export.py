@@ -1,0 +1,63 @@
+"""`python -m hbo_jax.export RUN_DIR OUT_DIR`: a run's checkpoint as a Hugging Face directory.
+
+The directory (config.json, model.safetensors, tokenizer with its chat template) loads
+with `transformers.AutoModelForCausalLM.from_pretrained`, serves with vLLM, and comes
+back into hbo_jax as `model.init=hf:OUT_DIR` or `python -m hbo_jax.evaluate RUN_DIR
+--model hf:OUT_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str | None = None) -> Path:
+    """Exports the checkpoint at `step` (default: the latest) of a run; returns out_dir."""
+    from flax import nnx
+
+    from hbo_jax.config import ConfigError, load_config
+    from hbo_jax.data.prepare import prepare
+    from hbo_jax.evaluate import load_model
+    from hbo_jax.models.hf import export_hf
+    from hbo_jax.parallel import make_mesh
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    mesh = make_mesh(cfg.mesh)
+    data = prepare(cfg, mesh)  # the run's tokenizer (cached: nothing is recomputed)
+    graphdef, params = load_model("checkpoint", cfg, data, mesh, run_dir, step)
+    spec = nnx.merge(graphdef, params).spec
+    return export_hf(params, spec, data.tokenizer, out_dir, dtype=dtype,
+                     max_position_embeddings=max(cfg.data.seq_len, 2048))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hbo_jax.config import ConfigError
+    from hbo_jax.data.formats import DataError
+    from hbo_jax.models.loading import CheckpointMismatch
+
+    ap = argparse.ArgumentParser(prog="python -m hbo_jax.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="stored dtype (default: as trained)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        out = export_run(args.run_dir, args.out_dir, args.step, args.dtype)
+    except (ConfigError, DataError, CheckpointMismatch, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run_dir} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
