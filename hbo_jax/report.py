@@ -1,62 +1,344 @@
-"""Plots of what the actors did (matplotlib PNG) from a run directory's logs."""
+"""`python -m hbo_jax.report RUN_DIR [RUN_DIR ...] [--out DIR] [--metric loss]`: reports.
+
+One run directory -> `<run_dir>/report/`: p_global.png, p_local.png, rewards.png,
+drawn.png, eval.png and report.md (run facts, before/after table, final p_global,
+mixing overhead). A figure whose data the run did not log (rewards of a fixed schedule,
+`drawn` counts or eval.jsonl of an older run) is skipped, logged and noted in report.md.
+
+Several run directories -> each one's report, plus a comparison in `--out`
+(default `report_compare/`): compare.md, compare.json and compare.png. Runs whose
+config.yaml are equal except `run_dir` and `train.seed` form one group, shown as
+mean ± std over its seeds (std with ddof=1; 0 for a single run) with n.
+
+`train.py` calls `write_report(run_dir)` at the end of a run (process 0 only).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
+
+log = logging.getLogger("hbo_jax.report")
+
+TASK_METRICS = ("acc", "acc_norm", "exact_match")
+FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
+GROUP_IGNORE = ("run_dir", "train.seed")
+_MARKERS = ("summary.json", "metrics.jsonl", "eval.json", "probabilities_start.json", "mixing.jsonl")
+
+
+class NotARunDir(ValueError):
+    """The path is not a run directory written by `hbo_jax.train`."""
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """JSON lines of a file; a missing file is empty, a torn line (killed run) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def probability_plot(run_dir: str | Path, names: list[str], total_steps: int) -> Path:
-    """Global probabilities as a stacked area over steps, local probabilities per subset.
-
-    Reads `mixing.jsonl` (one record per actor update, with the probabilities in force
-    from that step on) and the initial probabilities in `probabilities_start.json`.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
-    start = json.loads((run_dir / "probabilities_start.json").read_text())
-    records = [start] + [r for r in read_jsonl(run_dir / "mixing.jsonl") if "p_global" in r]
-    steps = [r["step"] for r in records] + [total_steps]
-    pg = np.array([r["p_global"] for r in records] + [records[-1]["p_global"]])
-    pl = np.array([r["p_local"] for r in records] + [records[-1]["p_local"]])
-    d, k = pl.shape[1], pl.shape[2]
-
-    cols = min(d, 5)
-    rows = math.ceil(d / cols)
-    fig = plt.figure(figsize=(3.2 * cols, 3.0 + 2.4 * rows), constrained_layout=True)
-    grid = fig.add_gridspec(1 + rows, cols, height_ratios=[1.6] + [1] * rows)
-    ax = fig.add_subplot(grid[0, :])
-    colors = plt.get_cmap("tab10" if d <= 10 else "tab20")(np.arange(d))
-    ax.stackplot(steps, pg.T, labels=names, colors=colors, step="post", alpha=0.9)
-    ax.set_xlim(0, total_steps)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("p_global")
-    ax.set_title("Global sampling probabilities (stacked)")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    for i in range(d):
-        a = fig.add_subplot(grid[1 + i // cols, i % cols])
-        for j in range(k):
-            a.step(steps, pl[:, i, j], where="post", label=f"bucket {j + 1}")
-        a.set_title(names[i], fontsize=9)
-        a.set_ylim(0, max(0.5, float(pl[:, i].max()) * 1.1))
-        a.tick_params(labelsize=7)
-        if i == 0:
-            a.legend(fontsize=6, title="easy -> hard", title_fontsize=6)
-    fig.suptitle(f"{run_dir.name}: sampling probabilities over training steps")
-    out = run_dir / "probabilities.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip():
+                out.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: skipping an unreadable line", path)
     return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        log.warning("%s: not valid JSON, ignored", path)
+        return {}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+@dataclass
+class Run:
+    """Everything a run directory logged (missing files are empty)."""
+
+    path: Path
+    config: dict
+    summary: dict = field(default_factory=dict)
+    start: dict | None = None
+    mixing: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
+    eval_log: list = field(default_factory=list)
+    eval: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def names(self) -> list[str]:
+        if self.summary.get("subsets"):
+            return list(self.summary["subsets"])
+        for e in (self.eval.get("after"), self.eval.get("before")):
+            if e:
+                return [n for n in e if n != "macro_avg"]
+        losses = [k[5:] for r in self.metrics[:1] for k in r if k.startswith("loss/")]
+        return losses
+
+    def names_for(self, d: int) -> list[str]:
+        """Subset names for a [D] array (placeholders if the logs disagree)."""
+        names = self.names
+        return names if len(names) == d else [f"subset{i}" for i in range(d)]
+
+    @property
+    def total_steps(self) -> int:
+        for v in (self.summary.get("steps"), self.config.get("train", {}).get("steps")):
+            if isinstance(v, int) and v > 0:
+                return v
+        return max([r.get("step", 0) for r in self.metrics + self.mixing] + [1])
+
+    @property
+    def seed(self):
+        return self.config.get("train", {}).get("seed")
+
+    @property
+    def strategy(self) -> str:
+        return self.summary.get("strategy") or self.config.get("mixing", {}).get("strategy", "?")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Reads a run directory; raises NotARunDir when it is not one."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise NotARunDir(f"{p}: not a directory")
+    if not (p / "config.yaml").is_file() or not any((p / m).is_file() for m in _MARKERS):
+        raise NotARunDir(f"{p}: not a run directory (needs config.yaml and one of {', '.join(_MARKERS)})")
+    try:
+        config = yaml.safe_load((p / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise NotARunDir(f"{p}: config.yaml is not valid YAML ({e})") from e
+    ev = _read_json(p / "eval.json")
+    summary = _read_json(p / "summary.json")
+    if not ev and summary.get("eval_after"):
+        ev = {"before": summary.get("eval_before", {}), "after": summary["eval_after"]}
+    return Run(p, config if isinstance(config, dict) else {}, summary,
+               _read_json(p / "probabilities_start.json") or None, read_jsonl(p / "mixing.jsonl"),
+               read_jsonl(p / "metrics.jsonl"), read_jsonl(p / "eval.jsonl"), ev)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return f"{v:.{digits}f}"
+    return "—"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def eval_table(before: dict, after: dict, names: list[str]) -> list[str]:
+    """Markdown rows: per subset and macro_avg, loss / ppl / task metrics before and after."""
+    rows_for = [n for n in names if n in after or n in before] + ["macro_avg"]
+    rows_for = [n for n in rows_for if n in after or n in before]
+    tasks = [m for m in TASK_METRICS if any(m in e.get(n, {}) for e in (before, after) for n in rows_for)]
+    header = ["subset", "loss before", "loss after", "ppl before", "ppl after", "metric"]
+    header += [f"{m} {w}" for m in tasks for w in ("before", "after")] + ["examples"]
+    rows = []
+    for n in rows_for:
+        b, a = before.get(n, {}), after.get(n, {})
+        kind = a.get("metric", b.get("metric", "—" if n != "macro_avg" else ""))
+        row = [n, _fmt(b.get("loss")), _fmt(a.get("loss")), _fmt(b.get("ppl")), _fmt(a.get("ppl")), kind or "—"]
+        row += [_fmt(e.get(m)) for m in tasks for e in (b, a)]
+        rows.append(row + [str(a.get("examples", b.get("examples", "—")))])
+    return _table(header, rows)
+
+
+def _overhead(run: Run) -> str:
+    s = run.summary
+    if "mixing_share" in s:
+        return (f"{100 * s['mixing_share']:.1f}% of the training loop "
+                f"({s.get('mixing_seconds', float('nan')):.1f}s of {s.get('train_loop_seconds', float('nan')):.1f}s)")
+    shares = [r["mixing_share"] for r in run.metrics if "mixing_share" in r]
+    return f"{100 * float(np.mean(shares)):.1f}% (mean over log intervals)" if shares else "not logged"
+
+
+def _updates(run: Run) -> str:
+    n = run.summary.get("actor_updates")
+    if isinstance(n, list) and len(n) == 2:
+        return f"global {n[0]}, local {n[1]}"
+    return str(n if n is not None else len([r for r in run.mixing if "p_global" in r and not r.get("replayed")]))
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """Writes `<run_dir>/report/` (figures + report.md); returns {report, figures, skipped}."""
+    from hbo_jax import plots
+
+    run = load_run(run_dir)
+    out = run.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figures, skipped = {}, {}
+    for fig in FIGURES:
+        try:
+            path, why = getattr(plots, f"plot_{fig}")(run, out / f"{fig}.png")
+        except Exception as e:  # a malformed older log must not fail the run that made it
+            path, why = None, f"could not plot ({type(e).__name__}: {e})"
+            plots.plt.close("all")
+        if path is None:
+            skipped[fig] = why
+            log.info("report: skipping %s.png: %s", fig, why)
+        else:
+            figures[fig] = str(path)
+
+    cfg, names = run.config, run.names
+    facts = [("run directory", str(run.path)), ("strategy", run.strategy), ("steps", run.total_steps),
+             ("seed", run.seed), ("subsets", f"{len(names)} ({', '.join(names)})"),
+             ("buckets (K)", cfg.get("data", {}).get("num_buckets")),
+             ("difficulty", cfg.get("data", {}).get("difficulty")), ("model init", cfg.get("model", {}).get("init")),
+             ("actor updates", _updates(run)),
+             ("wall time", f"{run.summary['wall_seconds']:.1f}s" if "wall_seconds" in run.summary else None)]
+    md = [f"# Run report: {run.name}", ""] + [f"- **{k}**: {v}" for k, v in facts if v is not None] + [""]
+    md += ["## Held-out evaluation (eval.json)", ""]
+    before, after = run.eval.get("before", {}), run.eval.get("after", {})
+    md += eval_table(before, after, names) if (before or after) else ["*No eval.json in this run.*"]
+    macro = after.get("macro_avg", {})
+    if macro:
+        md += ["", "Macro average after training: " + ", ".join(
+            f"{k} {_fmt(v)}" for k, v in macro.items() if k in ("loss", "ppl", *TASK_METRICS))]
+    md += ["", "## Final global sampling probabilities", ""]
+    pg = run.summary.get("p_global_final") or {}
+    if not pg:
+        last = ([run.start] if run.start else []) + [r for r in run.mixing if "p_global" in r]
+        pg = dict(zip(run.names_for(len(last[-1]["p_global"])), last[-1]["p_global"])) if last else {}
+    drawn = [r["drawn"] for r in run.metrics if "drawn" in r]
+    share = np.array(drawn, float).sum((0, 2)) if drawn else None
+    if pg:
+        hdr = ["subset", "p_global final"] + (["share of drawn examples"] if share is not None else [])
+        md += _table(hdr, [[n, _fmt(p)] + ([_fmt(share[i] / max(share.sum(), 1))] if share is not None
+                                            and i < len(share) else []) for i, (n, p) in enumerate(pg.items())])
+    else:
+        md.append("*No probabilities logged.*")
+    md += ["", f"**Mixing overhead**: {_overhead(run)}", "", "## Figures", ""]
+    if "eval" in figures and not run.eval_log:
+        md += ["*eval.png: no eval.jsonl in this run (periodic evaluation off or an older run); "
+               "before/after only.*", ""]
+    for fig in FIGURES:
+        md.append(f"![{fig}]({fig}.png)" if fig in figures else f"- *{fig}.png skipped: {skipped[fig]}*")
+        md.append("")
+    (out / "report.md").write_text("\n".join(md))
+    log.info("report: wrote %s", out / "report.md")
+    return {"report": str(out / "report.md"), "figures": figures, "skipped": skipped}
+
+
+def group_runs(runs: list[Run]) -> list[list[Run]]:
+    """Runs with equal config.yaml up to `run_dir` and `train.seed`, in first-seen order."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        key = json.dumps({k: v for k, v in _flatten(r.config).items() if k not in GROUP_IGNORE},
+                         sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def _labels(groups: list[list[Run]]) -> list[str]:
+    flat = [{k: v for k, v in _flatten(g[0].config).items() if k not in GROUP_IGNORE} for g in groups]
+    keys = sorted({k for f in flat for k in f if len({json.dumps(x.get(k), default=str) for x in flat}) > 1})
+    if not keys:
+        return [g[0].strategy for g in groups]
+    short = [k.split(".")[-1] if sum(x.split(".")[-1] == k.split(".")[-1] for x in keys) == 1 else k for k in keys]
+    return [", ".join(f"{s}={f.get(k)}" for s, k in zip(short, keys)) for f in flat]
+
+
+def metric_value(run: Run, subset: str, metric: str) -> float | None:
+    """`metric` after training for a subset ("macro": macro_avg, else mean over subsets)."""
+    after = run.eval.get("after", {})
+    if subset == "macro":
+        if metric in after.get("macro_avg", {}):
+            return float(after["macro_avg"][metric])
+        vals = [v[metric] for n, v in after.items() if n != "macro_avg" and isinstance(v, dict) and metric in v]
+        return float(np.mean(vals)) if vals else None
+    v = after.get(subset, {}).get(metric)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.array(values, float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a),
+            "values": a.tolist()}
+
+
+def _macro_curve(group: list[Run]) -> list[tuple]:
+    """(step, mean, std) of macro eval loss over the steps every run of the group evaluated."""
+    per_run = [{r["step"]: r["eval"]["macro_avg"]["loss"] for r in run.eval_log
+                if "loss" in r.get("eval", {}).get("macro_avg", {})} for run in group]
+    if not per_run or not all(per_run):
+        return []
+    steps = sorted(set.intersection(*(set(p) for p in per_run)))
+    stats = [_stats([p[s] for p in per_run]) for s in steps]
+    return [(s, st["mean"], st["std"]) for s, st in zip(steps, stats)]
+
+
+def compare(runs: list[Run], out: str | Path, metric: str = "loss") -> dict:
+    """Writes compare.md / compare.json / compare.png into `out`; returns the groups' stats."""
+    from hbo_jax.plots import plot_compare
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    subsets = list(dict.fromkeys(n for r in runs for n in r.names))
+    groups, grouped = [], group_runs(runs)
+    for label, g in zip(_labels(grouped), grouped):
+        stats = {}
+        for s in [*subsets, "macro"]:
+            vals = [v for v in (metric_value(r, s, metric) for r in g) if v is not None]
+            if vals:
+                stats[s] = _stats(vals)
+        groups.append({"label": label, "n": len(g), "seeds": [r.seed for r in g], "runs": [str(r.path) for r in g],
+                       "stats": stats, "curve": _macro_curve(g)})
+    if not any(g["stats"] for g in groups):
+        log.warning("report: no run has %r after training (eval.json); the comparison is empty", metric)
+    header = ["group", "n", "seeds", *subsets, "macro"]
+    rows = [[g["label"], str(g["n"]), ",".join(map(str, g["seeds"]))]
+            + [f"{_fmt(g['stats'][s]['mean'])} ± {_fmt(g['stats'][s]['std'])}" if s in g["stats"] else "—"
+               for s in [*subsets, "macro"]] for g in groups]
+    md = [f"# Comparison: {metric} after training", "",
+          f"Mean ± std (ddof=1) over the seeds of each group; n = runs in the group. "
+          f"Groups = equal config.yaml except {' and '.join(GROUP_IGNORE)}.", ""]
+    md += _table(header, rows) + ["", "## Groups", ""]
+    md += [f"- **{g['label']}**: " + ", ".join(g["runs"]) for g in groups] + ["", "![compare](compare.png)", ""]
+    (out / "compare.md").write_text("\n".join(md))
+    (out / "compare.json").write_text(json.dumps({"metric": metric, "subsets": subsets, "groups": groups}, indent=1))
+    plot_compare(groups, subsets, metric, out / "compare.png")
+    log.info("report: wrote %s", out / "compare.md")
+    return {"compare": str(out / "compare.md"), "groups": groups}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hbo_jax.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--out", default="report_compare", help="comparison output directory (several runs)")
+    parser.add_argument("--metric", default="loss", help="metric compared across runs: loss, ppl, acc, exact_match...")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        runs = [load_run(d) for d in args.run_dirs]
+    except NotARunDir as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in runs:
+        print(f"{r.path}: {write_report(r.path)['report']}")
+    if len(runs) > 1:
+        print(f"comparison: {compare(runs, args.out, args.metric)['compare']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

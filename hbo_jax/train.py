@@ -34,9 +34,10 @@ from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import CheckpointMismatch, load_params
 from hbo_jax.models.pretrained import is_pretrained, load_pretrained
 from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, make_mesh, replicated
-from hbo_jax.report import probability_plot
+from hbo_jax.report import write_report
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
                           state_shardings)
+from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
 
 log = logging.getLogger("hbo_jax")
 
@@ -119,6 +120,7 @@ def run(cfg: Config) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints)
     metrics_log, mixing_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "mixing.jsonl")
     eval_log = JsonlWriter(run_dir / "eval.jsonl")
+    tracker = Tracker(cfg.tracking, run_dir, config=to_dict(cfg))
 
     def evaluate(p, desc: str) -> dict:  # full evaluation, with task metrics
         return evaluate_model(graphdef, p, data, cfg, mesh, nll_fn, max_per_subset=cfg.data.max_eval_per_subset,
@@ -128,6 +130,7 @@ def run(cfg: Config) -> dict:
         res = evaluate_model(graphdef, p, data, cfg, mesh, nll_fn, with_tasks=False,
                              max_per_subset=cfg.eval.periodic_max_per_subset)
         eval_log.write({"step": step, "eval": res})
+        tracker.log(step, eval_scalars(res))
 
     start, mix_acc = ckpt.latest_step(), None
     if start is not None:
@@ -146,6 +149,7 @@ def run(cfg: Config) -> dict:
         for f in ("metrics.jsonl", "mixing.jsonl", "eval.jsonl"):
             (run_dir / f).unlink(missing_ok=True)
         before = evaluate(state.params, "the starting model")
+        tracker.log(0, eval_scalars(before, prefix="eval_full"))
         if cfg.eval.every:
             periodic_eval(state.params, 0)
         mixer.start(state.params)
@@ -187,6 +191,7 @@ def run(cfg: Config) -> dict:
             sampler.schedule.set(done, record["p_global"], record["p_local"])
             record["from_step"] = done
             mixing_log.write(record)
+            tracker.log(done, mixing_scalars(record, data.names))
         if done % tc.log_every == 0 or done == tc.steps:
             host = jax.device_get(acc)
             n = host["group_examples"].sum()
@@ -199,6 +204,7 @@ def run(cfg: Config) -> dict:
             line.update(_per_subset(host, data.names, k))
             line["drawn"] = host["group_examples"].reshape(d, k).astype(int).tolist()
             metrics_log.write(line)
+            tracker.log(done, metrics_scalars(line, data.names))
             bar.set_postfix(loss=f"{line['loss']:.3f}", mix=f"{100 * line['mixing_share']:.1f}%")
             acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
         if cfg.eval.every and done % cfg.eval.every == 0:
@@ -211,6 +217,8 @@ def run(cfg: Config) -> dict:
     ckpt.close()
 
     after = evaluate(state.params, "the trained model")
+    tracker.log(tc.steps, eval_scalars(after, prefix="eval_full"))
+    tracker.close()
     pg, pl = sampler.schedule.at(tc.steps)
     summary = {
         "strategy": strategy.name, "steps": tc.steps, "subsets": data.names,
@@ -226,14 +234,15 @@ def run(cfg: Config) -> dict:
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         save_schedule(run_dir / "schedule.json", sampler.schedule, data.names)
-        summary["plot"] = str(probability_plot(run_dir, data.names, tc.steps))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print("\nHeld-out response loss / perplexity per subset:")
+        summary["report"] = write_report(run_dir)["report"]
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print("\nHeld-out response loss / perplexity and task metric per subset:")
         print(format_table(before, after))
         print("\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(data.names, pg)))
         print(f"mixing overhead: {100 * summary['mixing_share']:.1f}% of the training loop "
               f"({mixer.seconds:.1f}s of {loop_seconds:.1f}s)")
-        print(f"run directory: {run_dir} (plot: {summary['plot']})")
+        print(f"run directory: {run_dir} (report: {summary['report']})")
     return summary
 
 

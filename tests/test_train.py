@@ -10,8 +10,8 @@ from hbo_jax.train import main
 
 from conftest import tiny_overrides
 
-OUTPUTS = ("config.yaml", "metrics.jsonl", "mixing.jsonl", "probabilities_start.json", "eval.json", "schedule.json",
-           "summary.json", "probabilities.png")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "mixing.jsonl", "eval.jsonl", "probabilities_start.json", "eval.json",
+           "schedule.json", "summary.json", "report/report.md", "report/p_global.png", "tb")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data.formats import DataError
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,8 @@ def build(cache: Path) -> Path:
             if rec is not None:
                 rec.setdefault("lang", subset.langs.split(",")[0])
                 raw[subset.name].append(rec)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = private_tmp(out)
+    tmp.mkdir()
     counts = {}
     for s in RECIPE:
         train, evals = _split(s.name, raw[s.name], s.max_train)
@@ -253,8 +254,7 @@ def build(cache: Path) -> Path:
     (tmp / "manifest.json").write_text(json.dumps(
         {"recipe": recipe_hash(), "version": RECIPE_VERSION, "sources": [BIGBENCH, EVALS],
          "subsets": counts}, indent=2))
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)
 
 
 def notice() -> str:

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from hbo_jax.config import Config, cache_root
 from hbo_jax.data import embedded
+from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import DataError, SkipReport, read_jsonl
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
@@ -135,7 +135,6 @@ def _tokenizer(cfg: Config, files, report: SkipReport):
     for _, train, _ in files:
         texts += [tok_lib.conversation_texts(c) for c in read_jsonl(train, "skip", SkipReport())]
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)
     log.info("training a %d-token byte-level BPE on %d conversations", cfg.data.vocab_size, len(texts))
     return tok_lib.train_bpe(texts, cfg.data.vocab_size, out)
 
@@ -258,8 +257,7 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     report = SkipReport()
     tokenizer = _tokenizer(cfg, files, report)
     pad = int(tokenizer.pad_token_id)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = private_tmp(root)
     encoded = {}
     for name, train, ev in tqdm(files, desc="tokenizing", leave=False):
         tr = _encode_file(tokenizer, train, cfg, report)
@@ -314,8 +312,7 @@ def prepare(cfg: Config, mesh) -> PreparedData:
                     "score": time.perf_counter() - t0 - t_tok - t_warm},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    publish(tmp, root)
     data = load(root, cfg, tokenizer)
     data.scorer_model = (graphdef, params)
     return data

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data.formats import Conversation, DataError
 
 CHATML_TEMPLATE = (
@@ -42,9 +43,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         bos_token=None, unk_token=None, chat_template=CHATML_TEMPLATE)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = private_tmp(out_dir)
     fast.save_pretrained(tmp)
-    tmp.rename(out_dir)
+    publish(tmp, out_dir)
     return load_tokenizer(out_dir)
 
 

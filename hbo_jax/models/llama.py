@@ -4,7 +4,8 @@ Covers Llama 2/3, Qwen2 (qkv bias) and SmolLM2 (tied embeddings) through config.
 Kernels are stored `[in, out]`; every parameter carries logical axis names in its
 `out_sharding` metadata, resolved to mesh axes by `hbo_jax.parallel`. Parameters are
 created without eager sharding: `init_sharded` builds them inside `jax.jit` with the
-resolved output shardings, so nothing is materialised unsharded.
+resolved output shardings, so nothing is materialised unsharded. An optional functional
+KV cache (`LlamaLM.hidden_cached`) serves `hbo_jax.models.generate`.
 """
 
 from __future__ import annotations
@@ -152,16 +153,32 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, kv * hd, ("embed", "kv_heads"), spec, rngs, bias=spec.qkv_bias)
         self.o_proj = Linear(h * hd, d, ("heads", "embed"), spec, rngs)
 
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, cache=None, index=None, mask=None):
+        """Causal self-attention; with `cache`, also returns the updated cache.
+
+        Args:
+            x: Inputs [B, T, D].
+            cos, sin: RoPE tables [B, T, head_dim].
+            cache: Optional (keys, values), each [B, S, kv_heads, head_dim].
+            index: Cache slot of x's first token (a scalar shared by all rows).
+            mask: With a cache, which slots each query sees: bool [B, T, S].
+        """
         b, t, _ = x.shape
         s = self.spec
         q = self.q_proj(x).reshape(b, t, s.num_heads, s.head_dim)
         k = self.k_proj(x).reshape(b, t, s.num_kv_heads, s.head_dim)
         v = self.v_proj(x).reshape(b, t, s.num_kv_heads, s.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Right padding plus a causal mask never lets a real token attend to padding.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim))
+        if cache is None:
+            # Right padding plus a causal mask never lets a real token attend to padding.
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim))
+        # Functional cache: write this chunk's keys/values at `index`, attend over all
+        # slots; the explicit mask carries both causality and left padding.
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+        return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -182,9 +199,13 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(spec.hidden_size, spec, rngs)
         self.mlp = MLP(spec, rngs)
 
-    def __call__(self, x, cos, sin):
-        x = x + self.attn(self.input_norm(x), cos, sin)
-        return x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x, cos, sin, cache=None, index=None, mask=None):
+        if cache is None:
+            x = x + self.attn(self.input_norm(x), cos, sin)
+            return x + self.mlp(self.post_attn_norm(x))
+        a, cache = self.attn(self.input_norm(x), cos, sin, cache, index, mask)
+        x = x + a
+        return x + self.mlp(self.post_attn_norm(x)), cache
 
 
 class LlamaLM(nnx.Module):
@@ -214,13 +235,38 @@ class LlamaLM(nnx.Module):
                 x = layer(x, cos, sin)
         return self.norm(x)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        h = self.hidden(tokens, positions)
+    def hidden_cached(self, tokens, positions, cache, index, mask):
+        """Final-norm hidden states [B, T, D] of a forward that reads and writes a KV cache.
+
+        Args:
+            tokens: Token ids [B, T].
+            positions: RoPE positions [B, T].
+            cache: Per-layer (keys, values), each [B, S, kv_heads, head_dim].
+            index: Cache slot of the first of `tokens` (scalar).
+            mask: Bool [B, T, S]: which cache slots each token attends to.
+
+        Returns:
+            (hidden states, updated per-layer cache).
+        """
+        spec = self.spec
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[spec.dtype])
+        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, cos, sin, layer_cache, index, mask)
+            new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+    def unembed(self, h: jax.Array) -> jax.Array:
+        """Hidden states [..., D] -> fp32 logits [..., V]."""
         if self.lm_head is None:
             logits = h @ self.embed[...].astype(h.dtype).T
         else:
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        return self.unembed(self.hidden(tokens, positions))
 
 
 def abstract_model(spec: LlamaSpec):

@@ -1,0 +1,152 @@
+"""Reports: figures + report.md for one run, seed-grouped comparison for several."""
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from hbo_jax.report import FIGURES, main, write_report
+
+from conftest import tiny_overrides
+
+NAMES = ["chat", "math", "qa"]
+K = 2
+
+
+def write_run(run_dir, strategy="hbo", seed=0, losses=(2.0, 1.0, 3.0), rewards=True, new_logs=True, lr=1e-3):
+    """A synthetic run directory in the train.py log schema (new_logs: drawn + eval.jsonl)."""
+    run_dir.mkdir(parents=True)
+    cfg = {"run_dir": str(run_dir), "mixing": {"strategy": strategy, "global_every": 5},
+           "train": {"steps": 20, "seed": seed, "learning_rate": lr}, "data": {"num_buckets": K}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    d = len(NAMES)
+    pg0, pl0 = [1 / d] * d, [[1 / K] * K] * d
+    (run_dir / "probabilities_start.json").write_text(json.dumps({"step": 0, "p_global": pg0, "p_local": pl0}))
+    with open(run_dir / "mixing.jsonl", "w") as f:
+        for s in (5, 10, 15):
+            rec = {"step": s, "from_step": s, "p_global": [0.2, 0.3, 0.5], "p_local": [[0.4, 0.6]] * d, "seconds": 0.1}
+            if rewards:
+                rec.update(reward_global=[1.0, s / 10, 0.5], reward_local=[[0.1, -0.1]] * d)
+            f.write(json.dumps(rec) + "\n")
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for s in (10, 20):
+            rec = {"step": s, "loss": 2.0, "mixing_share": 0.1, **{f"loss/{n}": 1.5 for n in NAMES}}
+            if new_logs:
+                rec["drawn"] = [[s, 2 * s]] * d
+            f.write(json.dumps(rec) + "\n")
+
+    def ev(scale):
+        e = {n: {"loss": scale * l, "ppl": math.exp(scale * l), "examples": 4, "bucket_loss": [l, l]}
+             for n, l in zip(NAMES, losses)}
+        e["math"].update(acc=0.25 * scale, metric="mc")
+        e["qa"].update(exact_match=0.5 * scale, metric="exact_match")
+        e["chat"]["metric"] = "none"
+        e["macro_avg"] = {"loss": float(np.mean([v["loss"] for n, v in e.items()])), "ppl": 1.0,
+                          "acc": 0.25 * scale, "exact_match": 0.5 * scale}
+        return e
+    if new_logs:
+        with open(run_dir / "eval.jsonl", "w") as f:
+            for s, scale in ((0, 1.0), (10, 0.9), (20, 0.8)):
+                f.write(json.dumps({"step": s, "eval": ev(scale)}) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps({"before": ev(1.0), "after": ev(0.8)}))
+    (run_dir / "summary.json").write_text(json.dumps({"strategy": strategy, "steps": 20, "subsets": NAMES,
+                                                      "mixing_share": 0.1, "mixing_seconds": 1.0,
+                                                      "train_loop_seconds": 10.0}))
+    return run_dir
+
+
+def md_table(text: str, first_header: str) -> list[dict]:
+    """The markdown table whose header starts with `| first_header |`, as a list of row dicts."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def hbo_report(tmp_path_factory):
+    run_dir = write_run(tmp_path_factory.mktemp("runs") / "hbo")
+    return run_dir, write_report(run_dir)
+
+
+@pytest.mark.parametrize("name", [f"{f}.png" for f in FIGURES] + ["report.md"])
+def test_single_run_writes_every_file(hbo_report, name):
+    run_dir, _ = hbo_report
+    assert (run_dir / "report" / name).stat().st_size > 0
+
+
+def test_report_table_equals_eval_json(hbo_report):
+    run_dir, _ = hbo_report
+    ev = json.loads((run_dir / "eval.json").read_text())
+    rows = md_table((run_dir / "report" / "report.md").read_text(), "subset")
+    assert [r["subset"] for r in rows] == [*NAMES, "macro_avg"]
+    for row in rows:
+        for col, cell in row.items():
+            m = re.fullmatch(r"(loss|ppl|acc|acc_norm|exact_match) (before|after)", col)
+            if m:
+                want = ev[m.group(2)][row["subset"]].get(m.group(1))
+                assert (cell == "—") if want is None else float(cell) == pytest.approx(want, abs=5e-5), (row, col)
+        assert row["metric"] == ev["after"][row["subset"]].get("metric", row["metric"])
+
+
+def test_fixed_schedule_skips_rewards_and_says_so(tmp_path):
+    run_dir = write_run(tmp_path / "uniform", strategy="uniform", rewards=False)
+    result = write_report(run_dir)
+    assert "rewards" in result["skipped"] and not (run_dir / "report" / "rewards.png").exists()
+    assert "rewards.png skipped" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_older_run_without_new_logs_still_reports(tmp_path):
+    run_dir = write_run(tmp_path / "old", new_logs=False)
+    (run_dir / "summary.json").unlink()
+    result = write_report(run_dir)
+    assert set(result["skipped"]) == {"drawn"}
+    assert (run_dir / "report" / "eval.png").is_file()
+
+
+def test_compare_groups_seeds_with_numpy_mean_std_and_n(tmp_path):
+    rng = np.random.default_rng(0)
+    want, dirs = {}, []
+    for lr, n in ((1e-3, 3), (3e-3, 2)):
+        losses = rng.uniform(1, 3, (n, len(NAMES)))
+        for seed in range(n):
+            dirs.append(str(write_run(tmp_path / f"lr{lr}_s{seed}", seed=seed, lr=lr, losses=losses[seed])))
+        after = losses * 0.8
+        want[f"learning_rate={lr}"] = (n, after, after.mean(1))
+    assert main([*dirs, "--out", str(tmp_path / "cmp")]) == 0
+    rows = md_table((tmp_path / "cmp" / "compare.md").read_text(), "group")
+    assert [r["group"] for r in rows] == list(want)
+    for row in rows:
+        n, after, macro = want[row["group"]]
+        assert int(row["n"]) == n
+        for col, vals in [*zip(NAMES, after.T), ("macro", macro)]:
+            mean, std = (float(x) for x in row[col].split("±"))
+            assert mean == pytest.approx(vals.mean(), abs=5e-5) and std == pytest.approx(vals.std(ddof=1), abs=5e-5)
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+def test_not_a_run_dir_exits_2_naming_the_path(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_real_tiny_run_report(tmp_path, shared_cache):
+    from hbo_jax.config import load_config
+    from hbo_jax.train import run
+
+    run_dir = tmp_path / "real"
+    run(load_config(None, tiny_overrides(run_dir, shared_cache, "train.steps=3")))
+    result = write_report(run_dir)
+    for fig in ("p_global", "p_local", "rewards", "eval"):
+        assert fig in result["figures"], result["skipped"]
+    rows = md_table((run_dir / "report" / "report.md").read_text(), "subset")
+    after = json.loads((run_dir / "eval.json").read_text())["after"]
+    assert {r["subset"] for r in rows} == set(after)
