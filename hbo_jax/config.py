@@ -133,7 +133,7 @@ class EvalConfig:
     metrics: dict[str, str] = field(default_factory=dict)  # subset -> auto | mc | exact_match | none
     tasks: bool = True  # task metrics (accuracy, exact match) before and after training
     max_new_tokens: int = 24  # greedy decoding budget for exact match
-    exact_match_max_chars: int = 40  # auto: exact match when every reference is at most this long
+    exact_match_max_chars: int = 40  # auto: exact match when the median reference is at most this long
 
 
 @dataclass
