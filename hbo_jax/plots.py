@@ -176,23 +176,37 @@ def plot_eval(run, out: Path) -> Result:
 
 
 def plot_compare(groups: list[dict], subsets: list[str], metric: str, out: Path) -> Path:
-    """Grouped bars (mean ± std over seeds) per subset and macro; macro eval loss curves below."""
+    """Per subset and macro: the metric's difference to the first group (the baseline) as
+    mean ± std over seeds, so small effects stay visible across subsets of very different
+    scale (one group alone: absolute values); macro eval loss curves below."""
     cols = [c for c in [*subsets, "macro"] if any(c in g["stats"] for g in groups)] or ["macro"]
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(cols) * max(1, len(groups)) ** 0.5 + 4), 9),
                                  constrained_layout=True)
-    width = 0.8 / max(1, len(groups))
+    base = groups[0]
+    relative = len(groups) > 1
+    shown = groups[1:] if relative else groups
+    width = 0.8 / max(1, len(shown))
     x = np.arange(len(cols))
-    for gi, (g, c) in enumerate(zip(groups, _colors(len(groups)))):
-        mean = [g["stats"][s]["mean"] if s in g["stats"] else np.nan for s in cols]
-        std = [g["stats"][s]["std"] if s in g["stats"] else 0.0 for s in cols]
-        ax.bar(x + (gi - (len(groups) - 1) / 2) * width, mean, width, yerr=std, capsize=3, color=c,
-               label=f"{g['label']} (n={g['n']})")
+    colors = _colors(len(groups))
+    for g, c in zip(groups, colors):
         if g.get("curve"):
             steps, m, s = (np.array(v, float) for v in zip(*g["curve"]))
             bx.plot(steps, m, marker=".", color=c, label=f"{g['label']} (n={g['n']})")
             bx.fill_between(steps, m - s, m + s, color=c, alpha=0.2)
+    for gi, (g, c) in enumerate(zip(shown, colors[1:] if relative else colors)):
+        mean = np.array([g["stats"][s]["mean"] if s in g["stats"] else np.nan for s in cols])
+        if relative:
+            mean = mean - np.array([base["stats"][s]["mean"] if s in base["stats"] else np.nan for s in cols])
+        std = [g["stats"][s]["std"] if s in g["stats"] else 0.0 for s in cols]
+        ax.bar(x + (gi - (len(shown) - 1) / 2) * width, mean, width, yerr=std, capsize=3, color=c,
+               label=f"{g['label']} (n={g['n']})")
+    ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, cols, rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel=f"{metric} after training", title=f"{metric} per subset, mean ± std over seeds")
+    if relative:
+        ax.set(ylabel=f"{metric} minus baseline", title=f"{metric} after training relative to {base['label']} "
+               f"(n={base['n']}); error bars: std over seeds")
+    else:
+        ax.set(ylabel=f"{metric} after training", title=f"{metric} per subset, mean ± std over seeds")
     ax.legend(fontsize=8)
     if any(g.get("curve") for g in groups):
         bx.set(xlabel="training step", ylabel="macro held-out loss", title="macro eval loss (eval.jsonl), mean ± std")
