@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from hbo_jax.config import MeshConfig, MixingConfig, ModelConfig
-from hbo_jax.mixing import actors, rewards
+from hbo_jax.mixing import actors, global_rewards, rewards
 from hbo_jax.models.llama import LlamaSpec, init_params
 from hbo_jax.parallel import batch_divisor, global_batch_from_host, make_mesh, replicated
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
@@ -74,7 +74,7 @@ def measure(d: int, k: int, batch: int, seq: int, spec: LlamaSpec, mesh, repeats
 
     mc = MixingConfig()
     mstate = jax.device_put(actors.init_mixer(np.ones(d) / d, k, LOCAL_PER_GROUP, mc.actor_lr), replicated(mesh))
-    gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, d)
+    gradnorm = global_rewards.make_gradnorm_fn(graphdef, mesh, d)
     nll_fn = make_example_nll_fn(graphdef, mesh)
     gprobe = rewards.pad_per_dataset(_rows(d * k * GLOBAL_PER_BUCKET, seq, spec.vocab_size, rng), d, mesh)
     lprobe = _rows(g * LOCAL_PER_GROUP, seq, spec.vocab_size, rng)
@@ -106,7 +106,7 @@ def measure(d: int, k: int, batch: int, seq: int, spec: LlamaSpec, mesh, repeats
         print("skipping the one-example-per-call mode: it needs a mesh whose batch axes are 1")
     elif ref:
         one = lambda x, i: {key: v[i:i + 1] for key, v in x.items()}
-        g1 = rewards.make_gradnorm_fn(graphdef, mesh, 1)
+        g1 = global_rewards.make_gradnorm_fn(graphdef, mesh, 1)
 
         def ref_update():  # one example per call, as in the reference code
             for i in range(d * k * GLOBAL_PER_BUCKET):

@@ -4,6 +4,7 @@ HBO's actors are softmax policies whose parameters are the logits themselves (re
 code `BaseActor`). The update takes `inner_steps` Adam steps on
     loss(w) = -sum_k R_k * log_softmax(w)_k,
 whose gradient is -(R - p * sum R): the fixed point is p = R / sum R (hbo.md §1).
+An optional guardrail adds kl * KL(p || prior) to the loss (off in the paper and code).
 One Adam over the stacked local logits [D, K] equals D independent actors because Adam
 is elementwise and the loss separates by row. Non-finite rewards never reach the logits:
 the update is skipped and counted.
@@ -27,7 +28,7 @@ class MixerState:
     global_opt: optax.OptState
     local_opt: optax.OptState
     global_ema: jax.Array  # [D], reference code initialises rbar to 1
-    local_ref_nll: jax.Array  # [D, K, M] initial NLL of the fixed local probe examples
+    local_ref_nll: jax.Array  # [D, K, M] the fixed local probes' statistic at the start (NLL, or IFD)
     num_updates: jax.Array  # [2] int32: global, local
     num_skipped: jax.Array  # [] int32: updates skipped for non-finite rewards
 
@@ -61,13 +62,21 @@ def _log_softmax(w, flat: bool):
     return jax.nn.log_softmax(w.reshape(-1)).reshape(w.shape) if flat else jax.nn.log_softmax(w, axis=-1)
 
 
-def reinforce(logits, opt_state, rewards, lr: float, inner_steps: int, flat: bool = False):
-    """`inner_steps` Adam steps on -sum(R * log_softmax(w)); returns (logits, opt_state, ok).
+def reinforce(logits, opt_state, rewards, lr: float, inner_steps: int, flat: bool = False,
+              kl: float = 0.0, prior_logp=None):
+    """`inner_steps` Adam steps on -sum(R * log_softmax(w)) [+ kl * KL(p || prior)].
 
     The softmax is over the last axis (one actor per row), or over all entries with `flat`.
+    Returns (logits, opt_state, ok); a non-finite reward or result leaves both unchanged.
     """
     tx = actor_optimizer(lr)
-    loss = lambda w: -jnp.sum(rewards * _log_softmax(w, flat))
+
+    def loss(w):
+        logp = _log_softmax(w, flat)
+        out = -jnp.sum(rewards * logp)
+        if kl > 0:
+            out = out + kl * jnp.sum(jnp.exp(logp) * (logp - prior_logp))
+        return out
 
     def body(_, carry):
         w, st = carry
@@ -80,23 +89,27 @@ def reinforce(logits, opt_state, rewards, lr: float, inner_steps: int, flat: boo
     return keep(new_w, logits), keep(new_st, opt_state), ok
 
 
-@functools.partial(jax.jit, static_argnames=("lr", "inner_steps", "ema"))
-def update_global(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int, ema: float):
+@functools.partial(jax.jit, static_argnames=("lr", "inner_steps", "ema", "kl"))
+def update_global(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int, ema: float,
+                  kl: float = 0.0, prior_logp=None):
     """Global actor step from per-dataset rewards [D] (optionally EMA-smoothed first)."""
     finite = jnp.all(jnp.isfinite(rewards))
     smoothed = ema * rewards + (1.0 - ema) * state.global_ema if ema > 0 else rewards
     ema_state = jnp.where(finite, smoothed, state.global_ema) if ema > 0 else state.global_ema
-    w, opt, ok = reinforce(state.global_logits, state.global_opt, smoothed, lr, inner_steps)
+    w, opt, ok = reinforce(state.global_logits, state.global_opt, smoothed, lr, inner_steps,
+                           kl=kl, prior_logp=prior_logp)
     return state.replace(
         global_logits=w, global_opt=opt, global_ema=ema_state,
         num_updates=state.num_updates.at[0].add(ok.astype(jnp.int32)),
         num_skipped=state.num_skipped + (~ok).astype(jnp.int32)), smoothed
 
 
-@functools.partial(jax.jit, static_argnames=("lr", "inner_steps", "flat"))
-def update_local(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int, flat: bool = False):
+@functools.partial(jax.jit, static_argnames=("lr", "inner_steps", "flat", "kl"))
+def update_local(state: MixerState, rewards: jax.Array, *, lr: float, inner_steps: int, flat: bool = False,
+                 kl: float = 0.0, prior_logp=None):
     """Local actors' step from per-bucket rewards [D, K] (one flat actor over all with `flat`)."""
-    w, opt, ok = reinforce(state.local_logits, state.local_opt, rewards, lr, inner_steps, flat)
+    w, opt, ok = reinforce(state.local_logits, state.local_opt, rewards, lr, inner_steps, flat,
+                           kl=kl, prior_logp=prior_logp)
     return state.replace(
         local_logits=w, local_opt=opt,
         num_updates=state.num_updates.at[1].add(ok.astype(jnp.int32)),

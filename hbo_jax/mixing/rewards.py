@@ -1,14 +1,14 @@
-"""HBO rewards from batched, jitted probe steps.
+"""HBO probes and local rewards (global rewards: `hbo_jax.mixing.global_rewards`).
 
-Global reward (paper Eq. 7): for each dataset i, the L2 norm of the gradient of the
-training loss on a probe batch B_i drawn evenly over i's buckets. All D probe batches
-go through one jitted call (`lax.map` over datasets, one gradient live at a time).
+Global probes: per dataset, a batch drawn evenly over its buckets, fresh at each update.
 
 Local reward (paper Eq. 8): for each (dataset, bucket), the mean over a fixed probe set
 of PPL_theta(y|x) / PPL_theta0(y|x), with theta0 the model at the start of training;
 then relative to the bucket mean, R_ij / mean_j R_ij. A higher value means less progress
 since the start, so more sampling. The probe sets are fixed at the start, which makes the
-ratio a paired comparison (same examples under theta and theta0).
+ratio a paired comparison (same examples under theta and theta0). The code's variants
+compare the loss (`loss_ratio`: NLL_theta / NLL_theta0) or the IFD (`ifd_ratio`:
+IFD_theta / IFD_theta0 with IFD = NLL(y|x) / NLL(y)) instead.
 """
 
 from __future__ import annotations
@@ -17,29 +17,9 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-import optax
 
 from hbo_jax.data.store import collate
-from hbo_jax.parallel import batch_divisor, batch_sharding, replicated
-from hbo_jax.step import masked_mean_loss, token_nll
-
-
-def make_gradnorm_fn(graphdef, mesh, num_datasets: int) -> Callable:
-    """Jitted `f(params, probes) -> [D]` batch-gradient norms; probes rows are [D * P, T]."""
-
-    def f(params, input_ids, targets, loss_mask):
-        shape = (num_datasets, -1, input_ids.shape[-1])
-        xs = tuple(a.reshape(shape) for a in (input_ids, targets, loss_mask))
-
-        def one(x):
-            ids, tg, m = x
-            loss = lambda p: masked_mean_loss(token_nll(graphdef, p, ids, tg), m)
-            return optax.tree.norm(jax.grad(loss)(params))
-
-        return jax.lax.map(one, xs)
-
-    bs = batch_sharding(mesh)
-    return jax.jit(f, in_shardings=(None, bs, bs, bs), out_shardings=replicated(mesh))
+from hbo_jax.parallel import batch_divisor, batch_sharding
 
 
 def relative(rewards: jax.Array | np.ndarray) -> np.ndarray:
@@ -51,6 +31,20 @@ def relative(rewards: jax.Array | np.ndarray) -> np.ndarray:
 def ppl_ratio(nll_now: np.ndarray, nll_ref: np.ndarray) -> np.ndarray:
     """Mean over probes of exp(NLL_now - NLL_ref) = PPL_theta / PPL_theta0; [D, K, M] -> [D, K]."""
     return np.exp(np.asarray(nll_now, np.float64) - np.asarray(nll_ref, np.float64)).mean(-1)
+
+
+def probe_statistic(kind: str, nll: np.ndarray, nll_alone: np.ndarray | None = None) -> np.ndarray:
+    """What a local reward compares over time, per probe: the NLL, or the IFD for ifd_ratio."""
+    if kind == "ifd_ratio":
+        return np.asarray(nll, np.float64) / np.maximum(np.asarray(nll_alone, np.float64), 1e-6)
+    return np.asarray(nll, np.float64)
+
+
+def local_ratio(kind: str, now: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Mean over probes [D, K, M] -> [D, K] of the statistic now relative to the start."""
+    if kind == "ppl_ratio":
+        return ppl_ratio(now, ref)
+    return (np.asarray(now, np.float64) / np.maximum(np.asarray(ref, np.float64), 1e-6)).mean(-1)
 
 
 def train_ppl_ratio(ratio_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -80,6 +74,15 @@ def draw_global_probes(leaves, per_bucket: int, seed: int, update_index: int) ->
     return picks
 
 
+def dev_probes(dev_stores: Sequence, per_dataset: int, seed: int) -> list[tuple[int, int]]:
+    """A fixed dev set for MultiDDS: up to `per_dataset` eval examples of every dataset."""
+    picks = []
+    for i, store in enumerate(dev_stores):
+        rng = np.random.default_rng([seed, 4, i])
+        picks += [(i, int(x)) for x in rng.permutation(len(store))[:per_dataset]]
+    return picks
+
+
 def fixed_local_probes(leaves, per_group: int, seed: int) -> list[tuple[int, int]]:
     """The probe set of every (dataset, bucket), fixed for the run, in [D, K, M] order."""
     picks = []
@@ -91,9 +94,16 @@ def fixed_local_probes(leaves, per_group: int, seed: int) -> list[tuple[int, int
     return picks
 
 
-def probe_batch(stores: Sequence, picks: list[tuple[int, int]], seq_len: int, pad_id: int) -> dict:
-    """Host arrays for probe examples (same layout as a training batch)."""
-    return collate([stores[i][x] for i, x in picks], seq_len, pad_id)
+def probe_batch(stores: Sequence, picks: list[tuple[int, int]], seq_len: int, pad_id: int,
+                response_alone: bool = False) -> dict:
+    """Host arrays for probe examples (same layout as a training batch).
+
+    With `response_alone`, each example is its response without the prompt (for IFD).
+    """
+    from hbo_jax.data.prepare import response_only
+
+    exs = [stores[i][x] for i, x in picks]
+    return collate([response_only(*e) for e in exs] if response_alone else exs, seq_len, pad_id)
 
 
 def pad_per_dataset(batch: dict, num_datasets: int, mesh) -> dict:

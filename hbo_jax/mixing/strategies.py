@@ -5,6 +5,8 @@ A strategy says which actors exist, what rewards feed them and what prior they s
   hbo_global    global actor only (ablation)    hbo_local   local actors only (ablation)
   mos           one actor over datasets, PPL-ratio reward (MoS "Diff", EMA optional)
   mos_plus      one flat actor over all D x K (dataset, bucket) groups, PPL-ratio reward
+  multidds      one actor over datasets, reward = cosine of the dataset's gradient to the
+                dev-set gradient (the eval splits' examples)
   proportional  static, T=1                     temperature static, T=10 by default
   uniform       static, T=inf
 The Mixer runs the probes and actor updates on schedule, times them (the run reports the
@@ -22,11 +24,12 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hbo_jax.config import ConfigError, MixingConfig
 from hbo_jax.data.sampler import ProbabilitySchedule
-from hbo_jax.mixing import actors, rewards
+from hbo_jax.mixing import actors, global_rewards, rewards
 from hbo_jax.parallel import replicated, round_up_rows
 from hbo_jax.step import make_example_nll_fn
 
@@ -39,7 +42,7 @@ class Strategy:
     global_actor: bool
     local_actor: bool
     temperature: float
-    global_reward: str = "gradnorm"  # gradnorm | ppl_ratio (per dataset, raw)
+    global_reward: str = "gradnorm"  # a global_rewards.MAKERS key, or ppl_ratio (per dataset, raw)
     flat: bool = False  # the local logits are one joint actor over all groups (MoS+)
 
     @property
@@ -51,6 +54,7 @@ _TABLE = {  # name: (global actor, local actor, default temperature, global rewa
     "hbo": (True, True, 1.0, "gradnorm", False), "hbo_global": (True, False, 1.0, "gradnorm", False),
     "hbo_local": (False, True, 1.0, "gradnorm", False),
     "mos": (True, False, 1.0, "ppl_ratio", False), "mos_plus": (False, True, 1.0, "gradnorm", True),
+    "multidds": (True, False, 1.0, "dev_cosine", False),
     "proportional": (False, False, 1.0, "gradnorm", False),
     "temperature": (False, False, 10.0, "gradnorm", False),
     "uniform": (False, False, math.inf, "gradnorm", False),
@@ -64,6 +68,11 @@ def resolve(cfg: MixingConfig) -> Strategy:
     if cfg.strategy in ("proportional", "uniform") and cfg.temperature and cfg.temperature != default_t:
         raise ConfigError(f"mixing.temperature={cfg.temperature} contradicts mixing.strategy="
                           f"{cfg.strategy} (T={default_t}); use strategy=temperature")
+    if cfg.global_reward != "auto":
+        if not g:
+            raise ConfigError(f"mixing.global_reward={cfg.global_reward} needs a strategy with a global actor "
+                              f"(mixing.strategy={cfg.strategy} has none)")
+        global_reward = cfg.global_reward
     return Strategy(cfg.strategy, g, loc, t, global_reward, flat)
 
 
@@ -110,37 +119,59 @@ class Mixer:
     """Owns the MixerState; computes rewards and updates the actors every N steps."""
 
     def __init__(self, strategy: Strategy, cfg: MixingConfig, sizes, leaves, stores, graphdef,
-                 mesh, seq_len: int, pad_id: int, seed: int):
+                 mesh, seq_len: int, pad_id: int, seed: int, dev_stores: Sequence | None = None):
         self.strategy, self.cfg = strategy, cfg
         self.leaves, self.stores, self.mesh = leaves, stores, mesh
         self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
         self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
+        p0 = prior(sizes, strategy.temperature)
         # Replicated on every device of the mesh: each host holds the same policy.
         self.state = jax.device_put(
-            actors.init_mixer(prior(sizes, strategy.temperature), self.num_buckets,
-                              cfg.local_probes_per_group, cfg.actor_lr, flat=strategy.flat), replicated(mesh))
+            actors.init_mixer(p0, self.num_buckets, cfg.local_probes_per_group, cfg.actor_lr,
+                              flat=strategy.flat), replicated(mesh))
+        # Priors of the KL guardrail: the T prior globally, uniform (or the flat prior) locally.
+        self._prior_logp = (jax.device_put(self.state.global_logits, replicated(mesh)),
+                            jax.nn.log_softmax(self.state.local_logits.reshape(-1)).reshape(
+                                self.state.local_logits.shape) if strategy.flat
+                            else jnp.full(self.state.local_logits.shape, -np.log(self.num_buckets)))
         self.seconds = 0.0
         self._warned: set[str] = set()
-        gradnorm = strategy.global_actor and strategy.global_reward == "gradnorm"
-        self._gradnorm = rewards.make_gradnorm_fn(graphdef, mesh, self.num_datasets) if gradnorm else None
-        self._nll = make_example_nll_fn(graphdef, mesh) if self.needs_ppl_ratio else None
-        self._local_batch = None
-        if self.needs_ppl_ratio and cfg.local_source == "probes":
+        make = global_rewards.MAKERS.get(strategy.global_reward) if strategy.global_actor else None
+        self._global_fn = make(graphdef, mesh, self.num_datasets) if make else None
+        self._dev_batch = None
+        if strategy.global_actor and strategy.global_reward == "dev_cosine":
+            if not dev_stores or not any(len(s) for s in dev_stores):
+                raise ConfigError(f"mixing.strategy={strategy.name}: the dev-gradient reward needs eval "
+                                  "examples (<subset>.eval.jsonl files)")
+            picks = rewards.dev_probes(dev_stores, cfg.global_probes_per_bucket * self.num_buckets, seed)
+            self._dev_batch = rewards.probe_batch(dev_stores, picks, seq_len, pad_id)
+        self._nll = make_example_nll_fn(graphdef, mesh) if self.needs_local_ratio else None
+        self._local_batch = self._local_alone = None
+        if self.needs_local_ratio and cfg.local_source == "probes":
             picks = rewards.fixed_local_probes(leaves, cfg.local_probes_per_group, seed)
             self._local_batch = rewards.probe_batch(stores, picks, seq_len, pad_id)
+            if cfg.local_reward == "ifd_ratio":
+                self._local_alone = rewards.probe_batch(stores, picks, seq_len, pad_id, response_alone=True)
 
     @property
     def chunk(self) -> int:
         return round_up_rows(self.cfg.local_probes_per_group * self.num_buckets, self.mesh)
 
+    def _probe_statistic(self, params) -> np.ndarray:
+        """The local probes' statistic under `params`, [D, K, M] (NLL, or IFD for ifd_ratio)."""
+        nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
+        alone = (rewards.batched_example_nll(self._nll, params, self._local_alone, self.chunk, self.mesh)
+                 if self._local_alone is not None else None)
+        shape = (self.num_datasets, self.num_buckets, self.cfg.local_probes_per_group)
+        return rewards.probe_statistic(self.cfg.local_reward, nll, alone).reshape(shape)
+
     def start(self, params) -> None:
-        """Records the initial per-example NLL of the local probe sets (theta0)."""
+        """Records the local probe sets' statistic under the starting model (theta0)."""
         if self._local_batch is None:
             return
         t0 = time.perf_counter()
-        nll0 = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
-        shape = (self.num_datasets, self.num_buckets, self.cfg.local_probes_per_group)
-        self.state = self.state.replace(local_ref_nll=jax.device_put(nll0.reshape(shape).astype(np.float32), replicated(self.mesh)))
+        ref = self._probe_statistic(params)
+        self.state = self.state.replace(local_ref_nll=jax.device_put(ref.astype(np.float32), replicated(self.mesh)))
         self.seconds += time.perf_counter() - t0
 
     def due(self, step: int) -> tuple[bool, bool]:
@@ -150,25 +181,25 @@ class Mixer:
         return g, loc
 
     @property
-    def needs_ppl_ratio(self) -> bool:
+    def needs_local_ratio(self) -> bool:
         s = self.strategy
         return s.local_actor or (s.global_actor and s.global_reward == "ppl_ratio")
 
     @property
     def uses_train_stats(self) -> bool:
-        return self.needs_ppl_ratio and self.cfg.local_source == "train"
+        return self.needs_local_ratio and self.cfg.local_source == "train"
 
-    def _ppl_ratio(self, params, train_stats) -> tuple[np.ndarray, np.ndarray]:
-        """(per-group [D, K], per-dataset [D]) PPL ratio to theta0, from probes or training stats."""
+    def _local_ratio(self, params, train_stats) -> tuple[np.ndarray, np.ndarray]:
+        """(per-group [D, K], per-dataset [D]) progress ratio to theta0 (`mixing.local_reward`),
+        from the fixed probes or from training statistics (PPL ratio only)."""
         shape = (self.num_datasets, self.num_buckets)
         if self.uses_train_stats:
             s = np.asarray(train_stats["group_ppl_ratio"], np.float64).reshape(shape)
             n = np.asarray(train_stats["group_examples"], np.float64).reshape(shape)
             # Per dataset: its buckets pooled, as one row of "buckets" = datasets.
             return rewards.train_ppl_ratio(s, n), rewards.train_ppl_ratio(s.sum(1)[None], n.sum(1)[None])[0]
-        nll = rewards.batched_example_nll(self._nll, params, self._local_batch, self.chunk, self.mesh)
-        ratio = rewards.ppl_ratio(nll.reshape(self.state.local_ref_nll.shape),
-                                  np.asarray(jax.device_get(self.state.local_ref_nll)))
+        ratio = rewards.local_ratio(self.cfg.local_reward, self._probe_statistic(params),
+                                    np.asarray(jax.device_get(self.state.local_ref_nll)))
         return ratio, ratio.mean(1)  # equal probe counts per bucket
 
     def update(self, step: int, params, train_stats: dict | None = None) -> dict | None:
@@ -186,24 +217,29 @@ class Mixer:
         record: dict = {"step": step}
         c = self.cfg
         want_ratio = do_local or (do_global and self.strategy.global_reward == "ppl_ratio")
-        ratio, ratio_ds = self._ppl_ratio(params, train_stats) if want_ratio else (None, None)
+        ratio, ratio_ds = self._local_ratio(params, train_stats) if want_ratio else (None, None)
         if ratio is not None:
             record["ppl_ratio"] = ratio.tolist()  # consumed: train-stat sums restart from here
         if do_global:
-            if self.strategy.global_reward == "gradnorm":
+            if self._global_fn is not None:
                 picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.seed, step)
                 batch = rewards.probe_batch(self.stores, picks, self.seq_len, self.pad_id)
                 batch = rewards.pad_per_dataset(batch, self.num_datasets, self.mesh)
-                r = self._gradnorm(params, *rewards.to_device(batch, self.mesh))
+                args = rewards.to_device(batch, self.mesh)
+                if self._dev_batch is not None:
+                    args += rewards.to_device(rewards.pad_per_dataset(self._dev_batch, 1, self.mesh), self.mesh)
+                r = self._global_fn(params, *args)
             else:  # MoS "Diff": the dataset's PPL ratio, raw (higher = less learned = more sampling)
                 r = jax.device_put(ratio_ds.astype(np.float32), replicated(self.mesh))
-            self.state, used = actors.update_global(self.state, r, lr=c.actor_lr, inner_steps=c.inner_steps, ema=c.ema)
+            self.state, used = actors.update_global(self.state, r, lr=c.actor_lr, inner_steps=c.inner_steps, ema=c.ema,
+                                                    kl=c.kl_to_prior, prior_logp=self._prior_logp[0])
             record["reward_global"] = np.asarray(jax.device_get(used)).tolist()
         if do_local:
             # HBO: relative to the dataset's bucket mean; MoS+ (flat): raw, across all groups.
             r = ratio if self.strategy.flat else rewards.relative(ratio)
             self.state = actors.update_local(self.state, jax.device_put(r.astype(np.float32), replicated(self.mesh)),
-                                             lr=c.actor_lr, inner_steps=c.inner_steps, flat=self.strategy.flat)
+                                             lr=c.actor_lr, inner_steps=c.inner_steps, flat=self.strategy.flat,
+                                             kl=c.kl_to_prior, prior_logp=self._prior_logp[1])
             record["reward_local"] = r.tolist()
         pg, pl = self.probabilities()
         record.update(p_global=pg.tolist(), p_local=pl.tolist(),
