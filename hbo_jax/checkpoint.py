@@ -1,42 +1,220 @@
 """One Orbax CheckpointManager over TrainState + MixerState + sampler state + metadata.
 
 The three are saved together, so a resumed run continues the same batch stream and the
-same policy. Saves are synchronous for now: the train step donates its state buffers,
-and an async save must not read buffers a later step has donated (orbax#626).
+same policy. What protects a run:
+
+- A save is written under a temporary name and renamed when complete (Orbax), so a
+  half-written save never replaces the last good one; `keep` old ones are kept and the
+  oldest is only deleted after a newer one is committed.
+- After every save, process 0 writes `hbo_manifest.json` into the step directory: the
+  size of every file and the CRC32 of those up to 64 MiB (metadata, JSON, small arrays;
+  reading back every byte of a multi-GB checkpoint after each save would cost more than
+  it protects). On resume each candidate is checked against it, newest first; a
+  truncated, missing or altered file (or a missing manifest) moves the step to
+  `<checkpoints>.corrupt/` and the previous complete one is used, with a warning.
+  Directories written before manifests existed (none has one) are trusted as Orbax
+  committed them.
+- `check_resume_config` refuses a resume whose configuration would not continue the
+  same run (data, model, mixture, batch size, seed, ...), naming the key.
+
+Saves are synchronous by default. The train step donates its state buffers, and an
+asynchronous save must not read buffers a later step has donated (orbax#626); with
+`asynchronous=True` (`train.async_checkpoint`) the state is first copied on its devices
+(one extra copy of parameters + optimizer state in device memory while a save runs) and
+written in the background; its manifest follows once the write has finished, so a save
+cut short by a crash is never mistaken for a complete one.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from hbo_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "hbo_manifest.json"
+_CRC_MAX_BYTES = 64 << 20  # larger files: size only
+
+# Keys whose change breaks an exact continuation. Everything under these sections counts,
+# except the keys in _FREE (bookkeeping, evaluation caps, paths of caches).
+_EXACT_SECTIONS = ("model.", "data.", "scorer.", "mixing.", "train.")
+_FREE = {"data.cache_dir", "data.max_eval_per_subset", "train.log_every", "train.checkpoint_every",
+         "train.keep_checkpoints", "train.allow_config_change", "train.async_checkpoint"}
+# Refused even with train.allow_config_change: the checkpoint cannot be read into the new
+# shapes, or the sampler's stream is keyed by the value.
+_NEVER = {"train.seed", "data.num_buckets", *(f"model.{k}" for k in (
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+    "tie_embeddings", "qkv_bias", "param_dtype"))}
+# Allowed with a warning: extending a run is the common reason to change it.
+_WARN = {"train.steps": "the learning-rate schedule spans train.steps, so the continuation differs "
+                        "from a run started with the new value"}
+
 
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(step_dir: Path) -> dict[str, list[int]]:
+    """relative path -> [size, crc32] for every file under a step directory but the manifest."""
+    out = {}
+    for p in sorted(step_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            size = p.stat().st_size
+            out[str(p.relative_to(step_dir))] = [size, _crc32(p) if size <= _CRC_MAX_BYTES else None]
+    return out
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int):
+    """Saves and restores (train, mixer, sampler, meta) checkpoints under one directory.
+
+    Args:
+        directory: Where the step directories go (`<run_dir>/checkpoints`).
+        keep: How many complete checkpoints to keep (the newest ones).
+    """
+
+    def __init__(self, directory: str | Path, keep: int, asynchronous: bool = False):
         self.directory = Path(directory).absolute()
+        self.asynchronous = asynchronous
+        self._unsealed: int | None = None  # an async save whose manifest is not written yet
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=False))
+                                                 enable_async_checkpointing=asynchronous))
 
-    def save(self, step: int, train_state, mixer_state, sampler_state: dict, meta: dict) -> None:
+    def save(self, step: int, train_state, mixer_state, sampler_state: dict, meta: dict) -> float:
+        """Saves one step (all processes call it); returns the seconds the caller was blocked.
+
+        Asynchronous saves copy the state on its devices first, so the next (donating)
+        train step never frees a buffer the background writer still reads; the manifest
+        of such a save is written once it has finished (`wait`, the next save, `close`).
+        """
+        t0 = time.perf_counter()
+        self.wait()  # one save in flight at a time; seals the previous one
+        if self.asynchronous:
+            train_state, mixer_state = jax.tree.map(lambda x: x.copy(), (train_state, mixer_state))
         self.manager.save(step, args=ocp.args.Composite(
             train=ocp.args.StandardSave(train_state), mixer=ocp.args.StandardSave(mixer_state),
             sampler=ocp.args.JsonSave(sampler_state), meta=ocp.args.JsonSave(meta)))
+        self._unsealed = step
+        if not self.asynchronous:
+            self.wait()
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Waits for a save in flight (errors surface here) and writes its manifest."""
         self.manager.wait_until_finished()
+        if self._unsealed is not None:
+            self._seal(self._unsealed)
+            self._unsealed = None
+
+    def _seal(self, step: int) -> None:
+        if jax.process_index() == 0:
+            step_dir = self.directory / str(step)
+            manifest = {"step": step, "files": _files(step_dir)}
+            tmp = step_dir / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(manifest))
+            os.replace(tmp, step_dir / MANIFEST)  # the manifest itself appears whole or not at all
+        _barrier(f"hbo_ckpt_manifest_{step}")
 
     def latest_step(self) -> int | None:
+        """The newest committed step (after any save in flight has finished)."""
+        self.wait()
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        self.wait()
+        return sorted(self.manager.all_steps())
+
+    def verify(self, step: int) -> str | None:
+        """Checks a step against its manifest; returns what is wrong, or None when complete."""
+        step_dir = self.directory / str(step)
+        try:
+            manifest = json.loads((step_dir / MANIFEST).read_text())
+        except FileNotFoundError:
+            return f"{MANIFEST} is missing (the save did not finish)"
+        except (OSError, ValueError) as e:
+            return f"{MANIFEST} is unreadable ({e})"
+        for rel, (size, crc) in manifest["files"].items():
+            p = step_dir / rel
+            if not p.is_file():
+                return f"{rel} is missing"
+            if p.stat().st_size != size:
+                return f"{rel} is truncated or altered ({p.stat().st_size} bytes, expected {size})"
+            if crc is not None and _crc32(p) != crc:
+                return f"{rel} is corrupt (checksum mismatch)"
+        return None
+
+    def quarantine(self, step: int, reason: str) -> Path:
+        """Moves a bad step out of the manager's sight (kept for inspection, never deleted)."""
+        dest = self.directory.with_name(self.directory.name + ".corrupt") / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(dest))
+            (dest.parent / f"{dest.name}.reason.txt").write_text(reason + "\n")
+        _barrier(f"hbo_ckpt_quarantine_{step}")
+        self.manager.reload()
+        return dest
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def find_resumable(self) -> tuple[int, dict] | None:
+        """The newest complete checkpoint as (step, meta), quarantining incomplete newer ones.
+
+        Every problem is logged with the step it falls back to; None when no complete
+        checkpoint exists (the run starts from scratch).
+        """
+        if jax.process_index() == 0:  # a save interrupted before its commit (Orbax's temporary name)
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                log.warning("removing %s: a save that never completed", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+        _barrier("hbo_ckpt_tmp_cleanup")
+        legacy = not any((self.directory / str(s) / MANIFEST).is_file() for s in self.all_steps())
+        for step in reversed(self.all_steps()):
+            problem = None if legacy else self.verify(step)
+            meta = None
+            if problem is None:
+                try:
+                    meta = self.read_meta(step)
+                except Exception as e:  # noqa: BLE001 - any unreadable metadata means: not usable
+                    problem = f"metadata unreadable ({type(e).__name__}: {e})"
+            if problem is None:
+                return step, meta
+            older = [s for s in self.all_steps() if s < step]
+            dest = self.quarantine(step, problem)
+            log.warning("checkpoint step %d in %s is incomplete: %s; moved to %s; falling back to %s",
+                        step, self.directory, problem, dest,
+                        f"step {older[-1]}" if older else "a fresh start (no older checkpoint)")
+        return None
+
     def restore(self, step: int, train_like, mixer_like) -> dict[str, Any]:
-        """Restores into the shardings of the given example states."""
+        """Restores into the shardings of the given example states (any mesh: resharded on read)."""
         out = self.manager.restore(step, args=ocp.args.Composite(
             train=ocp.args.StandardRestore(_abstract(train_like)),
             mixer=ocp.args.StandardRestore(_abstract(mixer_like)),
@@ -62,4 +240,50 @@ class Checkpointer:
         return out["train"]["params"]
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> list[str]:
+    """Refuses a resume whose configuration would not continue the checkpointed run.
+
+    Args:
+        saved: The configuration stored in the checkpoint (`to_dict(cfg)` at save time).
+        current: The configuration of the run that resumes.
+        allow: `train.allow_config_change`: report the changes as warnings instead.
+        where: The checkpoint, for messages.
+
+    Returns:
+        The changes that were accepted (each a message), for the log.
+
+    Raises:
+        ConfigError: naming the first key whose change breaks exactness.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    notes = []
+    for key in sorted(old.keys() & new.keys()):  # a key only one side knows is a version change
+        if old[key] == new[key] or key in _FREE or not key.startswith(_EXACT_SECTIONS):
+            continue
+        change = f"{key} changed from {old[key]!r} to {new[key]!r} since {where}"
+        if key in _WARN:
+            notes.append(f"{change}: {_WARN[key]}")
+        elif key in _NEVER:
+            raise ConfigError(f"{change}; the checkpoint cannot continue with a different {key} "
+                              "(state shapes or the batch stream depend on it). Use a new run_dir")
+        elif allow:
+            notes.append(f"{change} (allowed by train.allow_config_change=true; the resumed run "
+                         "is no longer the exact continuation)")
+        else:
+            raise ConfigError(f"{change}; resuming would not continue the same run. Use a new run_dir, "
+                              "or pass train.allow_config_change=true to resume anyway")
+    return notes

@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -43,12 +45,33 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # master weights
     remat: bool = False
+    # With remat: what the backward may keep from each block's forward: full (nothing,
+    # least memory) | dots (matmul outputs) | dots_no_batch (weight-side matmul outputs).
+    remat_policy: str = "full"
+    # jax.nn.dot_product_attention implementation: auto (XLA picks; cuDNN flash attention
+    # on GPUs that support it) | xla | cudnn (GPU only; fails elsewhere).
+    attention: str = "auto"
     # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
     # also scored difficulty (the demo's stand-in for a pretrained base), "random",
     # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/models/pretrained.py). A
     # pretrained model brings its own shape, tokenizer and chat template, and scores
     # difficulty itself; the shape fields above are then ignored.
     init: str = "scorer"
+
+
+@dataclass
+class SubsetConfig:
+    """One subset of a declared mixture (`data.subsets.<name>`).
+
+    `train` / `eval` list inputs: files or globs (.jsonl, .jsonl.gz, .parquet), `datasets`
+    save_to_disk directories, TFDS ArrayRecord directories or `tfds:<name>`, each
+    optionally `#<split>` (see hbo_jax/data/sources.py). `format` forces the row format
+    (a row that does not fit is a bad row); `auto` detects it per row.
+    """
+
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_response
 
 
 @dataclass
@@ -59,6 +82,9 @@ class DataConfig:
     # A directory of `<subset>.train.jsonl` / `<subset>.eval.jsonl` files to use instead
     # of building the embedded mixture from PyPI packages (tests use the fixture).
     source_dir: str = ""
+    # Named subsets declared here (used with, or instead of, source_dir; not with the
+    # embedded mixture): name -> SubsetConfig.
+    subsets: dict[str, SubsetConfig] = field(default_factory=dict)
     cache_dir: str = ""  # "" -> $HBO_JAX_CACHE or ~/.cache/hbo_jax
     tokenizer: str = "train"  # "train": byte-level BPE on the train split; else a HF dir
     vocab_size: int = 2048
@@ -102,6 +128,18 @@ class MixingConfig:
     # Guardrail: every dataset and every bucket keeps at least this sampling probability
     # (p' = (1 - n * floor) * p + floor, so the actors' logits are untouched); 0 = off.
     min_prob: float = 0.0
+    # Reward variants (hbo.md §1, paper Tab. 7). Global: "auto" = the strategy's own;
+    # gradnorm = norm of the probe batch gradient (paper Eq. 7); gradnorm_per_example =
+    # mean per-example gradient norm (reference code); cossim = mean cosine of the dataset's
+    # mean hidden state to the other datasets' (MoS transferability); dev_cosine = cosine
+    # of the dataset's gradient to the dev-set gradient (MultiDDS); ppl_ratio (MoS Diff).
+    global_reward: str = "auto"
+    # Local: ppl_ratio (paper/code default), loss_ratio or ifd_ratio of the probes now vs
+    # at the start, each relative to the dataset's bucket mean.
+    local_reward: str = "ppl_ratio"
+    # Guardrail: lambda * KL(p || prior) added to each actor's loss (global: the T prior,
+    # local: uniform); 0 = off (paper and code).
+    kl_to_prior: float = 0.0
 
 
 @dataclass
@@ -116,6 +154,13 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # Write checkpoints in the background: the state is first copied on its devices (the
+    # next step donates the original buffers, orbax#626), so peak device memory grows by
+    # one copy of parameters + optimizer state while a save runs.
+    async_checkpoint: bool = False
+    # Resume even when a key that breaks the exact continuation (data, model, mixture,
+    # batch size, seed, ...) differs from the checkpoint's configuration.
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -156,6 +201,26 @@ class MeshConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process runs through `jax.distributed` (one process per host; launch/README.md).
+
+    `mode=auto` initialises when it detects a multi-process job (a SLURM job with more
+    than one task, an Open MPI job, a Cloud TPU VM, or `JAX_COORDINATOR_ADDRESS` in the
+    environment) or when `coordinator_address` is set; `on` always initialises (JAX
+    detects what is not given); `off` never does.
+    """
+
+    mode: str = "auto"  # auto | on | off
+    coordinator_address: str = ""  # "host:port" of process 0; "" = detect
+    num_processes: int = 0  # 0 = detect
+    process_id: int = -1  # -1 = detect
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    # Each process writes <run_dir>/trace/process_<i>.jsonl: a digest of its batch rows
+    # per step and of its mixer state per update (checks that hosts agree; tests).
+    trace: bool = False
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/demo"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -166,19 +231,25 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-STRATEGIES = ("hbo", "hbo_global", "hbo_local", "mos", "mos_plus", "proportional", "temperature", "uniform",
-              "replay")
+STRATEGIES = ("hbo", "hbo_global", "hbo_local", "mos", "mos_plus", "multidds", "proportional", "temperature",
+              "uniform", "replay")
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("full", "dots", "dots_no_batch"),
+    "model.attention": ("auto", "xla", "cudnn"),
     "data.mixture": ("embedded",),
     "data.difficulty": ("ppl", "loss", "ifd", "length"),
     "data.bad_input": ("skip", "error"),
     "mixing.strategy": STRATEGIES,
     "mixing.local_source": ("probes", "train"),
+    "mixing.global_reward": ("auto", "gradnorm", "gradnorm_per_example", "cossim", "dev_cosine", "ppl_ratio"),
+    "mixing.local_reward": ("ppl_ratio", "loss_ratio", "ifd_ratio"),
     "tracking.wandb_mode": ("online", "offline", "disabled"),
+    "distributed.mode": ("auto", "on", "off"),
 }
 TASK_METRICS = ("auto", "mc", "exact_match", "none")
 _POSITIVE = (
@@ -188,7 +259,7 @@ _POSITIVE = (
     "mixing.local_every", "mixing.inner_steps", "mixing.global_probes_per_bucket",
     "mixing.local_probes_per_group", "train.steps", "train.batch_size", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "eval.periodic_max_per_subset",
-    "eval.max_new_tokens",
+    "eval.max_new_tokens", "distributed.initialization_timeout",
 )
 
 
@@ -226,8 +297,14 @@ def validate(cfg: Config) -> Config:
                           "model (model.init=scorer or a pretrained model), not model.init=random")
     if not 0.0 <= cfg.mixing.min_prob < 1.0:
         raise ConfigError(f"mixing.min_prob={cfg.mixing.min_prob} must be in [0, 1)")
+    if cfg.mixing.kl_to_prior < 0:
+        raise ConfigError(f"mixing.kl_to_prior={cfg.mixing.kl_to_prior} must be >= 0")
+    if cfg.mixing.local_source == "train" and cfg.mixing.local_reward != "ppl_ratio":
+        raise ConfigError(f"mixing.local_reward={cfg.mixing.local_reward} needs probes (mixing.local_source=probes); "
+                          "training batches carry only the PPL ratio")
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
+    _validate_subsets(cfg.data.subsets)
     if cfg.eval.every < 0:
         raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0 = no periodic evaluation)")
     for subset, metric in cfg.eval.metrics.items():
@@ -240,6 +317,26 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+_SUBSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
+
+
+def _validate_subsets(subsets: dict) -> None:
+    """Names usable as directory names, unique up to case, a train list and a known format."""
+    seen: dict[str, str] = {}
+    for name, sc in subsets.items():
+        key = f"data.subsets.{name}"
+        if not _SUBSET_NAME.match(name):
+            raise ConfigError(f"{key}: subset names use letters, digits, '_', '.', '-' only")
+        if name.lower() in seen:  # they become directories, which may be case-insensitive
+            raise ConfigError(f"{key}: duplicate subset name (also data.subsets.{seen[name.lower()]})")
+        seen[name.lower()] = name
+        if not sc.train:
+            raise ConfigError(f"{key}.train: list at least one training file or glob")
+        if sc.format not in DATA_FORMATS:
+            raise ConfigError(f"{key}.format={sc.format!r} is not one of {list(DATA_FORMATS)}")
+
+
 def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Builds a validated Config from defaults, an optional YAML file and `a.b=value` overrides."""
     base = OmegaConf.structured(Config)
@@ -248,7 +345,11 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
             path = Path(yaml_path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            base = OmegaConf.merge(base, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as e:  # e.g. a subset name declared twice
+                raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
+            base = OmegaConf.merge(base, loaded)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=10)")

@@ -30,6 +30,7 @@ from hbo_jax.data.prepare import score_examples
 
 log = logging.getLogger(__name__)
 TASK_KEYS = ("acc", "acc_norm", "exact_match")
+nan = float("nan")  # a subset without eval examples has no loss
 
 
 def bucket_losses(nll: np.ndarray, tokens: np.ndarray, buckets: np.ndarray, k: int) -> list[float | None]:
@@ -106,7 +107,8 @@ def task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset: int)
     out = {}
     for src in data.manifest["sources"]:
         name = src["name"]
-        items = tasks.read_eval_items(src["eval"])[:max_per_subset] if src["eval"] else []
+        items = (tasks.read_eval_items(src["eval"], src.get("format", "auto"))[:max_per_subset]
+                 if src["eval"] else [])
         metric = tasks.choose_metric(cfg.eval.metrics.get(name, "auto"), items, cfg.eval.exact_match_max_chars)
         if metric == "mc":
             out[name] = tasks.score_mc(items, data.tokenizer, seq_len, example_logprob)
@@ -152,7 +154,7 @@ def format_results(result: dict) -> str:
     rows = [f"{'subset':<20} {'loss':>8} {'ppl':>9}  {'task':>18}"]
     for name, r in result.items():
         cell = _macro_cell(r) if name == "macro_avg" else _cell(r)
-        rows.append(f"{name:<20} {r['loss']:>8.3f} {r['ppl']:>9.2f}  {cell:>18}")
+        rows.append(f"{name:<20} {r.get('loss', nan):>8.3f} {r.get('ppl', nan):>9.2f}  {cell:>18}")
     return "\n".join(rows)
 
 
@@ -164,8 +166,8 @@ def format_table(before: dict, after: dict) -> str:
         b = before.get(name, {})
         cell = _macro_cell if name == "macro_avg" else _cell
         tb, ta = cell(b), cell(a)
-        rows.append(f"{name:<20} {b.get('loss', float('nan')):>11.3f} {a['loss']:>10.3f} "
-                    f"{b.get('ppl', float('nan')):>10.2f} {a['ppl']:>9.2f}  {tb:>11} {ta:>10}")
+        rows.append(f"{name:<20} {b.get('loss', nan):>11.3f} {a.get('loss', nan):>10.3f} "
+                    f"{b.get('ppl', nan):>10.2f} {a.get('ppl', nan):>9.2f}  {tb:>11} {ta:>10}")
     return "\n".join(rows)
 
 

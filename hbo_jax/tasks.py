@@ -17,7 +17,6 @@ its median reference is short (`eval.exact_match_max_chars`), none otherwise.
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -43,22 +42,23 @@ class EvalItem:
     options: list[str] | None = None
 
 
-def read_eval_items(path: str | Path) -> list[EvalItem]:
-    """Eval rows of a subset file; rows the data pipeline skips are skipped here too."""
-    import gzip
+def read_eval_items(path, fmt: str = "auto") -> list[EvalItem]:
+    """Eval rows of a subset's eval input(s): a path or spec (any input kind), or a list of them.
 
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    Rows the data pipeline skips are skipped here too; `fmt` forces the row format as
+    `data.subsets.<name>.format` does.
+    """
+    from hbo_jax.data.formats import BadRow, iter_rows
+
     items = []
-    with opener(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                conv = to_conversation(row)
-            except (ValueError, UnicodeDecodeError):
+    for spec in ([path] if isinstance(path, (str, Path)) else path):
+        for _, row in iter_rows(spec):
+            if isinstance(row, BadRow):
                 continue  # counted and reported when the mixture was prepared
+            try:
+                conv = to_conversation(row, fmt)
+            except ValueError:
+                continue
             last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
             options = row.get("options")
             if not (isinstance(options, list) and all(isinstance(o, str) for o in options)):

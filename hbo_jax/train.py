@@ -23,11 +23,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hbo_jax.checkpoint import Checkpointer
+from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
 from hbo_jax.data.formats import DataError
 from hbo_jax.data.prepare import PreparedData, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
+from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.evaluate import evaluate_model, format_table
 from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedule
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
@@ -81,16 +82,44 @@ def _per_subset(acc: dict, names: list[str], k: int) -> dict[str, float]:
     return {f"loss/{n}": float(t / c) for n, t, c in zip(names, tok, cnt) if c > 0}
 
 
-def run(cfg: Config) -> dict:
-    """Runs (or resumes) one training job; returns the summary it also writes."""
+def _to_host(tree) -> dict | None:
+    """Device sums -> JSON (value and dtype), so a checkpoint carries them exactly."""
+    if tree is None:
+        return None
+    return {k: {"value": np.asarray(jax.device_get(v)).tolist(), "dtype": str(np.asarray(v).dtype)}
+            for k, v in tree.items()}
+
+
+def _from_host(d: dict | None, mesh):
+    if not d:
+        return None
+    return jax.device_put({k: np.asarray(v["value"], v["dtype"]) for k, v in d.items()}, replicated(mesh))
+
+
+def run(cfg: Config, stop: StopRequest | None = None) -> dict:
+    """Runs (or resumes) one training job; returns the summary it also writes.
+
+    With a `StopRequest` that fires (SIGTERM/SIGINT), the run saves a checkpoint at the
+    next step boundary and returns `{"stopped": <signal>, "step": <step>}` instead.
+    """
     t_start = time.perf_counter()
+    stop = stop or StopRequest()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     mesh = make_mesh(cfg.mesh)
     log.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
     check_batch_size("scorer.batch_size", cfg.scorer.batch_size, mesh)
+    # Before anything expensive: the checkpoint to resume from, and whether it may be.
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+    found = ckpt.find_resumable()
+    if found is not None:
+        notes = check_resume_config(found[1].get("config", {}), to_dict(cfg), cfg.train.allow_config_change,
+                                    f"the checkpoint at step {found[0]}")
+        for note in notes:
+            log.warning("resume: %s", note)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     data = prepare(cfg, mesh)
     m = data.manifest
@@ -110,14 +139,13 @@ def run(cfg: Config) -> dict:
     strategy = resolve(cfg.mixing)
     leaves = data.leaves()
     mixer = Mixer(strategy, cfg.mixing, data.sizes, leaves, data.train, graphdef, mesh,
-                  cfg.data.seq_len, data.pad_id, tc.seed)
+                  cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval)
     # Only a reward taken from training batches needs each row's reference NLL in the step.
     use_ref = mixer.uses_train_stats
     train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=use_ref)
     schedule = (load_schedule(cfg.mixing.replay_from, data.names, k) if strategy.name == "replay"
                 else ProbabilitySchedule(*mixer.probabilities()))
     sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, schedule)
-    ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_checkpoints)
     metrics_log, mixing_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "mixing.jsonl")
     eval_log = JsonlWriter(run_dir / "eval.jsonl")
     tracker = Tracker(cfg.tracking, run_dir, config=to_dict(cfg))
@@ -132,7 +160,7 @@ def run(cfg: Config) -> dict:
         eval_log.write({"step": step, "eval": res})
         tracker.log(step, eval_scalars(res))
 
-    start, mix_acc = ckpt.latest_step(), None
+    start, mix_acc, acc = (found[0] if found else None), None, None
     if start is not None:
         restored = ckpt.restore(start, state, mixer.state)
         state, mixer.state = restored["train"], restored["mixer"]
@@ -141,6 +169,7 @@ def run(cfg: Config) -> dict:
         if restored["meta"].get("mix_acc"):
             mix_acc = jax.device_put({k: np.asarray(v, np.float32) for k, v in restored["meta"]["mix_acc"].items()},
                                      replicated(mesh))
+        acc = _from_host(restored["meta"].get("log_acc"), mesh)  # a stop between log lines
         for writer in (metrics_log, mixing_log, eval_log):
             writer.truncate(start)
         log.info("resumed from step %d in %s", start, ckpt.directory)
@@ -165,18 +194,36 @@ def run(cfg: Config) -> dict:
 
     batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size),
                              ref_nll=data.nll0 if use_ref else None)
-    acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
+    trace = Trace(run_dir, cfg.distributed.trace, host_slice(tc.batch_size), fresh=start == 0)
+    t_log, mix_before = time.perf_counter(), mixer.seconds
 
     def meta() -> dict:
         # The local reward's partial-interval sums travel with the checkpoint (exact resume).
         acc_host = None if mix_acc is None else {k: np.asarray(jax.device_get(v)).tolist()
                                                  for k, v in mix_acc.items()}
-        return {"eval_before": before, "config": to_dict(cfg), "mix_acc": acc_host}
+        return {"eval_before": before, "config": to_dict(cfg), "mix_acc": acc_host, "log_acc": _to_host(acc)}
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=f"train [{strategy.name}]",
                disable=jax.process_index() != 0)
+
+    def stopped(done: int) -> dict:  # SIGTERM/SIGINT: save at this step boundary and exit cleanly
+        if done not in ckpt.all_steps():
+            seconds = ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
+            log.info("checkpoint at step %d saved in %.2fs", done, seconds)
+        bar.close()
+        ckpt.close()
+        tracker.close()
+        log.warning("stopped by %s at step %d of %d, %.1fs after the signal; run the same command "
+                    "again to resume", stop.signal_name or "a signal to another process", done, tc.steps,
+                    stop.seconds_since())
+        return {"stopped": stop.signal_name or "another process", "step": done}
+
+    if start < tc.steps and stop.should_stop():  # signalled while preparing: stop before training
+        return stopped(start)
     t_loop = time.perf_counter()
     for s in bar:
-        state, metrics = train_step(state, global_batch_from_host(next(batches), mesh))
+        host_batch = next(batches)
+        trace.batch(s, host_batch)
+        state, metrics = train_step(state, global_batch_from_host(host_batch, mesh))
         acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
         # Per-group PPL ratios since the last local update, summed on device (no host sync).
         if use_ref:
@@ -191,6 +238,7 @@ def run(cfg: Config) -> dict:
             sampler.schedule.set(done, record["p_global"], record["p_local"])
             record["from_step"] = done
             mixing_log.write(record)
+            trace.mixer(done, mixer.state, sampler.schedule.at(done))
             tracker.log(done, mixing_scalars(record, data.names))
         if done % tc.log_every == 0 or done == tc.steps:
             host = jax.device_get(acc)
@@ -211,9 +259,12 @@ def run(cfg: Config) -> dict:
             periodic_eval(state.params, done)
         if done % tc.checkpoint_every == 0 and done < tc.steps:
             ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
+        if done < tc.steps and stop.should_stop():
+            return stopped(done)
     loop_seconds = time.perf_counter() - t_loop
     bar.close()
-    ckpt.save(tc.steps, state, mixer.state, sampler.get_state(), meta())
+    if ckpt.latest_step() != tc.steps:  # a finished run that is relaunched has it already
+        ckpt.save(tc.steps, state, mixer.state, sampler.get_state(), meta())
     ckpt.close()
 
     after = evaluate(state.params, "the trained model")
@@ -257,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
-        run(cfg)
+        init_distributed(cfg.distributed)  # here, not at import (grain#802)
+        with StopRequest() as stop:
+            run(cfg, stop)
     except (ConfigError, DataError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,15 @@
-"""Reading user data: JSONL chat/instruction files -> normalised conversations.
+"""Reading user data: rows of chat/instruction data -> normalised conversations.
 
-Detected per row: OpenAI `messages`, ShareGPT `conversations`, Alpaca
-`instruction/input/output` and plain `prompt/response`. Every problem is reported with
-file and line: under the `error` policy it raises `DataError`, under `skip` the row is
-counted in a `SkipReport` that the run prints, so counts in = counts out + skips.
+Row formats, detected per row (`auto`) or forced per subset (`data.subsets.<name>.format`):
+OpenAI `messages`, ShareGPT `conversations`, Alpaca `instruction/input/output` and plain
+`prompt/response` (or `prompt/completion`). Rows come from `iter_rows`, which reads JSONL
+(`.jsonl`, `.jsonl.gz`) here and Parquet files, Hugging Face `save_to_disk` directories
+and TFDS ArrayRecord datasets through `hbo_jax.data.sources`.
+
+Every problem is reported with file and row: under the `error` policy it raises
+`DataError`, under `skip` the row is counted in a `SkipReport` that the run prints, so
+counts in = counts out + skips. Extra row fields (e.g. `options` of an eval row) are
+passed through untouched by `iter_rows`.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 Conversation = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant"}
 _ROLES = ("system", "user", "assistant")
@@ -23,6 +31,14 @@ _ROLES = ("system", "user", "assistant")
 
 class DataError(ValueError):
     """Bad input data; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not even be parsed (yielded by `iter_rows` in place of the row)."""
+
+    reason: str
+    detail: str = ""
 
 
 @dataclass
@@ -50,26 +66,59 @@ class SkipReport:
         return {"total": self.total, "by_reason": dict(self.counts), "examples": self.examples}
 
 
-def to_conversation(row: dict) -> Conversation:
-    """Normalises one row; raises ValueError with the reason if it cannot."""
+def detect_format(row: dict) -> str | None:
+    """The row format a row's keys indicate, or None."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and ("response" in row or "completion" in row):
+        return "prompt_response"
+    return None
+
+
+def _fits(row: dict, fmt: str) -> bool:
+    # A forced format only asks for its own keys: a row may carry others (ids, options).
+    return {"messages": "messages" in row, "sharegpt": "conversations" in row,
+            "alpaca": "instruction" in row and "output" in row,
+            "prompt_response": "prompt" in row and ("response" in row or "completion" in row)}[fmt]
+
+
+def to_conversation(row: dict, fmt: str = "auto") -> Conversation:
+    """Normalises one row; raises ValueError with the reason if it cannot.
+
+    Args:
+        row: One parsed row (a dict).
+        fmt: `auto` (detect per row) or one of `FORMATS`, which the row must fit.
+    """
     if not isinstance(row, dict):
         raise ValueError("row is not a JSON object")
-    if "messages" in row:
-        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in row["messages"]]
-    elif "conversations" in row:
+    if fmt == "auto":
+        fmt = detect_format(row)
+        if fmt is None:
+            raise ValueError(f"unknown format (keys {sorted(row)[:6]}); expected messages, "
+                             "conversations, instruction/output or prompt/response")
+    elif fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {list(FORMATS)}")
+    elif not _fits(row, fmt):
+        raise ValueError(f"row does not fit format={fmt} (keys {sorted(row)[:6]})")
+    if fmt == "messages":
+        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in _turns(row["messages"])]
+    elif fmt == "sharegpt":
         msgs = []
-        for m in row["conversations"]:
+        for m in _turns(row["conversations"]):
             role = _SHAREGPT_ROLES.get(str(m.get("from", m.get("role", ""))).lower())
             msgs.append({"role": role, "content": m.get("value", m.get("content"))})
-    elif "instruction" in row and "output" in row:
+    elif fmt == "alpaca":
+        if not isinstance(row["instruction"], str) or not isinstance(row.get("input") or "", str):
+            raise ValueError("instruction/input is not text")
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    elif "prompt" in row and ("response" in row or "completion" in row):
+    else:
         msgs = [{"role": "user", "content": row["prompt"]},
                 {"role": "assistant", "content": row.get("response", row.get("completion"))}]
-    else:
-        raise ValueError(f"unknown format (keys {sorted(row)[:6]}); expected messages, "
-                         "conversations, instruction/output or prompt/response")
     for m in msgs:
         if m["role"] not in _ROLES:
             raise ValueError(f"unknown or missing role {m['role']!r}")
@@ -80,28 +129,69 @@ def to_conversation(row: dict) -> Conversation:
     return msgs
 
 
-def read_jsonl(path: str | Path, policy: str, report: SkipReport) -> list[Conversation]:
-    """Reads a .jsonl or .jsonl.gz file of conversations under the given bad-input policy."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+def _turns(value) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise ValueError(f"turns are {type(value).__name__}, not a list of objects")
+    return value
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
     opener = gzip.open if path.suffix == ".gz" else open
-    out: list[Conversation] = []
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
             if not raw.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                row = json.loads(raw.decode("utf-8"))
-                out.append(to_conversation(row))
+                yield where, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                _fail(policy, report, "non-UTF-8 bytes", where)
+                yield where, BadRow("non-UTF-8 bytes")
             except json.JSONDecodeError as e:
-                _fail(policy, report, "malformed JSON", where, str(e))
-            except ValueError as e:
-                _fail(policy, report, str(e).split(" (")[0], where, str(e))
-    return out
+                yield where, BadRow("malformed JSON", str(e))
+
+
+def iter_rows(source, kind: str | None = None) -> Iterator[tuple[str, dict | BadRow]]:
+    """(where, row) for every row of one input, in order; unparseable rows come as `BadRow`.
+
+    Args:
+        source: A path or spec string (`path`, `dir#split`, `tfds:name#split`, see
+            `hbo_jax.data.sources`) or a resolved `sources.Source`.
+        kind: Force the reader (`jsonl`); default: from the file name or directory.
+
+    `where` names the file and line (JSONL, `file:12`) or row index (`file[11]`).
+    """
+    from hbo_jax.data import sources  # lazy: sources imports this module
+
+    src = source if isinstance(source, sources.Source) else sources.Source.parse(str(source), kind=kind)
+    if src.kind == "jsonl":
+        if not src.path.is_file():
+            raise DataError(f"{src.path}: file not found")
+        yield from _jsonl_rows(src.path)
+    else:
+        yield from sources.table_rows(src)
+
+
+def iter_conversations(source, policy: str, report: SkipReport, fmt: str = "auto",
+                       kind: str | None = None) -> Iterator[tuple[str, Conversation]]:
+    """(where, conversation) for every usable row; bad rows raise or are counted (`policy`)."""
+    for where, row in iter_rows(source, kind):
+        if isinstance(row, BadRow):
+            _fail(policy, report, row.reason, where, row.detail)
+            continue
+        try:
+            yield where, to_conversation(row, fmt)
+        except ValueError as e:
+            _fail(policy, report, str(e).split(" (")[0], where, str(e))
+
+
+def read_conversations(source, policy: str, report: SkipReport, fmt: str = "auto") -> list[Conversation]:
+    """All usable conversations of one input under the given bad-input policy."""
+    return [c for _, c in iter_conversations(source, policy, report, fmt)]
+
+
+def read_jsonl(path: str | Path, policy: str, report: SkipReport, fmt: str = "auto") -> list[Conversation]:
+    """Reads a .jsonl or .jsonl.gz file of conversations under the given bad-input policy."""
+    return [c for _, c in iter_conversations(Path(path), policy, report, fmt, kind="jsonl")]
 
 
 def _fail(policy: str, report: SkipReport, reason: str, where: str, detail: str = "") -> None:

@@ -1,6 +1,6 @@
 """Prepare a mixture once: tokenize, mask, truncate, score difficulty, bucket, store.
 
-    subsets (JSONL) -> chat template -> ids + assistant loss mask -> truncate
+    subsets (JSONL, Parquet, `datasets` dirs, TFDS; see sources.py) -> chat template -> ids + assistant loss mask -> truncate
       -> token stores per (subset, split)
       -> scorer: a tiny model warmed up on the uniform mixture (demo stand-in for a base model)
       -> difficulty per example (ppl | loss | ifd | length), one jitted batched pass
@@ -28,13 +28,14 @@ from hbo_jax.config import Config, cache_root
 from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
-from hbo_jax.data.formats import DataError, SkipReport, read_jsonl
+from hbo_jax.data.formats import DataError, SkipReport, iter_conversations, read_conversations
+from hbo_jax.data.sources import Source, Subset, declared_subsets
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
 
 log = logging.getLogger(__name__)
-PREPARE_VERSION = "3"  # 3: eval examples carry difficulty buckets
+PREPARE_VERSION = "4"  # 3: eval examples carry difficulty buckets; 4: declared subsets, row formats
 
 
 @dataclass
@@ -74,14 +75,6 @@ class PreparedData:
         return self.root / "scorer.safetensors"
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_dir(cfg: Config) -> Path:
     if cfg.data.source_dir:
         path = Path(cfg.data.source_dir).expanduser()
@@ -107,11 +100,35 @@ def subset_files(src: Path) -> list[tuple[str, Path, Path | None]]:
     return out
 
 
-def _key(cfg: Config, files) -> str:
+def mixture(cfg: Config) -> list[Subset]:
+    """The subsets to prepare: `data.source_dir` (or the embedded mixture) and `data.subsets`.
+
+    Declared subsets come after the source directory's; with declared subsets and no
+    source directory, the embedded mixture is not built.
+    """
+    out = []
+    if cfg.data.source_dir or not cfg.data.subsets:
+        src = source_dir(cfg)
+        key = f"data.source_dir={src}" if cfg.data.source_dir else "embedded mixture"
+        out = [Subset(n, [Source(t, "jsonl")], [Source(e, "jsonl")] if e else [], "auto", key)
+               for n, t, e in subset_files(src)]
+    for sub in declared_subsets(cfg.data.subsets):
+        clash = next((s for s in out if s.name.lower() == sub.name.lower()), None)
+        if clash:
+            raise DataError(f"{sub.key}: duplicate subset name; {clash.key} already has "
+                            f"{clash.name!r} ({clash.train[0]})")
+        out.append(sub)
+    return out
+
+
+def _key(cfg: Config, subsets: list[Subset]) -> str:
+    # Inputs enter by content (every file's sha256 and name), not by directory or glob:
+    # moving the data reuses the preparation, editing one file prepares afresh.
+    inputs = [(s.name, s.digests()) for s in tqdm(subsets, desc="hashing inputs", leave=False)]
     settings = {"v": PREPARE_VERSION, "data": dataclasses.asdict(cfg.data),
                 "scorer": dataclasses.asdict(cfg.scorer), "model": dataclasses.asdict(cfg.model),
-                "seed": cfg.train.seed, "files": [(n, _sha(t), _sha(e) if e else None) for n, t, e in files]}
-    for k in ("cache_dir", "source_dir", "max_eval_per_subset"):
+                "seed": cfg.train.seed, "inputs": inputs}
+    for k in ("cache_dir", "source_dir", "max_eval_per_subset", "subsets"):
         settings["data"].pop(k)
     init = settings["model"].pop("init")
     if is_pretrained(init):  # the model, not the tiny-model settings, decides the result
@@ -122,39 +139,44 @@ def _key(cfg: Config, files) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _tokenizer(cfg: Config, files, report: SkipReport):
+def _tokenizer(cfg: Config, subsets: list[Subset]):
     if is_pretrained(cfg.model.init):
         return pretrained_tokenizer(cfg.model.init)
     if cfg.data.tokenizer != "train":
         return tok_lib.load_tokenizer(Path(cfg.data.tokenizer).expanduser())
-    digest = hashlib.sha256(json.dumps([_sha(t) for _, t, _ in files]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([[t.digest() for t in s.train] for s in subsets]).encode()).hexdigest()[:12]
     out = cache_root(cfg) / "tokenizers" / f"bpe{cfg.data.vocab_size}-{digest}"
     if (out / "tokenizer.json").is_file():
         return tok_lib.load_tokenizer(out)
     texts = []
-    for _, train, _ in files:
-        texts += [tok_lib.conversation_texts(c) for c in read_jsonl(train, "skip", SkipReport())]
+    for s in subsets:
+        for src in s.train:
+            texts += [tok_lib.conversation_texts(c) for c in read_conversations(src, "skip", SkipReport(), s.format)]
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("training a %d-token byte-level BPE on %d conversations", cfg.data.vocab_size, len(texts))
     return tok_lib.train_bpe(texts, cfg.data.vocab_size, out)
 
 
-def _encode_file(tokenizer, path: Path, cfg: Config, report: SkipReport) -> list:
-    convs = read_jsonl(path, cfg.data.bad_input, report)
+def _encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> list:
+    """(ids, mask) of every usable row of the inputs, in order; bad rows per `data.bad_input`."""
     out = []
-    for i, (ids, mask) in enumerate(tok_lib.encode(tokenizer, convs)):
-        kept = tok_lib.truncate(ids, mask, cfg.data.seq_len + 1)
-        if kept is None:
-            if cfg.data.bad_input == "error":
-                raise DataError(f"{path}: conversation {i + 1} has no response tokens within "
-                                f"data.seq_len={cfg.data.seq_len}")
-            report.add("no response tokens within seq_len", f"{path}#{i + 1}")
-        else:
-            out.append(kept)
+    for src in sources:
+        wheres, convs = [], []
+        for where, conv in iter_conversations(src, cfg.data.bad_input, report, fmt):
+            wheres.append(where)
+            convs.append(conv)
+        for where, (ids, mask) in zip(wheres, tok_lib.encode(tokenizer, convs)):
+            kept = tok_lib.truncate(ids, mask, cfg.data.seq_len + 1)
+            if kept is None:
+                if cfg.data.bad_input == "error":
+                    raise DataError(f"{where}: no response tokens within data.seq_len={cfg.data.seq_len}")
+                report.add("no response tokens within seq_len", where)
+            else:
+                out.append(kept)
     return out
 
 
-def _response_only(ids: np.ndarray, mask: np.ndarray):
+def response_only(ids: np.ndarray, mask: np.ndarray):
     """The response tokens alone, preceded by the token before the response (for IFD)."""
     pos = np.flatnonzero(mask)
     lead = ids[pos[0] - 1 : pos[0]] if pos[0] > 0 else ids[:0]
@@ -174,13 +196,20 @@ def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: i
     lengths = np.array([len(ids) for ids, _ in examples])
     order = np.argsort(lengths, kind="stable")
     out = np.zeros(len(examples), np.float64)
+    pending: list = []
     for a in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not desc):
         idx = order[a:a + batch_size]
         width = int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(lengths[idx].max() - 1, 1)))))))
         chunk = [examples[i] for i in idx] + [examples[idx[0]]] * (batch_size - len(idx))
         batch = collate(chunk, width, pad_id)
-        nll, _ = nll_fn(params, *to_device(batch, mesh))
-        out[idx] = np.asarray(nll)[: len(idx)]
+        pending.append((idx, nll_fn(params, *to_device(batch, mesh))[0]))
+        # Read results back two batches late: the host pads the next batch while the
+        # device runs this one, and at most a few batches wait in memory.
+        while len(pending) > 2:
+            i, nll = pending.pop(0)
+            out[i] = np.asarray(nll)[: len(i)]
+    for i, nll in pending:
+        out[i] = np.asarray(nll)[: len(i)]
     return out
 
 
@@ -199,7 +228,7 @@ def difficulty(kind: str, examples: list, nll_fn, params, mesh, cfg: Config, pad
         return nll, nll
     if kind == "ppl":
         return np.exp(nll), nll
-    alone = score_examples([_response_only(i, m) for i, m in examples], *args, desc=f"scoring {name} (alone)")
+    alone = score_examples([response_only(i, m) for i, m in examples], *args, desc=f"scoring {name} (alone)")
     return nll / np.maximum(alone, 1e-6), nll  # IFD: loss(y|x) / loss(y)
 
 
@@ -249,23 +278,24 @@ def _warm_up_scorer(cfg: Config, stores, pad_id: int, vocab: int, mesh):
 
 def prepare(cfg: Config, mesh) -> PreparedData:
     """Prepares (or reuses) the mixture described by `cfg.data`."""
-    files = subset_files(source_dir(cfg))
-    root = cache_root(cfg) / "prepared" / _key(cfg, files)
+    mix = mixture(cfg)
+    root = cache_root(cfg) / "prepared" / _key(cfg, mix)
     if (root / "manifest.json").is_file():
         return load(root, cfg)
     t0 = time.perf_counter()
     report = SkipReport()
-    tokenizer = _tokenizer(cfg, files, report)
+    tokenizer = _tokenizer(cfg, mix)
     pad = int(tokenizer.pad_token_id)
     tmp = private_tmp(root)
     encoded = {}
-    for name, train, ev in tqdm(files, desc="tokenizing", leave=False):
-        tr = _encode_file(tokenizer, train, cfg, report)
+    for s in tqdm(mix, desc="tokenizing", leave=False):
+        tr = _encode(tokenizer, s.train, s.format, cfg, report)
         if len(tr) < cfg.data.num_buckets:
-            raise DataError(f"{train}: subset {name!r} has {len(tr)} usable training examples, fewer "
+            where = s.key if s.key.startswith("data.subsets") else str(s.train[0].path)
+            raise DataError(f"{where}: subset {s.name!r} has {len(tr)} usable training examples, fewer "
                             f"than data.num_buckets={cfg.data.num_buckets}")
-        encoded[name] = (tr, _encode_file(tokenizer, ev, cfg, report) if ev else [])
-    names = [n for n, _, _ in files]
+        encoded[s.name] = (tr, _encode(tokenizer, s.eval, s.format, cfg, report))
+    names = [s.name for s in mix]
     train_stores = [TokenStore.write(tmp / n / "train", encoded[n][0]) for n in names]
     eval_stores = [TokenStore.write(tmp / n / "eval", encoded[n][1]) for n in names]
     t_tok = time.perf_counter() - t0
@@ -303,7 +333,8 @@ def prepare(cfg: Config, mesh) -> PreparedData:
         "key": root.name, "num_buckets": cfg.data.num_buckets, "difficulty": cfg.data.difficulty,
         "seq_len": cfg.data.seq_len, "vocab_size": len(tokenizer),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
-        "sources": [{"name": n, "train": str(t), "eval": str(e) if e else None} for n, t, e in files],
+        "sources": [{"name": s.name, "format": s.format, "train": [str(t) for t in s.train],
+                     "eval": [str(e) for e in s.eval] or None} for s in mix],
         "subsets": subsets, "skipped": report.to_dict(),
         "scorer": {"model": cfg.model.init if is_pretrained(cfg.model.init) else "warmed-up tiny model",
                    "warmup_steps": len(warm), "first_loss": warm[0] if warm else None,

@@ -19,6 +19,14 @@ from flax import nnx
 from hbo_jax.config import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What the backward pass may keep from the forward of a rematerialised block: nothing
+# (recompute the whole block), every matmul output, or the matmul outputs without a
+# batch dimension (weights-side products; the MaxText-style middle ground).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,8 @@ class LlamaSpec:
     param_dtype: str
     remat: bool
     rope_scaling: RopeScaling | None = None
+    remat_policy: str = "full"  # with remat: full | dots | dots_no_batch (see REMAT_POLICIES)
+    attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int | None = None) -> "LlamaSpec":
@@ -71,7 +81,8 @@ class LlamaSpec:
             head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads,
             intermediate_size=cfg.intermediate_size, rope_theta=cfg.rope_theta,
             rms_norm_eps=cfg.rms_norm_eps, tie_embeddings=cfg.tie_embeddings,
-            qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+            qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+            remat_policy=cfg.remat_policy, attention=cfg.attention)
 
     def num_params(self) -> int:
         d, h, kv, hd, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -153,6 +164,10 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, kv * hd, ("embed", "kv_heads"), spec, rngs, bias=spec.qkv_bias)
         self.o_proj = Linear(h * hd, d, ("heads", "embed"), spec, rngs)
 
+    @property
+    def _impl(self) -> str | None:
+        return None if self.spec.attention == "auto" else self.spec.attention
+
     def __call__(self, x, cos, sin, cache=None, index=None, mask=None):
         """Causal self-attention; with `cache`, also returns the updated cache.
 
@@ -177,7 +192,7 @@ class Attention(nnx.Module):
         # slots; the explicit mask carries both causality and left padding.
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=self._impl)
         return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim)), (k, v)
 
 
@@ -230,7 +245,8 @@ class LlamaLM(nnx.Module):
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling)
         for layer in self.layers:
             if spec.remat:
-                x = nnx.remat(lambda blk, h: blk(h, cos, sin))(layer, x)
+                remat = nnx.remat(lambda blk, h: blk(h, cos, sin), policy=REMAT_POLICIES[spec.remat_policy])
+                x = remat(layer, x)
             else:
                 x = layer(x, cos, sin)
         return self.norm(x)

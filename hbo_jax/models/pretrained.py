@@ -63,14 +63,21 @@ def load_pretrained(init: str, mesh, model_cfg: ModelConfig):
     kind, path = parse_init(init)
     kw = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat)
     if kind == "hf":
-        from hbo_jax.models.hf import load_hf
+        from hbo_jax.models.hf import load_hf as load
+    elif kind == "gguf":
+        from hbo_jax.models.gguf import load_gguf as load
+    else:
+        raise ValueError(f"model.init={init!r} is not a pretrained model")
+    graphdef, params, spec = load(path, mesh, **kw)
+    if (spec.remat_policy, spec.attention) != (model_cfg.remat_policy, model_cfg.attention):
+        # Compute options live in the (static) spec: rebuild the graphdef around the same weights.
+        import dataclasses
 
-        return load_hf(path, mesh, **kw)
-    if kind == "gguf":
-        from hbo_jax.models.gguf import load_gguf
+        from hbo_jax.models.llama import abstract_model
 
-        return load_gguf(path, mesh, **kw)
-    raise ValueError(f"model.init={init!r} is not a pretrained model")
+        spec = dataclasses.replace(spec, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
+        graphdef = abstract_model(spec)[0]
+    return graphdef, params, spec
 
 
 def pretrained_tokenizer(init: str):
