@@ -140,6 +140,9 @@ class MixingConfig:
     # Guardrail: lambda * KL(p || prior) added to each actor's loss (global: the T prior,
     # local: uniform); 0 = off (paper and code).
     kl_to_prior: float = 0.0
+    # Cap on the probes' estimated compute relative to training (forward-pass units, see
+    # mixing/strategies.py::probe_cost_share); probe counts are cut to fit; 0 = no cap.
+    probe_budget: float = 0.0
 
 
 @dataclass
@@ -297,6 +300,8 @@ def validate(cfg: Config) -> Config:
                           "model (model.init=scorer or a pretrained model), not model.init=random")
     if not 0.0 <= cfg.mixing.min_prob < 1.0:
         raise ConfigError(f"mixing.min_prob={cfg.mixing.min_prob} must be in [0, 1)")
+    if cfg.mixing.probe_budget < 0:
+        raise ConfigError(f"mixing.probe_budget={cfg.mixing.probe_budget} must be >= 0 (0 = no cap)")
     if cfg.mixing.kl_to_prior < 0:
         raise ConfigError(f"mixing.kl_to_prior={cfg.mixing.kl_to_prior} must be >= 0")
     if cfg.mixing.local_source == "train" and cfg.mixing.local_reward != "ppl_ratio":

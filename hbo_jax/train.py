@@ -139,7 +139,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     strategy = resolve(cfg.mixing)
     leaves = data.leaves()
     mixer = Mixer(strategy, cfg.mixing, data.sizes, leaves, data.train, graphdef, mesh,
-                  cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval)
+                  cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval, train_batch=tc.batch_size)
     # Only a reward taken from training batches needs each row's reference NLL in the step.
     use_ref = mixer.uses_train_stats
     train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=use_ref)
@@ -277,6 +277,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         "p_global_final": dict(zip(data.names, pg.tolist())),
         "mixing_seconds": mixer.seconds, "train_loop_seconds": loop_seconds,
         "mixing_share": mixer.seconds / max(loop_seconds, 1e-9),
+        "estimated_probe_share": mixer.estimated_probe_share,
         "actor_updates": np.asarray(jax.device_get(mixer.state.num_updates)).tolist(),
         "skipped_updates": int(jax.device_get(mixer.state.num_skipped)),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),

@@ -117,7 +117,7 @@ def test_kl_to_prior_keeps_the_policy_closer_to_the_prior():
 @pytest.mark.parametrize("extra", [
     ("mixing.strategy=multidds",),
     ("mixing.global_reward=cossim", "mixing.local_reward=ifd_ratio", "mixing.kl_to_prior=0.5"),
-    ("mixing.global_reward=gradnorm_per_example", "mixing.local_reward=loss_ratio"),
+    ("mixing.global_reward=gradnorm_per_example", "mixing.local_reward=loss_ratio", "mixing.probe_budget=0.5"),
 ])
 def test_reward_variants_run_end_to_end(tmp_path, shared_cache, extra):
     import json
@@ -147,3 +147,24 @@ def test_local_reward_variants_need_probes():
 
     with pytest.raises(ConfigError, match="mixing.local_reward"):
         load_config(None, ["mixing.local_source=train", "mixing.local_reward=ifd_ratio"])
+
+
+def test_probe_budget_cuts_probe_counts_until_the_estimate_fits():
+    from hbo_jax.config import MixingConfig
+    from hbo_jax.mixing.strategies import probe_cost_share, probe_counts
+
+    cfg = MixingConfig(global_probes_per_bucket=8, local_probes_per_group=16, probe_budget=0.05)
+    g, loc, share = probe_counts(cfg, 8, 4, 64, True, True)
+    assert share <= 0.05 and (g, loc) != (8, 16) and g >= 1 and loc >= 1
+    assert share == pytest.approx(probe_cost_share(8 * 4 * g, 8 * 4 * loc, cfg, 64))
+    # One more probe anywhere would break the budget (the cut stops as soon as it fits).
+    assert probe_cost_share(8 * 4 * (g + 1), 8 * 4 * loc, cfg, 64) > 0.05 or \
+        probe_cost_share(8 * 4 * g, 8 * 4 * (loc + 1), cfg, 64) > 0.05
+
+
+def test_no_probe_budget_keeps_the_configured_counts():
+    from hbo_jax.config import MixingConfig
+    from hbo_jax.mixing.strategies import probe_counts
+
+    cfg = MixingConfig(global_probes_per_bucket=8, local_probes_per_group=16)
+    assert probe_counts(cfg, 8, 4, 64, True, True)[:2] == (8, 16)

@@ -15,6 +15,7 @@ share of wall-clock spent on mixing) and hands new probabilities to the sampler.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -108,6 +109,36 @@ def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
     return (1.0 - n * floor) * p + floor
 
 
+def probe_cost_share(global_rows: int, local_rows: int, cfg: MixingConfig, train_batch: int) -> float:
+    """Estimated compute of the probes relative to training, in forward-pass units.
+
+    A training row and a gradient probe cost a forward and a backward (about 3 forwards);
+    a local probe is a forward only. Per update interval: probes / (interval * batch).
+    """
+    probe = 3.0 * global_rows / cfg.global_every + 1.0 * local_rows / cfg.local_every
+    return probe / (3.0 * train_batch)
+
+
+def probe_counts(cfg: MixingConfig, d: int, k: int, train_batch: int, global_probes: bool,
+                 local_probes: bool) -> tuple[int, int, float]:
+    """(global probes per bucket, local probes per group, estimated share) under the budget.
+
+    With `mixing.probe_budget` > 0 the larger of the two probe costs is cut one probe at a
+    time (never below 1 per bucket or group) until the estimate fits the budget.
+    """
+    g, loc = cfg.global_probes_per_bucket, cfg.local_probes_per_group
+    share = lambda g, loc: probe_cost_share(d * k * g if global_probes else 0, d * k * loc if local_probes else 0,
+                                            cfg, train_batch)
+    while cfg.probe_budget > 0 and share(g, loc) > cfg.probe_budget and (g > 1 or loc > 1):
+        g_cost = share(g, 1) - share(1, 1) if global_probes else 0.0
+        l_cost = share(1, loc) - share(1, 1) if local_probes else 0.0
+        if g > 1 and (g_cost >= l_cost or loc == 1):
+            g -= 1
+        else:
+            loc -= 1
+    return g, loc, share(g, loc)
+
+
 def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
     """p_i proportional to |D_i|^(1/T); T=inf gives uniform."""
     n = np.asarray(sizes, np.float64)
@@ -119,11 +150,25 @@ class Mixer:
     """Owns the MixerState; computes rewards and updates the actors every N steps."""
 
     def __init__(self, strategy: Strategy, cfg: MixingConfig, sizes, leaves, stores, graphdef,
-                 mesh, seq_len: int, pad_id: int, seed: int, dev_stores: Sequence | None = None):
-        self.strategy, self.cfg = strategy, cfg
+                 mesh, seq_len: int, pad_id: int, seed: int, dev_stores: Sequence | None = None,
+                 train_batch: int = 0):
+        self.strategy = strategy
         self.leaves, self.stores, self.mesh = leaves, stores, mesh
         self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
         self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
+        global_probes = strategy.global_actor and strategy.global_reward in global_rewards.MAKERS
+        local_probes = (strategy.local_actor or strategy.global_reward == "ppl_ratio") and cfg.local_source == "probes"
+        g, loc, share = probe_counts(cfg, self.num_datasets, self.num_buckets, max(train_batch, 1),
+                                     global_probes, local_probes)
+        if (g, loc) != (cfg.global_probes_per_bucket, cfg.local_probes_per_group):
+            log.info("mixing.probe_budget=%.3f: probes cut to %d per bucket (global) and %d per group (local)",
+                     cfg.probe_budget, g, loc)
+        if cfg.probe_budget and share > cfg.probe_budget:
+            log.warning("mixing.probe_budget=%.3f cannot be met with one probe per bucket and group "
+                        "(estimate %.3f); raise mixing.global_every / local_every", cfg.probe_budget, share)
+        self.cfg = dataclasses.replace(cfg, global_probes_per_bucket=g, local_probes_per_group=loc)
+        cfg = self.cfg
+        self.estimated_probe_share = share if train_batch else None
         p0 = prior(sizes, strategy.temperature)
         # Replicated on every device of the mesh: each host holds the same policy.
         self.state = jax.device_put(
