@@ -93,6 +93,11 @@ class DataConfig:
     difficulty: str = "ppl"  # ppl | loss | ifd | length
     bad_input: str = "skip"  # skip (counted and reported) | error
     max_eval_per_subset: int = 64
+    # Sequence packing of training batches: each step's train.batch_size examples go,
+    # first-fit, into pack_rows rows of seq_len tokens (segment-masked attention, exact
+    # loss); a step that does not fit runs with one row per example (counted, no drop).
+    packing: bool = False
+    pack_rows: int = 0  # 0: 1.25x the rows of a step of mean-length examples (packing.default_pack_rows)
 
 
 @dataclass
@@ -307,6 +312,9 @@ def validate(cfg: Config) -> Config:
     if cfg.mixing.local_source == "train" and cfg.mixing.local_reward != "ppl_ratio":
         raise ConfigError(f"mixing.local_reward={cfg.mixing.local_reward} needs probes (mixing.local_source=probes); "
                           "training batches carry only the PPL ratio")
+    if not 0 <= cfg.data.pack_rows <= cfg.train.batch_size:
+        raise ConfigError(f"data.pack_rows={cfg.data.pack_rows} must be in [0, train.batch_size="
+                          f"{cfg.train.batch_size}] (0 = sized from the mean example length)")
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     _validate_subsets(cfg.data.subsets)

@@ -6,6 +6,12 @@ A batch is a dict of global arrays, rows sharded over (data, fsdp):
 The loss is the token mean of the response-only NLL (paper Eq. 1). The train step also
 returns per-group statistics reduced with `segment_sum`; since the batch is a global
 array, the sums are global on every host without any explicit collective.
+
+A packed batch (`data.packing`, see `hbo_jax.data.packing`) has R rows of several
+examples each, plus positions [R, T] and segment_ids [R, T] (global example index + 1,
+0 = padding); group_id (and ref_nll) stay one per example [B]. Per-example sums are then
+segment sums over segment_ids, so the loss and every group statistic match the unpacked
+batch.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ class TrainState:
     opt_state: Any
 
 
-def token_nll(graphdef, params, input_ids: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token negative log-likelihood [B, T] in fp32."""
+def token_nll(graphdef, params, input_ids: jax.Array, targets: jax.Array,
+              positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Per-token negative log-likelihood [B, T] in fp32 (packed rows: pass positions and segment_ids)."""
     model = nnx.merge(graphdef, params)
-    logits = model(input_ids)
+    logits = model(input_ids) if segment_ids is None else model(input_ids, positions, segment_ids)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
@@ -44,6 +51,18 @@ def example_nll(nll: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(mean NLL over each example's loss tokens [B], loss-token count [B])."""
     count = jnp.sum(mask, axis=-1)
     return jnp.sum(nll * mask, axis=-1) / jnp.maximum(count, 1.0), count
+
+
+def packed_example_nll(nll: jax.Array, mask: jax.Array, segment_ids: jax.Array,
+                       num_examples: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Packed rows -> (mean NLL [E], NLL sum [E], loss-token count [E]) per example.
+
+    Segment 0 (padding) takes slot 0 of the segment sum and is dropped.
+    """
+    seg = lambda x: jax.ops.segment_sum(x.reshape(-1), segment_ids.reshape(-1),
+                                        num_segments=num_examples + 1)[1:]
+    tok_sum, count = seg(nll * mask), seg(mask)
+    return tok_sum / jnp.maximum(count, 1.0), tok_sum, count
 
 
 def group_stats(ex_nll, tok_sum, count, group_id, num_groups: int) -> dict[str, jax.Array]:
@@ -78,26 +97,34 @@ def state_shardings(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll: bool = False) -> Callable:
+def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll: bool = False,
+                    packing: bool = False) -> Callable:
     """Returns jitted `step(state, batch) -> (state, metrics)`; the state is donated.
 
     With `ref_nll`, the batch carries each row's NLL under the starting model and the
     metrics add `group_ppl_ratio`: the per-group sum of PPL_theta / PPL_theta0 over the
     batch's examples (the local HBO reward, measured on the training batch for free).
+    With `packing`, the batch is packed (module docstring); the metrics are the same.
     """
 
     def step(state: TrainState, batch: Batch):
+        seg = batch["segment_ids"] if packing else None
+        pos = batch["positions"] if packing else None
+
         def loss_fn(params):
-            nll = token_nll(graphdef, params, batch["input_ids"], batch["targets"])
+            nll = token_nll(graphdef, params, batch["input_ids"], batch["targets"], pos, seg)
             return masked_mean_loss(nll, batch["loss_mask"]), nll
 
         (loss, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         mask = batch["loss_mask"]
-        ex_nll, count = example_nll(nll, mask)
+        if packing:
+            ex_nll, tok_sum, count = packed_example_nll(nll, mask, seg, batch["group_id"].shape[0])
+        else:
+            (ex_nll, count), tok_sum = example_nll(nll, mask), jnp.sum(nll * mask, -1)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask)}
-        metrics.update(group_stats(ex_nll, jnp.sum(nll * mask, -1), count, batch["group_id"], num_groups))
+        metrics.update(group_stats(ex_nll, tok_sum, count, batch["group_id"], num_groups))
         if ref_nll:
             ratio = jnp.exp(jax.lax.stop_gradient(ex_nll) - batch["ref_nll"])
             metrics["group_ppl_ratio"] = jax.ops.segment_sum(ratio, batch["group_id"], num_segments=num_groups)
@@ -106,6 +133,8 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
     bs = batch_sharding(mesh)
     in_batch = {"input_ids": bs, "targets": bs, "loss_mask": bs,
                 "group_id": batch_sharding(mesh, 1)}
+    if packing:
+        in_batch.update(positions=bs, segment_ids=bs)
     if ref_nll:
         in_batch["ref_nll"] = batch_sharding(mesh, 1)
     return jax.jit(step, in_shardings=(state_sharding, in_batch),

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
 from hbo_jax.data.formats import DataError
+from hbo_jax.data.packing import default_pack_rows
 from hbo_jax.data.prepare import PreparedData, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
@@ -34,7 +35,8 @@ from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedu
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import CheckpointMismatch, load_params
 from hbo_jax.models.pretrained import is_pretrained, load_pretrained
-from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, make_mesh, replicated
+from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
+                              replicated)
 from hbo_jax.report import write_report
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
                           state_shardings)
@@ -129,6 +131,16 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         for line in m["skipped"]["by_reason"].items():
             log.warning("data: skipped %d rows: %s", line[1], line[0])
 
+    pack_rows = 0
+    if cfg.data.packing:  # rows are sharded like batch rows; each host packs its own slice
+        slots = np.minimum(np.concatenate([s.lengths for s in data.train]), cfg.data.seq_len + 1) - 1
+        pack_rows = cfg.data.pack_rows or default_pack_rows(cfg.train.batch_size, float(np.mean(slots)),
+                                                            cfg.data.seq_len, batch_divisor(mesh))
+        check_batch_size("data.pack_rows", pack_rows, mesh)
+        if pack_rows % jax.process_count():
+            raise ConfigError(f"data.pack_rows={pack_rows} not divisible by {jax.process_count()} processes")
+        log.info("packing: %d examples a step into %d rows of %d tokens (mean example %.1f tokens)",
+                 cfg.train.batch_size, pack_rows, cfg.data.seq_len, float(np.mean(slots)))
     graphdef, params = _initial_params(cfg, data, mesh)
     tc = cfg.train
     tx = make_optimizer(tc.learning_rate, tc.steps, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
@@ -142,7 +154,8 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
                   cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval, train_batch=tc.batch_size)
     # Only a reward taken from training batches needs each row's reference NLL in the step.
     use_ref = mixer.uses_train_stats
-    train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=use_ref)
+    train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=use_ref,
+                                 packing=bool(pack_rows))
     schedule = (load_schedule(cfg.mixing.replay_from, data.names, k) if strategy.name == "replay"
                 else ProbabilitySchedule(*mixer.probabilities()))
     sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, schedule)
@@ -192,8 +205,10 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
             mixing_log.write({"step": e["from_step"], "from_step": e["from_step"], "replayed": True,
                               "p_global": e["p_global"], "p_local": e["p_local"]})
 
+    pack_stats: dict = {}
     batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size),
-                             ref_nll=data.nll0 if use_ref else None)
+                             ref_nll=data.nll0 if use_ref else None,
+                             pack_rows=pack_rows // jax.process_count(), pack_stats=pack_stats)
     trace = Trace(run_dir, cfg.distributed.trace, host_slice(tc.batch_size), fresh=start == 0)
     t_log, mix_before = time.perf_counter(), mixer.seconds
 
@@ -283,6 +298,14 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
         "wall_seconds": time.perf_counter() - t_start,
     }
+    if pack_rows:  # this host's packing since (re)start: fill and examples cut at seq_len
+        summary["packing"] = {"rows": pack_rows, **pack_stats,
+                              "padding_fraction": 1 - pack_stats.get("tokens", 0) / max(pack_stats.get("slots", 0), 1)}
+        log.info("packing: %s", summary["packing"])
+        if pack_stats.get("overflow_steps"):
+            log.warning("packing: %d of %d steps did not fit in data.pack_rows=%d and ran with one row per "
+                        "example; a larger data.pack_rows avoids that", pack_stats["overflow_steps"],
+                        pack_stats["steps"], pack_rows)
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         save_schedule(run_dir / "schedule.json", sampler.schedule, data.names)

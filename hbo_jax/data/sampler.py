@@ -158,16 +158,34 @@ class PlanDataset(grain.IterDataset):
 
 
 def batch_iterator(sampler: HierarchicalSampler, stores: Sequence, seq_len: int, pad_id: int,
-                   rows: slice, ref_nll: Sequence[np.ndarray] | None = None):
+                   rows: slice, ref_nll: Sequence[np.ndarray] | None = None, pack_rows: int = 0,
+                   pack_stats: dict | None = None):
     """Grain iterator of host-local training batches: plan -> gather this host's rows -> pad.
 
     With `ref_nll` (per subset, per example), each row also carries its reference NLL.
+    With `pack_rows` > 0, this host's examples are packed (`hbo_jax.data.packing.pack`)
+    into that many rows instead of one row each (a step that does not fit on some host
+    overflows to one row per example on every host); `group_id` and `ref_nll` stay one
+    per example, and `pack_stats` (if given) accumulates steps, overflow steps, examples,
+    truncated examples, token slots and real tokens.
     """
+    from hbo_jax.data.packing import pack, step_rows, truncated
     from hbo_jax.data.store import collate
 
     def load(plan):
         sel = range(sampler.batch_size)[rows]
-        batch = collate([stores[plan["dataset"][r]][plan["index"][r]] for r in sel], seq_len, pad_id)
+        examples = [stores[plan["dataset"][r]][plan["index"][r]] for r in sel]
+        if pack_rows:
+            n = step_rows(plan, stores, sampler.batch_size, len(sel), seq_len, pack_rows)
+            batch = pack(examples, seq_len, pad_id, n, first_index=sel.start)
+            if pack_stats is not None:
+                for key, v in (("steps", 1), ("overflow_steps", int(n != pack_rows)),
+                               ("examples", len(examples)), ("truncated", truncated(examples, seq_len)),
+                               ("slots", batch["segment_ids"].size),
+                               ("tokens", int(np.count_nonzero(batch["segment_ids"])))):
+                    pack_stats[key] = pack_stats.get(key, 0) + v
+        else:
+            batch = collate(examples, seq_len, pad_id)
         batch["group_id"] = plan["group_id"][rows]
         if ref_nll is not None:
             batch["ref_nll"] = np.array([ref_nll[plan["dataset"][r]][plan["index"][r]] for r in sel], np.float32)

@@ -176,7 +176,8 @@ class Attention(nnx.Module):
             cos, sin: RoPE tables [B, T, head_dim].
             cache: Optional (keys, values), each [B, S, kv_heads, head_dim].
             index: Cache slot of x's first token (a scalar shared by all rows).
-            mask: With a cache, which slots each query sees: bool [B, T, S].
+            mask: With a cache, which slots each query sees: bool [B, T, S]. Without
+                one, an optional bool [B, T, T] segment-and-causal mask (packed rows).
         """
         b, t, _ = x.shape
         s = self.spec
@@ -185,6 +186,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, s.num_kv_heads, s.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
+            if mask is not None:  # packed rows: causal within each segment only
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+                return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim))
             # Right padding plus a causal mask never lets a real token attend to padding.
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
             return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim))
@@ -216,7 +220,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, cos, sin, cache=None, index=None, mask=None):
         if cache is None:
-            x = x + self.attn(self.input_norm(x), cos, sin)
+            x = x + self.attn(self.input_norm(x), cos, sin, mask=mask)
             return x + self.mlp(self.post_attn_norm(x))
         a, cache = self.attn(self.input_norm(x), cos, sin, cache, index, mask)
         x = x + a
@@ -236,19 +240,33 @@ class LlamaLM(nnx.Module):
         self.lm_head = None if spec.tie_embeddings else Linear(
             spec.hidden_size, spec.vocab_size, ("embed", "vocab"), spec, rngs)
 
-    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states [B, T, D]."""
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states [B, T, D].
+
+        Args:
+            tokens: Token ids [B, T].
+            positions: RoPE positions [B, T]; default 0..T-1 in every row.
+            segment_ids: Packed rows [B, T] (0 = padding): attention stays causal and
+                inside each segment. None: plain causal attention (unchanged numerics).
+        """
         spec = self.spec
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        mask = None
+        if segment_ids is not None:
+            # Padding (segment 0) sees only padding, so no query row is fully masked.
+            t = tokens.shape[1]
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[spec.dtype])
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling)
         for layer in self.layers:
             if spec.remat:
-                remat = nnx.remat(lambda blk, h: blk(h, cos, sin), policy=REMAT_POLICIES[spec.remat_policy])
+                remat = nnx.remat(lambda blk, h: blk(h, cos, sin, mask=mask),
+                                  policy=REMAT_POLICIES[spec.remat_policy])
                 x = remat(layer, x)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask=mask)
         return self.norm(x)
 
     def hidden_cached(self, tokens, positions, cache, index, mask):
@@ -281,8 +299,9 @@ class LlamaLM(nnx.Module):
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        return self.unembed(self.hidden(tokens, positions))
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.unembed(self.hidden(tokens, positions, segment_ids))
 
 
 def abstract_model(spec: LlamaSpec):
