@@ -192,3 +192,24 @@ def test_unknown_split_lists_the_splits(tmp_path):
     spec, _ = _hf_dataset_dict(tmp_path)
     with pytest.raises(DataError, match=r"no split 'dev' \(splits: \['train', 'test'\]\)"):
         Source.parse(spec + "#dev")
+
+
+def test_file_digests_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from hbo_jax.data import sources
+
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"prompt": "p", "response": "r"}\n')
+    sources.use_hash_store(tmp_path / "store" / "hashes.json")
+    first = sources.file_sha(f)
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (reads.append(str(p)), real_open(p, *a, **k))[1])
+    sources.use_hash_store(tmp_path / "store" / "hashes.json")  # a new run: the store is read from disk
+    assert sources.file_sha(f) == first and str(f) not in reads
+    monkeypatch.undo()
+    f.write_text('{"prompt": "p", "response": "changed"}\n')
+    os.utime(f, ns=(1, 1))  # even an old mtime: size or mtime differ from the stored stamp
+    assert sources.file_sha(f) != first
+    sources.use_hash_store(None)

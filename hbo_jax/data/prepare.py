@@ -29,7 +29,7 @@ from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import DataError, SkipReport, iter_conversations, read_conversations
-from hbo_jax.data.sources import Source, Subset, declared_subsets
+from hbo_jax.data.sources import Source, Subset, declared_subsets, use_hash_store
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
@@ -106,6 +106,7 @@ def mixture(cfg: Config) -> list[Subset]:
     Declared subsets come after the source directory's; with declared subsets and no
     source directory, the embedded mixture is not built.
     """
+    use_hash_store(cache_root(cfg) / "file_hashes.json")  # unchanged files are not re-read
     out = []
     if cfg.data.source_dir or not cfg.data.subsets:
         src = source_dir(cfg)

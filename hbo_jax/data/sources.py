@@ -93,11 +93,45 @@ class Source:
         return self._digest
 
 
+# Where file digests are remembered across runs (set by `prepare` to the cache root):
+# a file whose path, size and mtime are unchanged is not read again.
+_HASH_STORE: dict = {"path": None, "entries": None}
+
+
+def use_hash_store(path: Path | None) -> None:
+    """Remembers file digests in the JSON file `path` (None: hash every time)."""
+    _HASH_STORE.update(path=path, entries=None)
+
+
+def _store_entries() -> dict:
+    if _HASH_STORE["entries"] is None:
+        path = _HASH_STORE["path"]
+        try:
+            _HASH_STORE["entries"] = json.loads(path.read_text()) if path and path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            _HASH_STORE["entries"] = {}  # a damaged store only costs a re-hash
+    return _HASH_STORE["entries"]
+
+
 def file_sha(path: Path) -> str:
+    """sha256 of a file's bytes; reused from the hash store while size and mtime match."""
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
+    entries = _store_entries() if _HASH_STORE["path"] else {}
+    hit = entries.get(key)
+    if hit and hit[:2] == stamp:
+        return hit[2]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    if _HASH_STORE["path"]:
+        entries[key] = stamp + [h.hexdigest()]
+        store = _HASH_STORE["path"]
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, store)  # atomic: concurrent runs never read a torn store
     return h.hexdigest()
 
 
