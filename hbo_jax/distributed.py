@@ -54,6 +54,13 @@ def detect_cluster(env: dict | None = None) -> str | None:
     return None
 
 
+# A run directory's config.yaml records how *that* run was launched (coordinator address,
+# process id); a later command on the run (evaluate, export) starts from these instead
+# and takes its own `distributed.*` flags.
+FRESH_LAUNCH = ("distributed.mode=auto", "distributed.coordinator_address=''", "distributed.num_processes=0",
+                "distributed.process_id=-1", "distributed.trace=false")
+
+
 def initialize(cfg: DistributedConfig) -> bool:
     """Starts `jax.distributed` when the config or the environment asks for it.
 

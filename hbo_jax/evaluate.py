@@ -234,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
         if run_dir is None and not args.config:
             raise ConfigError("give a RUN_DIR or --config FILE")
-        cfg = load_config(run_dir / "config.yaml" if run_dir else args.config, args.overrides)
+        from hbo_jax.distributed import FRESH_LAUNCH, initialize
+
+        cfg = load_config(run_dir / "config.yaml" if run_dir else args.config,
+                          [*FRESH_LAUNCH, *args.overrides] if run_dir else args.overrides)
+        initialize(cfg.distributed)  # every host runs the command on a multi-host cluster
         mesh = make_mesh(cfg.mesh)
         data = prepare(cfg, mesh)
         model = args.model if run_dir is not None or args.model != "checkpoint" else "base"

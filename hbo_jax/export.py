@@ -14,19 +14,26 @@ import sys
 from pathlib import Path
 
 
-def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str | None = None) -> Path:
-    """Exports the checkpoint at `step` (default: the latest) of a run; returns out_dir."""
+def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str | None = None,
+               overrides: list[str] = ()) -> Path:
+    """Exports the checkpoint at `step` (default: the latest) of a run; returns out_dir.
+
+    On several hosts every process runs this (with `distributed.*` overrides or an
+    auto-detected cluster): the gathers are collective and process 0 writes.
+    """
     from flax import nnx
 
     from hbo_jax.config import ConfigError, load_config
     from hbo_jax.data.prepare import prepare
+    from hbo_jax.distributed import FRESH_LAUNCH, initialize
     from hbo_jax.evaluate import load_model
     from hbo_jax.models.hf import export_hf
     from hbo_jax.parallel import make_mesh
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", [*FRESH_LAUNCH, *overrides])
+    initialize(cfg.distributed)
     mesh = make_mesh(cfg.mesh)
     data = prepare(cfg, mesh)  # the run's tokenizer (cached: nothing is recomputed)
     graphdef, params = load_model("checkpoint", cfg, data, mesh, run_dir, step)
@@ -45,17 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="stored dtype (default: as trained)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. distributed.* flags or mesh.*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        out = export_run(args.run_dir, args.out_dir, args.step, args.dtype)
+        out = export_run(args.run_dir, args.out_dir, args.step, args.dtype, args.overrides)
     except (ConfigError, DataError, CheckpointMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.run_dir} to {out}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"exported {args.run_dir} to {out}")
     return 0
 
 

@@ -172,3 +172,26 @@ def test_cluster_detection(env, expected):
 def test_explicit_flags_must_be_complete(tmp_path, capsys):
     code = main([f"run_dir={tmp_path}", "distributed.coordinator_address=127.0.0.1:1"])
     assert code == 2 and "distributed.num_processes" in capsys.readouterr().err
+
+
+def test_two_processes_export_the_same_hugging_face_directory_as_one(runs, tmp_path):
+    """`python -m hbo_jax.export` on every host: collective gathers, process 0 writes."""
+    from hbo_jax.export import main as export_main
+
+    single, multi = runs
+    one = tmp_path / "one"
+    assert export_main([str(multi), str(one)]) == 0  # this process: 8 devices, no cluster
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip(), JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+    port, pair = _free_port(), tmp_path / "pair"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "hbo_jax.export", str(multi), str(pair), f"distributed.coordinator_address=127.0.0.1:{port}",
+         "distributed.num_processes=2", f"distributed.process_id={i}", "distributed.initialization_timeout=120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "exported" in outs[0] and "exported" not in outs[1]  # only process 0 writes and reports
+    assert (pair / "model.safetensors").read_bytes() == (one / "model.safetensors").read_bytes()
+    assert (pair / "config.json").read_text() == (one / "config.json").read_text()
