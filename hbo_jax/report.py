@@ -30,7 +30,15 @@ log = logging.getLogger("hbo_jax.report")
 
 TASK_METRICS = ("acc", "acc_norm", "exact_match")
 FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
-GROUP_IGNORE = ("run_dir", "train.seed")
+# Config keys that do not make runs different experiments: the seed (groups are seeds)
+# and bookkeeping (where and how often things are logged, evaluated, checkpointed).
+GROUP_IGNORE = ("run_dir", "train.seed", "eval.", "tracking.", "distributed.", "data.cache_dir",
+                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
+                "train.allow_config_change")
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in GROUP_IGNORE)
 _MARKERS = ("summary.json", "metrics.jsonl", "eval.json", "probabilities_start.json", "mixing.jsonl")
 
 
@@ -243,14 +251,14 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     """Runs with equal config.yaml up to `run_dir` and `train.seed`, in first-seen order."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        key = json.dumps({k: v for k, v in _flatten(r.config).items() if k not in GROUP_IGNORE},
+        key = json.dumps({k: v for k, v in _flatten(r.config).items() if not _ignored(k)},
                          sort_keys=True, default=str)
         groups.setdefault(key, []).append(r)
     return list(groups.values())
 
 
 def _labels(groups: list[list[Run]]) -> list[str]:
-    flat = [{k: v for k, v in _flatten(g[0].config).items() if k not in GROUP_IGNORE} for g in groups]
+    flat = [{k: v for k, v in _flatten(g[0].config).items() if not _ignored(k)} for g in groups]
     keys = sorted({k for f in flat for k in f if len({json.dumps(x.get(k), default=str) for x in flat}) > 1})
     if not keys:
         return [g[0].strategy for g in groups]
@@ -310,8 +318,9 @@ def compare(runs: list[Run], out: str | Path, metric: str = "loss") -> dict:
             + [f"{_fmt(g['stats'][s]['mean'])} ± {_fmt(g['stats'][s]['std'])}" if s in g["stats"] else "—"
                for s in [*subsets, "macro"]] for g in groups]
     md = [f"# Comparison: {metric} after training", "",
-          f"Mean ± std (ddof=1) over the seeds of each group; n = runs in the group. "
-          f"Groups = equal config.yaml except {' and '.join(GROUP_IGNORE)}.", ""]
+          "Mean ± std (ddof=1) over the seeds of each group; n = runs in the group. "
+          "Groups = equal config.yaml except run_dir, train.seed and bookkeeping keys "
+          "(eval.*, tracking.*, distributed.*, logging and checkpoint cadence).", ""]
     md += _table(header, rows) + ["", "## Groups", ""]
     md += [f"- **{g['label']}**: " + ", ".join(g["runs"]) for g in groups] + ["", "![compare](compare.png)", ""]
     (out / "compare.md").write_text("\n".join(md))

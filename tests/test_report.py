@@ -150,3 +150,19 @@ def test_real_tiny_run_report(tmp_path, shared_cache):
     rows = md_table((run_dir / "report" / "report.md").read_text(), "subset")
     after = json.loads((run_dir / "eval.json").read_text())["after"]
     assert {r["subset"] for r in rows} == set(after)
+
+
+def test_bookkeeping_keys_do_not_split_a_group(tmp_path):
+    from hbo_jax.report import group_runs, load_run
+
+    runs = []
+    for seed, extra in ((0, {"eval": {"every": 50}, "train": {"log_every": 5}}),
+                        (1, {"eval": {"every": 100}, "tracking": {"tensorboard": False}}),
+                        (2, {"mixing": {"strategy": "uniform"}})):
+        run_dir = write_run(tmp_path / f"s{seed}", seed=seed)
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for section, values in extra.items():
+            cfg.setdefault(section, {}).update(values)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+        runs.append(load_run(run_dir))
+    assert [[r.path.name for r in g] for g in group_runs(runs)] == [["s0", "s1"], ["s2"]]
