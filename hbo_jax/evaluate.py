@@ -174,6 +174,7 @@ def format_table(before: dict, after: dict) -> str:
 def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | None):
     """(graphdef, params) for `--model`: checkpoint | base | hf:<dir> | gguf:<file> | smollm2."""
     from hbo_jax.checkpoint import Checkpointer
+    from hbo_jax.config import ConfigError
     from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
     from hbo_jax.models.loading import load_params
     from hbo_jax.models.pretrained import is_pretrained, load_pretrained
@@ -181,11 +182,11 @@ def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | Non
     if spec not in ("checkpoint", "base"):
         graphdef, params, model_spec = load_pretrained(spec, mesh, cfg.model)
         if model_spec.vocab_size < len(data.tokenizer):
-            raise ValueError(f"--model {spec}: vocabulary {model_spec.vocab_size} is smaller than the "
+            raise ConfigError(f"--model {spec}: vocabulary {model_spec.vocab_size} is smaller than the "
                              f"run's tokenizer ({len(data.tokenizer)}); evaluate it with its own config")
         return graphdef, params
     if spec == "checkpoint" and run_dir is None:
-        raise ValueError("--model checkpoint needs a RUN_DIR")
+        raise ConfigError("--model checkpoint needs a RUN_DIR")
     base = cfg.model.init
     if is_pretrained(base):  # a checkpoint then overwrites these weights
         graphdef, params, _ = load_pretrained(base, mesh, cfg.model)
@@ -200,17 +201,16 @@ def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | Non
         step = step if step is not None else ckpt.latest_step()
         if step is None:
             ckpt.close()
-            raise ValueError(f"{run_dir / 'checkpoints'}: no checkpoint found")
+            raise ConfigError(f"{run_dir / 'checkpoints'}: no checkpoint found")
         params = ckpt.restore_params(step, params, mesh)
         ckpt.close()
     return graphdef, params
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hbo_jax.cli import USER_ERRORS, setup_logging
     from hbo_jax.config import ConfigError, load_config
-    from hbo_jax.data.formats import DataError
     from hbo_jax.data.prepare import prepare
-    from hbo_jax.models.loading import CheckpointMismatch
     from hbo_jax.parallel import make_mesh
     from hbo_jax.step import make_example_nll_fn
 
@@ -224,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output JSON (default: <run_dir>/eval_<model>.json)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        force=True)
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     try:
         run_dir = Path(args.run_dir) if args.run_dir else None
         if run_dir is not None and not (run_dir / "config.yaml").is_file():
@@ -247,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         cap = args.max_per_subset or cfg.data.max_eval_per_subset
         result = evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset=cap,
                                 with_tasks=not args.no_tasks, desc=model)
-    except (ConfigError, DataError, CheckpointMismatch, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tag = "".join(c if c.isalnum() else "_" for c in model.split("/")[-1])

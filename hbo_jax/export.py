@@ -9,7 +9,6 @@ back into hbo_jax as `model.init=hf:OUT_DIR` or `python -m hbo_jax.evaluate RUN_
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -43,9 +42,7 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hbo_jax.config import ConfigError
-    from hbo_jax.data.formats import DataError
-    from hbo_jax.models.loading import CheckpointMismatch
+    from hbo_jax.cli import USER_ERRORS, setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m hbo_jax.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
@@ -54,13 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="stored dtype (default: as trained)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. distributed.* flags or mesh.*")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        force=True)
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     try:
         out = export_run(args.run_dir, args.out_dir, args.step, args.dtype, args.overrides)
-    except (ConfigError, DataError, CheckpointMismatch, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import jax

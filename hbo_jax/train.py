@@ -24,8 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
+from hbo_jax.cli import USER_ERRORS, setup_logging
 from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
-from hbo_jax.data.formats import DataError
 from hbo_jax.data.packing import default_pack_rows
 from hbo_jax.data.prepare import PreparedData, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
@@ -33,7 +33,7 @@ from hbo_jax.distributed import StopRequest, Trace, initialize as init_distribut
 from hbo_jax.evaluate import evaluate_model, format_table
 from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedule
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
-from hbo_jax.models.loading import CheckpointMismatch, load_params
+from hbo_jax.models.loading import load_params
 from hbo_jax.models.pretrained import is_pretrained, load_pretrained
 from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
                               replicated)
@@ -326,16 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the demo run")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 mixing.strategy=uniform")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        force=True)  # absl installs a root handler first
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         init_distributed(cfg.distributed)  # here, not at import (grain#802)
         with StopRequest() as stop:
             run(cfg, stop)
-    except (ConfigError, DataError, CheckpointMismatch) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

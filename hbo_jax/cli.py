@@ -1,0 +1,20 @@
+"""What the command-line entry points share: logging set-up and the errors that are the user's."""
+
+from __future__ import annotations
+
+import logging
+
+from hbo_jax.config import ConfigError
+from hbo_jax.data.formats import DataError
+from hbo_jax.models.loading import CheckpointMismatch
+
+# Bad input (config, data, weights): printed as `error: ...` with exit status 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatch)
+
+
+def setup_logging() -> None:
+    """INFO lines with a timestamp; the libraries' chatter at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)  # absl installs a root handler first
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
