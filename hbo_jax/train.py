@@ -309,9 +309,9 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     if jax.process_index() == 0:
         (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
         save_schedule(run_dir / "schedule.json", sampler.schedule, data.names)
+        summary["report"] = str(run_dir / "report" / "report.md")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        summary["report"] = write_report(run_dir)["report"]
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(run_dir)  # reads the logs and summary.json written above
         print("\nHeld-out response loss / perplexity and task metric per subset:")
         print(format_table(before, after))
         print("\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(data.names, pg)))
