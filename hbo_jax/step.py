@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from hbo_jax.models.ghost import Ghost
 from hbo_jax.parallel import batch_sharding, replicated
 
 Batch = dict[str, jax.Array]
@@ -36,11 +37,22 @@ class TrainState:
 
 
 def token_nll(graphdef, params, input_ids: jax.Array, targets: jax.Array,
-              positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+              positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+              ghost: Ghost | None = None) -> jax.Array:
     """Per-token negative log-likelihood [B, T] in fp32 (packed rows: pass positions and segment_ids)."""
     model = nnx.merge(graphdef, params)
-    logits = model(input_ids) if segment_ids is None else model(input_ids, positions, segment_ids)
+    logits = model(input_ids, positions if segment_ids is not None else None, segment_ids, ghost=ghost)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def example_grad_norms(sq_norms: jax.Array, count: jax.Array, total_tokens: jax.Array) -> jax.Array:
+    """Per-example ||grad of the example's mean NLL|| [E] from the ghost probe's gradient.
+
+    The probe's gradient is ||grad L_e||^2 with L_e the example's share of the batch loss
+    sum_t nll_t / N; the example's own mean loss is (N / count_e) L_e.
+    """
+    n = jnp.maximum(total_tokens, 1.0)
+    return jnp.sqrt(jnp.maximum(sq_norms, 0.0)) * n / jnp.maximum(count, 1.0)
 
 
 def masked_mean_loss(nll: jax.Array, mask: jax.Array) -> jax.Array:
@@ -98,24 +110,32 @@ def state_shardings(state: TrainState):
 
 
 def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll: bool = False,
-                    packing: bool = False) -> Callable:
+                    packing: bool = False, example_gradnorm: bool = False) -> Callable:
     """Returns jitted `step(state, batch) -> (state, metrics)`; the state is donated.
 
     With `ref_nll`, the batch carries each row's NLL under the starting model and the
     metrics add `group_ppl_ratio`: the per-group sum of PPL_theta / PPL_theta0 over the
     batch's examples (the local HBO reward, measured on the training batch for free).
     With `packing`, the batch is packed (module docstring); the metrics are the same.
+    With `example_gradnorm`, the metrics add `group_gradnorm`: the per-group sum of each
+    example's gradient norm (of its mean NLL), from the same backward pass
+    (`hbo_jax.models.ghost`); the update is unchanged.
     """
 
     def step(state: TrainState, batch: Batch):
         seg = batch["segment_ids"] if packing else None
         pos = batch["positions"] if packing else None
+        probe = jnp.zeros(batch["group_id"].shape, jnp.float32) if example_gradnorm else None
 
-        def loss_fn(params):
-            nll = token_nll(graphdef, params, batch["input_ids"], batch["targets"], pos, seg)
+        def loss_fn(params, probe):
+            ghost = None if probe is None else Ghost(probe, seg)
+            nll = token_nll(graphdef, params, batch["input_ids"], batch["targets"], pos, seg, ghost)
             return masked_mean_loss(nll, batch["loss_mask"]), nll
 
-        (loss, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        argnums = (0, 1) if example_gradnorm else 0
+        (loss, nll), grads = jax.value_and_grad(loss_fn, argnums, has_aux=True)(state.params, probe)
+        if example_gradnorm:
+            grads, sq_norms = grads
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         mask = batch["loss_mask"]
@@ -125,6 +145,9 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
             (ex_nll, count), tok_sum = example_nll(nll, mask), jnp.sum(nll * mask, -1)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask)}
         metrics.update(group_stats(ex_nll, tok_sum, count, batch["group_id"], num_groups))
+        if example_gradnorm:
+            norms = example_grad_norms(sq_norms, count, jnp.sum(mask))
+            metrics["group_gradnorm"] = jax.ops.segment_sum(norms, batch["group_id"], num_segments=num_groups)
         if ref_nll:
             ratio = jnp.exp(jax.lax.stop_gradient(ex_nll) - batch["ref_nll"])
             metrics["group_ppl_ratio"] = jax.ops.segment_sum(ratio, batch["group_id"], num_segments=num_groups)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hbo_jax.config import ModelConfig
+from hbo_jax.models import ghost as ghost_ops
+from hbo_jax.models.ghost import Ghost
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What the backward pass may keep from the forward of a rematerialised block: nothing
@@ -105,7 +107,10 @@ class Linear(nnx.Module):
         self.bias = _param(nnx.initializers.zeros, rngs, (d_out,), pdt, names[1:]) if bias else None
         self.dtype = _DTYPES[spec.dtype]
 
-    def __call__(self, x):
+    def __call__(self, x, ghost: Ghost | None = None):
+        if ghost is not None:
+            b = None if self.bias is None else self.bias[...].astype(self.dtype)
+            return ghost_ops.linear(x, self.kernel[...].astype(self.dtype), b, ghost)
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -117,11 +122,12 @@ class RMSNorm(nnx.Module):
         self.weight = _param(nnx.initializers.ones, rngs, (dim,), _DTYPES[spec.param_dtype], ("norm",))
         self.eps = spec.rms_norm_eps
 
-    def __call__(self, x):
+    def __call__(self, x, ghost: Ghost | None = None):
         # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        w = self.weight[...].astype(jnp.float32)
+        return (y * w if ghost is None else ghost_ops.scale(y, w, ghost)).astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
@@ -168,7 +174,7 @@ class Attention(nnx.Module):
     def _impl(self) -> str | None:
         return None if self.spec.attention == "auto" else self.spec.attention
 
-    def __call__(self, x, cos, sin, cache=None, index=None, mask=None):
+    def __call__(self, x, cos, sin, cache=None, index=None, mask=None, ghost: Ghost | None = None):
         """Causal self-attention; with `cache`, also returns the updated cache.
 
         Args:
@@ -181,17 +187,16 @@ class Attention(nnx.Module):
         """
         b, t, _ = x.shape
         s = self.spec
-        q = self.q_proj(x).reshape(b, t, s.num_heads, s.head_dim)
-        k = self.k_proj(x).reshape(b, t, s.num_kv_heads, s.head_dim)
-        v = self.v_proj(x).reshape(b, t, s.num_kv_heads, s.head_dim)
+        q = self.q_proj(x, ghost).reshape(b, t, s.num_heads, s.head_dim)
+        k = self.k_proj(x, ghost).reshape(b, t, s.num_kv_heads, s.head_dim)
+        v = self.v_proj(x, ghost).reshape(b, t, s.num_kv_heads, s.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             if mask is not None:  # packed rows: causal within each segment only
-                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-                return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim))
-            # Right padding plus a causal mask never lets a real token attend to padding.
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-            return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim))
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=self._impl)
+            else:  # right padding plus a causal mask never lets a real token attend to padding
+                out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._impl)
+            return self.o_proj(out.reshape(b, t, s.num_heads * s.head_dim), ghost)
         # Functional cache: write this chunk's keys/values at `index`, attend over all
         # slots; the explicit mask carries both causality and left padding.
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
@@ -207,8 +212,8 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, ("embed", "mlp"), spec, rngs)
         self.down_proj = Linear(f, d, ("mlp", "embed"), spec, rngs)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, ghost: Ghost | None = None):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, ghost)) * self.up_proj(x, ghost), ghost)
 
 
 class Block(nnx.Module):
@@ -218,10 +223,10 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(spec.hidden_size, spec, rngs)
         self.mlp = MLP(spec, rngs)
 
-    def __call__(self, x, cos, sin, cache=None, index=None, mask=None):
+    def __call__(self, x, cos, sin, cache=None, index=None, mask=None, ghost: Ghost | None = None):
         if cache is None:
-            x = x + self.attn(self.input_norm(x), cos, sin, mask=mask)
-            return x + self.mlp(self.post_attn_norm(x))
+            x = x + self.attn(self.input_norm(x, ghost), cos, sin, mask=mask, ghost=ghost)
+            return x + self.mlp(self.post_attn_norm(x, ghost), ghost)
         a, cache = self.attn(self.input_norm(x), cos, sin, cache, index, mask)
         x = x + a
         return x + self.mlp(self.post_attn_norm(x)), cache
@@ -250,6 +255,10 @@ class LlamaLM(nnx.Module):
             segment_ids: Packed rows [B, T] (0 = padding): attention stays causal and
                 inside each segment. None: plain causal attention (unchanged numerics).
         """
+        return self._hidden(tokens, positions, segment_ids)[0]
+
+    def _hidden(self, tokens, positions, segment_ids, ghost: Ghost | None = None):
+        """(final-norm hidden states, the ghost embedding's side output or None)."""
         spec = self.spec
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -258,16 +267,20 @@ class LlamaLM(nnx.Module):
             # Padding (segment 0) sees only padding, so no query row is fully masked.
             t = tokens.shape[1]
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[spec.dtype])
+        if ghost is None:
+            x, aux = jnp.take(self.embed[...], tokens, axis=0), None
+        else:
+            x, aux = ghost_ops.embed(self.embed[...], tokens, ghost)
+        x = x.astype(_DTYPES[spec.dtype])
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling)
         for layer in self.layers:
             if spec.remat:
-                remat = nnx.remat(lambda blk, h: blk(h, cos, sin, mask=mask),
+                remat = nnx.remat(lambda blk, h, g: blk(h, cos, sin, mask=mask, ghost=g),
                                   policy=REMAT_POLICIES[spec.remat_policy])
-                x = remat(layer, x)
+                x = remat(layer, x, ghost)
             else:
-                x = layer(x, cos, sin, mask=mask)
-        return self.norm(x)
+                x = layer(x, cos, sin, mask=mask, ghost=ghost)
+        return self.norm(x, ghost), aux
 
     def hidden_cached(self, tokens, positions, cache, index, mask):
         """Final-norm hidden states [B, T, D] of a forward that reads and writes a KV cache.
@@ -291,17 +304,22 @@ class LlamaLM(nnx.Module):
             new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
-    def unembed(self, h: jax.Array) -> jax.Array:
-        """Hidden states [..., D] -> fp32 logits [..., V]."""
-        if self.lm_head is None:
+    def unembed(self, h: jax.Array, ghost: Ghost | None = None, aux=None, tokens=None) -> jax.Array:
+        """Hidden states [..., D] -> fp32 logits [..., V] (ghost: also the lookup's aux and tokens)."""
+        if self.lm_head is not None:
+            logits = self.lm_head(h, ghost)
+        elif ghost is None:
             logits = h @ self.embed[...].astype(h.dtype).T
         else:
-            logits = self.lm_head(h)
+            logits = ghost_ops.tied_head(h, self.embed[...].astype(h.dtype), aux, tokens, ghost)
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        return self.unembed(self.hidden(tokens, positions, segment_ids))
+                 segment_ids: jax.Array | None = None, ghost: Ghost | None = None) -> jax.Array:
+        """Logits [B, T, V]. With `ghost`, differentiating also yields per-example gradient
+        norms (`hbo_jax.models.ghost`); the logits and parameter gradients are unchanged."""
+        h, aux = self._hidden(tokens, positions, segment_ids, ghost)
+        return self.unembed(h, ghost, aux, tokens)
 
 
 def abstract_model(spec: LlamaSpec):
