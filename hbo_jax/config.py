@@ -127,6 +127,12 @@ class MixingConfig:
     # every update (paper/code); "train" = the training batches since the last update,
     # against each example's NLL under the starting model (no extra compute).
     local_source: str = "probes"
+    # Where the global gradient-norm reward comes from: "probes" = probe batches drawn at
+    # each update (paper/code); "train" = the per-example gradient norms of the training
+    # examples in the last `global_train_steps` steps before each update, taken from the
+    # train step's own backward (the reference code's mean per-example norm, no probes).
+    global_source: str = "probes"
+    global_train_steps: int = 4  # with global_source=train; 0 = every step of the interval
     # strategy=replay: a run directory (its schedule.json) or a schedule.json file whose
     # probability schedule is replayed step for step, with no actors.
     replay_from: str = ""
@@ -254,6 +260,7 @@ _CHOICES = {
     "data.bad_input": ("skip", "error"),
     "mixing.strategy": STRATEGIES,
     "mixing.local_source": ("probes", "train"),
+    "mixing.global_source": ("probes", "train"),
     "mixing.global_reward": ("auto", "gradnorm", "gradnorm_per_example", "cossim", "dev_cosine", "ppl_ratio"),
     "mixing.local_reward": ("ppl_ratio", "loss_ratio", "ifd_ratio"),
     "tracking.wandb_mode": ("online", "offline", "disabled"),
@@ -315,6 +322,9 @@ def validate(cfg: Config) -> Config:
     if not 0 <= cfg.data.pack_rows <= cfg.train.batch_size:
         raise ConfigError(f"data.pack_rows={cfg.data.pack_rows} must be in [0, train.batch_size="
                           f"{cfg.train.batch_size}] (0 = sized from the mean example length)")
+    if cfg.mixing.global_train_steps < 0:
+        raise ConfigError(f"mixing.global_train_steps={cfg.mixing.global_train_steps} must be >= 0 "
+                          "(0 = every step of the interval)")
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     _validate_subsets(cfg.data.subsets)

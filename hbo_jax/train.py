@@ -78,6 +78,18 @@ def _initial_params(cfg: Config, data: PreparedData, mesh):
     return init_params(spec, mesh, cfg.train.seed)
 
 
+_LOCAL_KEYS = ("group_ppl_ratio", "group_examples")  # local_source=train
+_GLOBAL_KEYS = ("group_gradnorm", "gradnorm_examples")  # global_source=train
+
+
+def _add(acc: dict | None, new: dict) -> dict:
+    """Key-wise sum of reward statistics (keys absent from one side are taken as they are)."""
+    acc = dict(acc or {})
+    for key, v in new.items():
+        acc[key] = v if key not in acc else acc[key] + v
+    return acc
+
+
 def _per_subset(acc: dict, names: list[str], k: int) -> dict[str, float]:
     tok = acc["group_token_nll"].reshape(len(names), k).sum(1)
     cnt = acc["group_tokens"].reshape(len(names), k).sum(1)
@@ -154,8 +166,11 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
                   cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval, train_batch=tc.batch_size)
     # Only a reward taken from training batches needs each row's reference NLL in the step.
     use_ref = mixer.uses_train_stats
-    train_step = make_train_step(graphdef, tx, mesh, d * k, state_shardings(state), ref_nll=use_ref,
-                                 packing=bool(pack_rows))
+    step_args = (graphdef, tx, mesh, d * k, state_shardings(state))
+    train_step = make_train_step(*step_args, ref_nll=use_ref, packing=bool(pack_rows))
+    # The steps that feed a train-sourced global reward also return per-example gradient norms.
+    gradnorm_step = (make_train_step(*step_args, ref_nll=use_ref, packing=bool(pack_rows), example_gradnorm=True)
+                     if mixer.train_gradnorm else None)
     schedule = (load_schedule(cfg.mixing.replay_from, data.names, k) if strategy.name == "replay"
                 else ProbabilitySchedule(*mixer.probabilities()))
     sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, schedule)
@@ -238,17 +253,24 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     for s in bar:
         host_batch = next(batches)
         trace.batch(s, host_batch)
-        state, metrics = train_step(state, global_batch_from_host(host_batch, mesh))
-        acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
-        # Per-group PPL ratios since the last local update, summed on device (no host sync).
-        if use_ref:
-            local = {key: metrics[key] for key in ("group_ppl_ratio", "group_examples")}
-            mix_acc = local if mix_acc is None else jax.tree.map(lambda a, b: a + b, mix_acc, local)
         done = s + 1
+        # Only when the global update these statistics feed will happen (none at the end).
+        with_gradnorm = mixer.wants_example_gradnorm(done) and done + (-done) % cfg.mixing.global_every < tc.steps
+        state, metrics = (gradnorm_step if with_gradnorm else train_step)(state, global_batch_from_host(host_batch, mesh))
+        metrics = dict(metrics)
+        gradnorm = metrics.pop("group_gradnorm", None)
+        acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
+        # Reward statistics since the last update, summed on device (no host sync).
+        if use_ref:
+            mix_acc = _add(mix_acc, {key: metrics[key] for key in _LOCAL_KEYS})
+        if gradnorm is not None:
+            mix_acc = _add(mix_acc, dict(zip(_GLOBAL_KEYS, (gradnorm, metrics["group_examples"]))))
         # No update after the last step: nothing would sample from it.
         record = mixer.update(done, state.params, mix_acc) if done < tc.steps else None
-        if record is not None and "ppl_ratio" in record:
-            mix_acc = None
+        if record is not None:  # the statistics the update consumed restart from zero
+            used = (_LOCAL_KEYS if "ppl_ratio" in record else ()) + (
+                _GLOBAL_KEYS if mixer.train_gradnorm and "reward_global" in record else ())
+            mix_acc = {key: v for key, v in (mix_acc or {}).items() if key not in used} or None
         if record is not None:
             sampler.schedule.set(done, record["p_global"], record["p_local"])
             record["from_step"] = done

@@ -59,3 +59,11 @@ def test_train_local_source_needs_the_scorer_as_start():
 def test_bad_model_init_is_named(init):
     with pytest.raises(ConfigError, match="model.init"):
         load_config(overrides=[f"model.init={init}"])
+
+
+@pytest.mark.parametrize("extra", [["mixing.strategy=mos"], ["mixing.global_reward=gradnorm"],
+                                   ["mixing.strategy=hbo_local"]])
+def test_global_source_train_only_for_the_per_example_gradnorm_reward(extra):
+    cfg = load_config(overrides=["mixing.global_source=train", *extra])
+    with pytest.raises(ConfigError, match="mixing.global_source=train"):
+        resolve(cfg.mixing)

@@ -105,3 +105,28 @@ def test_ghost_norms_on_a_sharded_mesh_equal_one_device():
     graphdef, sharded = init_params(spec, mesh, seed=4)
     got, _ = _ghost_norms(graphdef, sharded, ids, tg, mask)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_train_step_group_gradnorm_sums_example_norms_and_keeps_the_update():
+    from hbo_jax.parallel import batch_sharding
+    from hbo_jax.step import init_train_state, make_optimizer, make_train_step, state_shardings
+
+    mesh = make_mesh(MeshConfig())
+    graphdef, params = init_params(_spec(True, False), mesh, seed=5)
+    host = jax.device_get(params)
+    ids, tg, mask, lengths = _batch(4)
+    mask = mask * (np.arange(T)[None] < lengths[:, None])
+    group = np.array([0, 2, 2, 1, 0, 2, 1, 1], np.int32)
+    batch = {"input_ids": ids, "targets": tg, "loss_mask": mask, "group_id": group}
+    batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    tx = make_optimizer(1e-2, 10, 1, 0.0, 1.0)
+    out = {}
+    for ghost in (False, True):
+        state = init_train_state(jax.device_put(host, jax.tree.map(lambda x: x.sharding, params)), tx, mesh)
+        step = make_train_step(graphdef, tx, mesh, 3, state_shardings(state), example_gradnorm=ghost)
+        out[ghost] = step(state, batch)
+    norms = _reference(graphdef, host, ids, tg, mask, lengths)
+    np.testing.assert_allclose(np.asarray(out[True][1]["group_gradnorm"]),
+                               [norms[group == g].sum() for g in range(3)], rtol=2e-4)
+    for a, b in zip(jax.tree.leaves(out[True][0].params), jax.tree.leaves(out[False][0].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -68,6 +68,15 @@ def test_local_reward_from_training_batches_runs_without_probes(tmp_path, shared
     assert np.all(ratios > 0) and np.all(np.abs(np.log(ratios)) < 1.0)
 
 
+def test_global_reward_from_training_steps_runs_without_global_probes(tmp_path, shared_cache):
+    run_dir = tmp_path / "global_train"
+    assert main(tiny_overrides(run_dir, shared_cache, "mixing.global_source=train", "mixing.global_train_steps=1",
+                               "mixing.global_every=2", "mixing.local_every=2", "train.steps=3")) == 0
+    rows = [json.loads(l) for l in (run_dir / "mixing.jsonl").read_text().splitlines()]
+    reward = np.array(rows[0]["reward_global"])
+    assert rows[0]["skipped"] == 0 and np.all(np.isfinite(reward)) and np.all(reward > 0)
+
+
 def test_fine_tunes_a_hugging_face_model_directory(tmp_path, shared_cache):
     """model.init=hf:<dir>: the model's own tokenizer scores, trains and is evaluated."""
     from hbo_jax.models.gguf import smollm2_path
@@ -96,13 +105,16 @@ def test_fine_tunes_a_hugging_face_model_directory(tmp_path, shared_cache):
     assert summary["eval_after"]["macro_avg"]["loss"] > 0
 
 
-@pytest.mark.parametrize("local_source", ["probes", "train"])
-def test_resume_equals_the_uninterrupted_run(tmp_path, shared_cache, local_source):
-    """Preempted after the step-2 checkpoint, resumed: logs and probabilities match exactly."""
+@pytest.mark.parametrize("sources", [("mixing.local_source=probes",), ("mixing.local_source=train",),
+                                     ("mixing.global_source=train", "mixing.global_train_steps=2")],
+                         ids=["probes", "local-train", "global-train"])
+def test_resume_equals_the_uninterrupted_run(tmp_path, shared_cache, sources):
+    """Preempted after the step-2 checkpoint, resumed: logs and probabilities match exactly
+    (global-train: the checkpoint falls inside the steps that feed the global reward)."""
     import shutil
 
     extra = ("train.steps=4", "train.checkpoint_every=2", "mixing.global_every=3", "mixing.local_every=3",
-             f"mixing.local_source={local_source}")
+             *sources)
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(tiny_overrides(full, shared_cache, *extra)) == 0
     assert main(tiny_overrides(cut, shared_cache, *extra)) == 0

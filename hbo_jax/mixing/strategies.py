@@ -74,6 +74,15 @@ def resolve(cfg: MixingConfig) -> Strategy:
             raise ConfigError(f"mixing.global_reward={cfg.global_reward} needs a strategy with a global actor "
                               f"(mixing.strategy={cfg.strategy} has none)")
         global_reward = cfg.global_reward
+    if cfg.global_source == "train":
+        # The train step yields per-example norms: the reference code's reward, not Eq. 7's
+        # batch-gradient norm (which needs one backward per dataset batch, i.e. probes).
+        if not g or global_reward not in ("gradnorm", "gradnorm_per_example") or cfg.global_reward == "gradnorm":
+            raise ConfigError(
+                f"mixing.global_source=train gives the per-example gradient-norm reward "
+                f"(gradnorm_per_example); mixing.strategy={cfg.strategy} with mixing.global_reward="
+                f"{cfg.global_reward} {'has no global actor' if not g else 'needs probes'}")
+        global_reward = "gradnorm_per_example"
     return Strategy(cfg.strategy, g, loc, t, global_reward, flat)
 
 
@@ -156,7 +165,9 @@ class Mixer:
         self.leaves, self.stores, self.mesh = leaves, stores, mesh
         self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
         self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
-        global_probes = strategy.global_actor and strategy.global_reward in global_rewards.MAKERS
+        self.train_gradnorm = strategy.global_actor and cfg.global_source == "train"
+        global_probes = (strategy.global_actor and strategy.global_reward in global_rewards.MAKERS
+                         and not self.train_gradnorm)
         local_probes = (strategy.local_actor or strategy.global_reward == "ppl_ratio") and cfg.local_source == "probes"
         g, loc, share = probe_counts(cfg, self.num_datasets, self.num_buckets, max(train_batch, 1),
                                      global_probes, local_probes)
@@ -181,7 +192,7 @@ class Mixer:
                             else jnp.full(self.state.local_logits.shape, -np.log(self.num_buckets)))
         self.seconds = 0.0
         self._warned: set[str] = set()
-        make = global_rewards.MAKERS.get(strategy.global_reward) if strategy.global_actor else None
+        make = global_rewards.MAKERS.get(strategy.global_reward) if global_probes else None
         self._global_fn = make(graphdef, mesh, self.num_datasets) if make else None
         self._dev_batch = None
         if strategy.global_actor and strategy.global_reward == "dev_cosine":
@@ -225,6 +236,29 @@ class Mixer:
         loc = self.strategy.local_actor and step > 0 and step % self.cfg.local_every == 0
         return g, loc
 
+    def wants_example_gradnorm(self, done: int) -> bool:
+        """Whether the train step ending at `done` completed steps feeds the global reward
+        (`mixing.global_source=train`: the last `global_train_steps` before an update)."""
+        if not self.train_gradnorm:
+            return False
+        m = self.cfg.global_train_steps
+        return m == 0 or (-done) % self.cfg.global_every < m
+
+    def _train_gradnorm(self, train_stats) -> np.ndarray:
+        """[D] mean per-example gradient norm of each dataset's training examples since the
+        last global update; a dataset that drew none gets the others' mean (no signal)."""
+        shape = (self.num_datasets, self.num_buckets)
+        if not train_stats or "group_gradnorm" not in train_stats:  # no statistics: the update is skipped
+            return np.full(self.num_datasets, np.nan)
+        total = np.asarray(train_stats["group_gradnorm"], np.float64).reshape(shape).sum(1)
+        n = np.asarray(train_stats["gradnorm_examples"], np.float64).reshape(shape).sum(1)
+        r = np.where(n > 0, total / np.maximum(n, 1.0), np.nan)
+        seen = n > 0
+        if seen.any() and not seen.all():
+            log.debug("global reward: datasets %s drew no examples; given the mean", np.flatnonzero(~seen).tolist())
+            r[~seen] = r[seen].mean()
+        return r
+
     @property
     def needs_local_ratio(self) -> bool:
         s = self.strategy
@@ -250,8 +284,10 @@ class Mixer:
     def update(self, step: int, params, train_stats: dict | None = None) -> dict | None:
         """Runs the due updates; returns a mixing-log record, or None when nothing was due.
 
-        `train_stats` (for `local_source=train`): per-group sums of `group_ppl_ratio` and
-        `group_examples` over the training steps since the last local update.
+        `train_stats`: per-group sums over training steps. `local_source=train`:
+        `group_ppl_ratio` and `group_examples` since the last local update;
+        `global_source=train`: `group_gradnorm` and `gradnorm_examples` since the last
+        global update.
         """
         do_global, do_local = self.due(step)
         if not (do_global or do_local):
@@ -266,7 +302,9 @@ class Mixer:
         if ratio is not None:
             record["ppl_ratio"] = ratio.tolist()  # consumed: train-stat sums restart from here
         if do_global:
-            if self._global_fn is not None:
+            if self.train_gradnorm:
+                r = jax.device_put(self._train_gradnorm(train_stats).astype(np.float32), replicated(self.mesh))
+            elif self._global_fn is not None:
                 picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.seed, step)
                 batch = rewards.probe_batch(self.stores, picks, self.seq_len, self.pad_id)
                 batch = rewards.pad_per_dataset(batch, self.num_datasets, self.mesh)
