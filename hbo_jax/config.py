@@ -51,6 +51,10 @@ class ModelConfig:
     # jax.nn.dot_product_attention implementation: auto (XLA picks; cuDNN flash attention
     # on GPUs that support it) | xla | cudnn (GPU only; fails elsewhere).
     attention: str = "auto"
+    # Pad the embedding / output-head vocab rows to a multiple of this (e.g. 128) so they
+    # shard evenly over the mesh; padded rows are zero, their logits -inf, and export
+    # writes the real vocabulary only. 1 = no padding.
+    vocab_multiple: int = 1
     # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
     # also scored difficulty (the demo's stand-in for a pretrained base), "random",
     # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/models/pretrained.py). A
@@ -269,7 +273,7 @@ _CHOICES = {
 TASK_METRICS = ("auto", "mc", "exact_match", "none")
 _POSITIVE = (
     "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-    "model.intermediate_size", "data.vocab_size", "data.seq_len", "data.num_buckets",
+    "model.intermediate_size", "model.vocab_multiple", "data.vocab_size", "data.seq_len", "data.num_buckets",
     "scorer.batch_size", "scorer.score_batch_size", "mixing.global_every",
     "mixing.local_every", "mixing.inner_steps", "mixing.global_probes_per_bucket",
     "mixing.local_probes_per_group", "train.steps", "train.batch_size", "train.log_every",

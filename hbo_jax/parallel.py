@@ -80,7 +80,8 @@ def logical_to_spec(logical: tuple | None, shape: tuple[int, ...], mesh: Mesh) -
             key = (name, dim, tuple(mesh.shape.items()))
             if key not in _warned:
                 _warned.add(key)
-                log.info("replicating logical axis %r (size %d): not divisible by mesh %s", name, dim, axes)
+                hint = " (model.vocab_multiple pads it)" if name.startswith("vocab") else ""
+                log.info("replicating logical axis %r (size %d): not divisible by mesh %s%s", name, dim, axes, hint)
             axes = None
         out.append(axes)
     return P(*out)

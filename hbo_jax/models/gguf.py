@@ -13,6 +13,7 @@ The real pretrained model available offline is SmolLM2-135M-Instruct in the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from hbo_jax.models.hf import name_map
 from hbo_jax.models.llama import LlamaSpec, abstract_model
-from hbo_jax.models.loading import CheckpointMismatch, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
 from hbo_jax.parallel import tree_shardings
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,7 +147,7 @@ def _hf_names(spec: LlamaSpec) -> dict[str, str]:
 
 
 def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
-              remat: bool = False):
+              remat: bool = False, vocab_multiple: int = 1):
     """Loads a Llama-architecture GGUF file into sharded NNX parameters.
 
     Args:
@@ -155,6 +156,7 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
         dtype: Compute dtype.
         param_dtype: Dtype of the parameters.
         remat: Rematerialise each block in the backward pass.
+        vocab_multiple: Pad the vocabulary rows to a multiple of this (zeros).
 
     Returns:
         (graphdef, params, spec): `nnx.merge(graphdef, params)` is the model.
@@ -166,7 +168,8 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    spec = spec_from_gguf(reader, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    spec = dataclasses.replace(spec_from_gguf(reader, dtype=dtype, param_dtype=param_dtype, remat=remat),
+                               vocab_multiple=vocab_multiple)
     graphdef, abstract = abstract_model(spec)
     flat_abs = flat_params(abstract)
     flat_shard = flat_params(tree_shardings(abstract, mesh))
@@ -186,7 +189,8 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
             if w.shape[0] % (2 * heads):
                 raise CheckpointMismatch(f"{path}: tensor {gname!r} has {w.shape[0]} rows, not 2 x {heads} heads")
             w = unpermute_qk(w, heads)
-        loaded[ppath] = place_tensor(w, gname, transposed, flat_abs[ppath], flat_shard[ppath], path)
+        loaded[ppath] = place_tensor(w, gname, transposed, flat_abs[ppath], flat_shard[ppath], path,
+                                     VOCAB_AXES.get(ppath))
         del w
     return graphdef, params_from_flat(abstract, loaded), spec
 

@@ -15,6 +15,7 @@ so every kernel is transposed on the way in and out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
-from hbo_jax.models.loading import CheckpointMismatch, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
 from hbo_jax.parallel import tree_shardings
 
 # (Hugging Face name, our parameter path, transposed). `{i}` is the layer index.
@@ -224,7 +225,7 @@ class _TensorSource:
 
 
 def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
-            remat: bool = False):
+            remat: bool = False, vocab_multiple: int = 1):
     """Loads a Hugging Face Llama / Qwen2 directory into sharded NNX parameters.
 
     Args:
@@ -234,6 +235,7 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
         dtype: Compute dtype of the model.
         param_dtype: Dtype of the loaded parameters (weights are cast per tensor).
         remat: Rematerialise each block in the backward pass.
+        vocab_multiple: Pad the vocabulary rows to a multiple of this (zeros).
 
     Returns:
         (graphdef, params, spec): `nnx.merge(graphdef, params)` is the model.
@@ -243,8 +245,9 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
             expected, or the config is unsupported; the message names it.
     """
     model_dir = Path(model_dir)
-    spec = spec_from_hf_config(json.loads((model_dir / "config.json").read_text()),
-                               dtype=dtype, param_dtype=param_dtype, remat=remat)
+    spec = dataclasses.replace(spec_from_hf_config(json.loads((model_dir / "config.json").read_text()),
+                                                   dtype=dtype, param_dtype=param_dtype, remat=remat),
+                               vocab_multiple=vocab_multiple)
     graphdef, abstract = abstract_model(spec)
     flat_abs = flat_params(abstract)
     flat_shard = flat_params(tree_shardings(abstract, mesh))
@@ -262,7 +265,7 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
             if hf_name not in have:
                 raise CheckpointMismatch(f"{model_dir}: tensor {hf_name!r} is missing")
             loaded[path] = place_tensor(src.slice(hf_name), hf_name, transposed, flat_abs[path],
-                                        flat_shard[path], model_dir)
+                                        flat_shard[path], model_dir, VOCAB_AXES.get(path))
     finally:
         src.close()
     return graphdef, params_from_flat(abstract, loaded), spec
@@ -312,6 +315,13 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
     np_dtype = np.dtype(_ST_DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[
         dtype or spec.param_dtype]])
     header, offset = {}, 0
+    def unpadded(path: str, arr):  # the real vocabulary's rows only
+        axis = VOCAB_AXES.get(path)
+        if axis is None or arr.shape[axis] == spec.vocab_size:
+            return arr
+        return jax.lax.slice_in_dim(arr, 0, spec.vocab_size, axis=axis)
+
+    flat = {path: unpadded(path, x) for path, x in flat.items()}
     for path, (hf_name, transposed) in names.items():
         shape = list(flat[path].shape[::-1] if transposed else flat[path].shape)
         size = int(np.prod(shape)) * np_dtype.itemsize

@@ -71,6 +71,12 @@ class LlamaSpec:
     rope_scaling: RopeScaling | None = None
     remat_policy: str = "full"  # with remat: full | dots | dots_no_batch (see REMAT_POLICIES)
     attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
+    vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding table and output head (>= vocab_size; padding is never predicted)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int | None = None) -> "LlamaSpec":
@@ -84,7 +90,7 @@ class LlamaSpec:
             intermediate_size=cfg.intermediate_size, rope_theta=cfg.rope_theta,
             rms_norm_eps=cfg.rms_norm_eps, tie_embeddings=cfg.tie_embeddings,
             qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-            remat_policy=cfg.remat_policy, attention=cfg.attention)
+            remat_policy=cfg.remat_policy, attention=cfg.attention, vocab_multiple=cfg.vocab_multiple)
 
     def num_params(self) -> int:
         d, h, kv, hd, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -238,12 +244,12 @@ class LlamaLM(nnx.Module):
     def __init__(self, spec: LlamaSpec, rngs: nnx.Rngs):
         self.spec = spec
         pdt = _DTYPES[spec.param_dtype]
-        self.embed = _param(nnx.initializers.normal(0.02), rngs, (spec.vocab_size, spec.hidden_size),
+        self.embed = _param(nnx.initializers.normal(0.02), rngs, (spec.padded_vocab, spec.hidden_size),
                             pdt, ("vocab_table", "embed_table"))
         self.layers = nnx.List([Block(spec, rngs) for _ in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec, rngs)
         self.lm_head = None if spec.tie_embeddings else Linear(
-            spec.hidden_size, spec.vocab_size, ("embed", "vocab"), spec, rngs)
+            spec.hidden_size, spec.padded_vocab, ("embed", "vocab"), spec, rngs)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -312,7 +318,11 @@ class LlamaLM(nnx.Module):
             logits = h @ self.embed[...].astype(h.dtype).T
         else:
             logits = ghost_ops.tied_head(h, self.embed[...].astype(h.dtype), aux, tokens, ghost)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if self.spec.padded_vocab > self.spec.vocab_size:  # padding rows are never predicted
+            real = jnp.arange(self.spec.padded_vocab) < self.spec.vocab_size
+            logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+        return logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, ghost: Ghost | None = None) -> jax.Array:

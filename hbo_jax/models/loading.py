@@ -38,7 +38,11 @@ def params_from_flat(abstract, flat: dict):
     return params
 
 
-def place_tensor(source, name: str, transposed: bool, abstract, sharding, where: str | Path):
+VOCAB_AXES = {"embed": 0, "lm_head.kernel": 1}  # parameters with vocab rows (padded, see LlamaSpec)
+
+
+def place_tensor(source, name: str, transposed: bool, abstract, sharding, where: str | Path,
+                 pad_axis: int | None = None):
     """One global array in `sharding`, each device shard sliced from `source` on demand.
 
     Args:
@@ -50,6 +54,8 @@ def place_tensor(source, name: str, transposed: bool, abstract, sharding, where:
         abstract: The parameter's ShapeDtypeStruct (shape and dtype to produce).
         sharding: The parameter's NamedSharding.
         where: The checkpoint, for error messages.
+        pad_axis: An axis (of our layout) on which the parameter may be longer than
+            the source (a padded vocabulary): the extra entries are zeros.
 
     Returns:
         A `jax.Array` of `abstract.shape` and `abstract.dtype`.
@@ -59,15 +65,33 @@ def place_tensor(source, name: str, transposed: bool, abstract, sharding, where:
     """
     shape = tuple(source.get_shape() if hasattr(source, "get_shape") else source.shape)
     want = tuple(abstract.shape)
-    if (shape[::-1] if transposed else shape) != want:
+    have = shape[::-1] if transposed else shape
+    if pad_axis is not None and have[pad_axis] <= want[pad_axis]:
+        want_src = want[:pad_axis] + (have[pad_axis],) + want[pad_axis + 1:]
+    else:
+        pad_axis, want_src = None, want
+    if have != want_src:
         shown = f"{shape} (transposed {shape[::-1]})" if transposed else f"{shape}"
         raise CheckpointMismatch(f"{where}: tensor {name!r} has shape {shown}, model expects {want}")
     cache: dict = {}
 
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        return source[index[::-1]].T if transposed else source[index]
+
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop) for s in index)
         if key not in cache:
-            part = source[index[::-1]].T if transposed else source[index]
+            if pad_axis is None:
+                part = read(index)
+            else:  # rows past the source's end are padding: zeros
+                lo, hi = index[pad_axis].indices(want[pad_axis])[:2]
+                n = have[pad_axis]
+                inner = list(index)
+                inner[pad_axis] = slice(min(lo, n), min(hi, n))
+                part = np.asarray(read(tuple(inner)))
+                widths = [(0, 0)] * len(want)
+                widths[pad_axis] = (0, (hi - lo) - part.shape[pad_axis])
+                part = np.pad(part, widths)
             cache[key] = np.ascontiguousarray(part).astype(abstract.dtype)
         return cache[key]
 

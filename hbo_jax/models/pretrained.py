@@ -61,7 +61,8 @@ def fingerprint(init: str) -> str:
 def load_pretrained(init: str, mesh, model_cfg: ModelConfig):
     """(graphdef, params, spec) of a pretrained model, sharded over `mesh`."""
     kind, path = parse_init(init)
-    kw = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat)
+    kw = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
+              vocab_multiple=model_cfg.vocab_multiple)
     if kind == "hf":
         from hbo_jax.models.hf import load_hf as load
     elif kind == "gguf":
