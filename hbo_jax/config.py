@@ -236,6 +236,10 @@ class DistributedConfig:
     # Each process writes <run_dir>/trace/process_<i>.jsonl: a digest of its batch rows
     # per step and of its mixer state per update (checks that hosts agree; tests).
     trace: bool = False
+    # Multi-process runs agree on a stop signal (SIGTERM/SIGINT) every this many steps:
+    # the check is a collective that waits for the step in flight, so checking every step
+    # would stop the host from queueing the next one. A signal waits at most this long.
+    stop_check_every: int = 10
 
 
 @dataclass
@@ -278,7 +282,7 @@ _POSITIVE = (
     "mixing.local_every", "mixing.inner_steps", "mixing.global_probes_per_bucket",
     "mixing.local_probes_per_group", "train.steps", "train.batch_size", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "eval.periodic_max_per_subset",
-    "eval.max_new_tokens", "distributed.initialization_timeout",
+    "eval.max_new_tokens", "distributed.initialization_timeout", "distributed.stop_check_every",
 )
 
 

@@ -296,7 +296,9 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
             periodic_eval(state.params, done)
         if done % tc.checkpoint_every == 0 and done < tc.steps:
             ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
-        if done < tc.steps and stop.should_stop():
+        # One process: a free check every step; several: a collective every stop_check_every steps.
+        check = jax.process_count() == 1 or done % cfg.distributed.stop_check_every == 0
+        if done < tc.steps and check and stop.should_stop():
             return stopped(done)
     loop_seconds = time.perf_counter() - t_loop
     bar.close()

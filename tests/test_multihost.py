@@ -30,7 +30,8 @@ from test_resilience import _SELF_SIGNAL, assert_same_state, rows, saved
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA = ("train.steps=4", "train.checkpoint_every=2", "mixing.global_every=1", "mixing.local_every=1",
-         "eval.every=0", "eval.tasks=false", "tracking.tensorboard=false", "distributed.trace=true")
+         "eval.every=0", "eval.tasks=false", "tracking.tensorboard=false", "distributed.trace=true",
+         "distributed.stop_check_every=2")
 
 
 def _free_port() -> int:
@@ -143,11 +144,12 @@ def test_the_two_process_checkpoint_restores_into_one_process_on_one_device(runs
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(runs, tmp_path, shared_cache):
-    """Process 1 alone is signalled at step 2: both save step 2 and exit 0; the relaunch
-    finishes with the uninterrupted two-process run's logs and state."""
+    """Process 1 alone is signalled at step 1; both agree at the next check (step 2,
+    stop_check_every=2), save step 2 and exit 0; the relaunch finishes with the
+    uninterrupted two-process run's logs and state."""
     _, multi = runs
     cut = tmp_path / "cut"
-    logs = launch_pair(cut, shared_cache, sigterm_at={1: 2})
+    logs = launch_pair(cut, shared_cache, sigterm_at={1: 1})
     assert "stopped by SIGTERM at step 2 of 4" in logs[1]
     assert "stopped by a signal to another process at step 2 of 4" in logs[0]
     assert sorted(os.listdir(cut / "checkpoints")) == ["2"]
