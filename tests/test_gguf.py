@@ -7,6 +7,7 @@ from the tiny Hugging Face parity fixture, so they always run.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -25,56 +26,9 @@ SMOLLM2 = PARITY / "smollm2"
 # the float64 reference by up to ~1e-4 (transformers 7e-5, ours 9e-5 when measured).
 SMOLLM2_LOGIT_TOL = 2e-4
 
-_HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "model.layers.": "blk.",
-}
-
-
-def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's conversion: interleave the two rotary halves of each head's rows."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _write_gguf(path: Path, hf_dir: Path, arch: str = "llama", edit=None) -> Path:
-    """Converts a tiny HF Llama fixture to an F32 GGUF file, as llama.cpp would."""
-    from gguf import GGUFWriter
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    tensors = load_file(str(hf_dir / "model.safetensors"))
-    w = GGUFWriter(str(path), arch)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(cfg["head_dim"])
-    w.add_vocab_size(cfg["vocab_size"])
-    out = {}
-    for name, t in sorted(tensors.items()):
-        if name.endswith("q_proj.weight"):
-            t = _llamacpp_permute(t, cfg["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            t = _llamacpp_permute(t, cfg["num_key_value_heads"])
-        for a, b in _HF_TO_GGUF.items():
-            name = name.replace(a, b)
-        out[name] = t
-    if edit:
-        edit(out)
-    for name, t in out.items():
-        w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+from gguf_fixture import llamacpp_permute as _llamacpp_permute  # noqa: E402
+from gguf_fixture import write_gguf as _write_gguf  # noqa: E402
 
 
 def _mesh():
@@ -92,6 +46,26 @@ def test_converted_tiny_llama_matches_transformers_logits(tmp_path):
     graphdef, params, _ = load_gguf(path, _mesh())
     out = np.asarray(nnx.merge(graphdef, params)(ref["tokens"]))
     assert np.abs(out - ref["logits"]).max() <= 1e-4
+
+
+def test_qwen2_gguf_matches_transformers_gguf_logits():
+    """A llama.cpp-style Qwen2 file (q/k/v biases, no q/k permutation, one Q8_0 tensor)
+    against transformers' own GGUF loader (scripts/make_parity_fixtures.py qwen2_gguf)."""
+    d = PARITY / "qwen2_gguf"
+    ref = np.load(d / "reference.npz")
+    graphdef, params, spec = load_gguf(d / "model.gguf", _mesh())
+    assert spec.qkv_bias and not spec.tie_embeddings
+    out = np.asarray(nnx.merge(graphdef, params)(ref["tokens"]))
+    assert np.abs(out - ref["logits"]).max() <= 1e-4
+
+
+def test_qwen2_gguf_tokenizer_reproduces_transformers_ids():
+    d = PARITY / "qwen2_gguf"
+    tok = gguf_tokenizer(d / "model.gguf")
+    for case in json.loads((d / "tokenizer_cases.json").read_text()):
+        assert tok(case["text"], add_special_tokens=False)["input_ids"] == case["ids"], case["text"]
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                               add_generation_prompt=True)
 
 
 def test_unsupported_architecture_is_named(tmp_path):

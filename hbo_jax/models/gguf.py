@@ -1,9 +1,12 @@
-"""GGUF (llama.cpp) Llama checkpoints: weights into sharded NNX parameters, tokenizer rebuilt.
+"""GGUF (llama.cpp) Llama and Qwen2 checkpoints: weights into sharded NNX parameters,
+tokenizer rebuilt.
 
 Each tensor is dequantized with the `gguf` package (F32, F16, BF16, Q4_0/1, Q5_0/1,
-Q8_0, the K-quants, ...), one at a time, then placed into its sharding. llama.cpp
-stores the q and k projections with their rows permuted for its interleaved RoPE;
-`unpermute_qk` restores the Hugging Face `rotate_half` order our model uses. GGUF
+Q8_0, the K-quants, ...), one at a time, then placed into its sharding. For the `llama`
+architecture llama.cpp stores the q and k projections with their rows permuted for its
+interleaved RoPE; `unpermute_qk` restores the Hugging Face `rotate_half` order our model
+uses. `qwen2` files keep the Hugging Face order (llama.cpp runs them with NeoX-style
+RoPE) and add q/k/v biases. GGUF
 names map to Hugging Face names (`_GGUF_TO_HF`), and those to our parameter paths
 through the table of `hbo_jax.models.hf`, so there is one mapping per format.
 
@@ -36,13 +39,21 @@ _GGUF_TO_HF = {
     "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
     "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
     "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
     "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 # Pre-tokenizers whose splitting rule we rebuild (llama.cpp's `tokenizer.ggml.pre`).
-_PRE_TOKENIZERS = ("smollm",)
+_PRE_TOKENIZERS = ("smollm", "qwen2", "llama-bpe")
+_ARCHS = ("llama", "qwen2")
+# Split rules of the Qwen2 and Llama-3 tokenizers (their tokenizer.json; applied before
+# the byte-level mapping). They differ in digits: one at a time, or up to three.
+_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_SPLITS = {"qwen2": _SPLIT % "", "llama-bpe": _SPLIT % "{1,3}"}
 _CONTROL = 3  # llama.cpp token type of special (control) tokens
 
 
@@ -84,25 +95,27 @@ def spec_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "float3
         CheckpointMismatch: Unsupported architecture or a missing field, named.
     """
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointMismatch(f"{reader.data.filename}: general.architecture {arch!r} is not supported (llama)")
-    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
+    if arch not in _ARCHS:
+        raise CheckpointMismatch(f"{reader.data.filename}: general.architecture {arch!r} is not supported {_ARCHS}")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
         raise CheckpointMismatch(f"{reader.data.filename}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
-    if _field(reader, "llama.rope.scaling.type", "none", required=False) not in ("none", None):
-        raise CheckpointMismatch(f"{reader.data.filename}: GGUF field 'llama.rope.scaling.type' is not supported")
-    heads = int(_field(reader, "llama.attention.head_count"))
-    hidden = int(_field(reader, "llama.embedding_length"))
+    if _field(reader, f"{arch}.rope.scaling.type", "none", required=False) not in ("none", None):
+        raise CheckpointMismatch(f"{reader.data.filename}: GGUF field '{arch}.rope.scaling.type' is not supported")
+    key = lambda k: f"{arch}.{k}"  # noqa: E731
+    heads = int(_field(reader, key("attention.head_count")))
+    hidden = int(_field(reader, key("embedding_length")))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _field(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else None)
+    vocab = _field(reader, key("vocab_size"), len(tokens.data) if tokens is not None else None)
     return LlamaSpec(
-        vocab_size=int(vocab), hidden_size=hidden, num_layers=int(_field(reader, "llama.block_count")),
-        num_heads=heads, num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        qkv_bias=False, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        vocab_size=int(vocab), hidden_size=hidden, num_layers=int(_field(reader, key("block_count"))),
+        num_heads=heads, num_kv_heads=int(_field(reader, key("attention.head_count_kv"), heads)),
+        head_dim=int(_field(reader, key("rope.dimension_count"), hidden // heads)),
+        intermediate_size=int(_field(reader, key("feed_forward_length"))),
+        rope_theta=float(_field(reader, key("rope.freq_base"), 10000.0)),
+        rms_norm_eps=float(_field(reader, key("attention.layer_norm_rms_epsilon"))),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -175,6 +188,7 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
     flat_shard = flat_params(tree_shardings(abstract, mesh))
     tensors = {t.name: t for t in reader.tensors}
     hf_to_gguf = _hf_names(spec)
+    permuted = _field(reader, "general.architecture") == "llama"  # qwen2 keeps the HF row order
     wanted = {hf_to_gguf[hf]: (p, tr) for p, (hf, tr) in name_map(spec).items()}
     extra = sorted(set(tensors) - set(wanted))
     if extra:
@@ -184,7 +198,7 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
         if gname not in tensors:
             raise CheckpointMismatch(f"{path}: tensor {gname!r} is missing")
         w = dequantize(tensors[gname])
-        if gname.endswith(("attn_q.weight", "attn_k.weight")) and w.ndim == 2:
+        if permuted and gname.endswith(("attn_q.weight", "attn_k.weight")) and w.ndim == 2:
             heads = spec.num_heads if gname.endswith("attn_q.weight") else spec.num_kv_heads
             if w.shape[0] % (2 * heads):
                 raise CheckpointMismatch(f"{path}: tensor {gname!r} has {w.shape[0]} rows, not 2 x {heads} heads")
@@ -212,7 +226,7 @@ def gguf_tokenizer(path_or_reader):
         CheckpointMismatch: A tokenizer model or pre-tokenizer we do not rebuild, named.
     """
     from gguf import GGUFReader
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     reader = path_or_reader if hasattr(path_or_reader, "fields") else GGUFReader(str(path_or_reader))
@@ -223,11 +237,18 @@ def gguf_tokenizer(path_or_reader):
     if pre not in _PRE_TOKENIZERS:
         raise CheckpointMismatch(f"GGUF field 'tokenizer.ggml.pre' {pre!r} is not supported {_PRE_TOKENIZERS}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [], required=False)]
     types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens), required=False)
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if pre in _SPLITS:  # (Qwen2: NFC first) the split rule, then bytes
+        if pre == "qwen2":
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # smollm: single digits, then GPT-2's byte-level split
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == _CONTROL])
