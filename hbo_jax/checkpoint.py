@@ -55,10 +55,15 @@ _FREE = {"data.cache_dir", "data.max_eval_per_subset", "train.log_every", "train
 # shapes, or the sampler's stream is keyed by the value.
 _NEVER = {"train.seed", "data.num_buckets", *(f"model.{k}" for k in (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-    "tie_embeddings", "qkv_bias", "param_dtype"))}
+    "tie_embeddings", "qkv_bias", "param_dtype", "vocab_multiple"))}
 # Allowed with a warning: extending a run is the common reason to change it.
 _WARN = {"train.steps": "the learning-rate schedule spans train.steps, so the continuation differs "
                         "from a run started with the new value"}
+# Memory and layout knobs (e.g. remat after an out-of-memory): the same examples, the
+# same loss and gradients up to float rounding (tested), so accepted with a note.
+_LAYOUT = "the same examples and the same loss up to float rounding"
+_WARN.update({k: _LAYOUT for k in ("data.packing", "data.pack_rows", "model.remat", "model.remat_policy",
+                                   "model.attention")})
 
 
 def _abstract(tree):

@@ -243,6 +243,15 @@ def test_resume_accepts_harmless_changes_and_explicitly_allowed_ones(reference, 
     assert [r["step"] for r in rows(run_dir, "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
 
+def test_layout_knobs_are_accepted_on_resume_with_a_note():
+    from hbo_jax.config import to_dict
+
+    a = load_config(None, [])
+    b = load_config(None, ["data.packing=true", "model.remat=true", "model.remat_policy=dots"])
+    notes = check_resume_config(to_dict(a), to_dict(b), allow=False, where="here")
+    assert len(notes) == 3 and all("up to float rounding" in n for n in notes)
+
+
 def test_check_resume_config_names_nested_keys():
     a = load_config(None, ["data.source_dir=/x"])
     b = load_config(None, ["data.source_dir=/y", "run_dir=elsewhere", "mesh.data=2", "tracking.tensorboard=false"])
