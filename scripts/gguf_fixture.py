@@ -30,6 +30,27 @@ def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llamacpp_rope_factors(cfg: dict) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for a config with Llama-3 RoPE scaling: 1 for short
+    wavelengths, `factor` for long ones, 1 / ((1 - s) / factor + s) in between."""
+    rope = cfg["rope_parameters"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    old, low, high, factor = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                              rope["high_freq_factor"], rope["factor"])
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            s = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - s) / factor + s))
+    return np.asarray(out, np.float32)
+
+
 def gguf_tensors(hf_dir: Path, arch: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json, GGUF-named fp32 tensors) of a Hugging Face directory."""
     from safetensors.numpy import load_file
@@ -77,6 +98,9 @@ def write_gguf(path: Path, hf_dir: Path, arch: str = "llama", edit: Callable | N
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     w.add_vocab_size(cfg["vocab_size"])
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type") == "llama3":
+        tensors["rope_freqs.weight"] = llamacpp_rope_factors(cfg)
     if tokenizer:
         tokenizer(w)
     for name, t in tensors.items():

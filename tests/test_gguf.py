@@ -48,6 +48,36 @@ def test_converted_tiny_llama_matches_transformers_logits(tmp_path):
     assert np.abs(out - ref["logits"]).max() <= 1e-4
 
 
+def test_llama3_rope_freqs_gguf_matches_transformers_logits(tmp_path):
+    """Llama-3 RoPE scaling stored as llama.cpp's `rope_freqs` divisors (the tiny fixture
+    has one interpolated frequency, too few to name the scaling: the divisors are used)."""
+    path = _write_gguf(tmp_path / "llama3.gguf", PARITY / "llama3")
+    ref = np.load(PARITY / "llama3" / "reference.npz")
+    graphdef, params, spec = load_gguf(path, _mesh())
+    assert spec.rope_freq_factors is not None
+    out = np.asarray(nnx.merge(graphdef, params)(ref["tokens"]))
+    assert np.abs(out - ref["logits"]).max() <= 1e-4
+
+
+def test_export_refuses_rope_divisors_without_a_config_field(tmp_path):
+    from hbo_jax.models.hf import export_hf
+
+    _, params, spec = load_gguf(_write_gguf(tmp_path / "llama3.gguf", PARITY / "llama3"), _mesh())
+    with pytest.raises(CheckpointMismatch, match="rope_freqs"):
+        export_hf(params, spec, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama31_rope_factors_name_the_llama3_scaling():
+    from hbo_jax.models.gguf import llama3_factors, llama3_scaling_from_factors
+    from hbo_jax.models.llama import RopeScaling
+
+    want = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    factors = llama3_factors(want, 128, 500000.0).astype(np.float32).astype(np.float64)  # stored as F32
+    assert llama3_scaling_from_factors(factors, 128, 500000.0) == want
+    assert llama3_scaling_from_factors(np.linspace(1.0, 3.0, 64), 128, 500000.0) is None  # not of that form
+
+
 def test_qwen2_gguf_matches_transformers_gguf_logits():
     """A llama.cpp-style Qwen2 file (q/k/v biases, no q/k permutation, one Q8_0 tensor)
     against transformers' own GGUF loader (scripts/make_parity_fixtures.py qwen2_gguf)."""

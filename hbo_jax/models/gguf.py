@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hbo_jax.models.hf import name_map
-from hbo_jax.models.llama import LlamaSpec, abstract_model
+from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
 from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
 from hbo_jax.parallel import tree_shardings
 
@@ -98,8 +98,6 @@ def spec_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "float3
     if arch not in _ARCHS:
         raise CheckpointMismatch(f"{reader.data.filename}: general.architecture {arch!r} is not supported {_ARCHS}")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise CheckpointMismatch(f"{reader.data.filename}: tensor 'rope_freqs.weight' (scaled RoPE) is not supported")
     if _field(reader, f"{arch}.rope.scaling.type", "none", required=False) not in ("none", None):
         raise CheckpointMismatch(f"{reader.data.filename}: GGUF field '{arch}.rope.scaling.type' is not supported")
     key = lambda k: f"{arch}.{k}"  # noqa: E731
@@ -107,7 +105,7 @@ def spec_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "float3
     hidden = int(_field(reader, key("embedding_length")))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _field(reader, key("vocab_size"), len(tokens.data) if tokens is not None else None)
-    return LlamaSpec(
+    spec = LlamaSpec(
         vocab_size=int(vocab), hidden_size=hidden, num_layers=int(_field(reader, key("block_count"))),
         num_heads=heads, num_kv_heads=int(_field(reader, key("attention.head_count_kv"), heads)),
         head_dim=int(_field(reader, key("rope.dimension_count"), hidden // heads)),
@@ -116,6 +114,54 @@ def spec_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "float3
         rms_norm_eps=float(_field(reader, key("attention.layer_norm_rms_epsilon"))),
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    rope = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope is None:
+        return spec
+    # Scaled RoPE (Llama 3.1+): llama.cpp stores one divisor per frequency. Named as
+    # Llama-3 scaling when it has that form (so export writes a standard config), else
+    # kept as the divisors themselves.
+    factors = dequantize(rope).reshape(-1).astype(np.float64)
+    if factors.shape != (spec.head_dim // 2,):
+        raise CheckpointMismatch(f"{reader.data.filename}: tensor 'rope_freqs.weight' has {factors.size} "
+                                 f"entries, model expects head_dim / 2 = {spec.head_dim // 2}")
+    scaling = llama3_scaling_from_factors(factors, spec.head_dim, spec.rope_theta)
+    if scaling is not None:
+        return dataclasses.replace(spec, rope_scaling=scaling)
+    return dataclasses.replace(spec, rope_freq_factors=tuple(float(f) for f in factors))
+
+
+def llama3_factors(scaling: RopeScaling, head_dim: int, theta: float) -> np.ndarray:
+    """llama.cpp's per-frequency divisors [head_dim / 2] for Llama-3 RoPE scaling."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    old = scaling.original_max_position_embeddings
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    medium = 1.0 / ((1 - smooth) / scaling.factor + smooth)
+    return np.where(wavelen < old / scaling.high_freq_factor, 1.0,
+                    np.where(wavelen > old / scaling.low_freq_factor, scaling.factor, medium))
+
+
+def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> RopeScaling | None:
+    """The Llama-3 scaling whose divisors are `factors` (to 1e-5), or None.
+
+    In the interpolated band 1 / f_i = (1 - s_i) / factor + s_i with s_i linear in
+    1 / wavelength: s = (old / wavelen - low) / (high - low). Only the ratios are
+    determined, so high - low is taken as 3 (Llama 3.1 / 3.2: low 1, high 4, old 8192).
+    Needs at least two interpolated frequencies.
+    """
+    factor = float(factors.max())
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 + 1e-6 or band.sum() < 2:
+        return None
+    inv_wavelen = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)) / (2 * np.pi)
+    s = (1.0 / factors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    a, b = np.polyfit(inv_wavelen[band], s, 1)
+    width = 3.0
+    scaling = RopeScaling(factor=round(factor, 6), low_freq_factor=round(-b * width, 6),
+                          high_freq_factor=round((1 - b) * width, 6),
+                          original_max_position_embeddings=int(round(a * width)))
+    ok = np.allclose(llama3_factors(scaling, head_dim, theta), factors, rtol=1e-5, atol=0)
+    return scaling if ok else None
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -190,7 +236,7 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
     hf_to_gguf = _hf_names(spec)
     permuted = _field(reader, "general.architecture") == "llama"  # qwen2 keeps the HF row order
     wanted = {hf_to_gguf[hf]: (p, tr) for p, (hf, tr) in name_map(spec).items()}
-    extra = sorted(set(tensors) - set(wanted))
+    extra = sorted(set(tensors) - set(wanted) - {"rope_freqs.weight"})  # that one is in the spec
     if extra:
         raise CheckpointMismatch(f"{path}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
     loaded = {}

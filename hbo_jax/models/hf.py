@@ -161,6 +161,9 @@ def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int = 4096,
         A JSON-serialisable dict: `LlamaForCausalLM`, or `Qwen2ForCausalLM` when the
         spec has q/k/v biases.
     """
+    if spec.rope_freq_factors is not None:
+        raise CheckpointMismatch("per-frequency RoPE divisors (a GGUF 'rope_freqs' tensor without the Llama-3 "
+                                 "form) have no Hugging Face config.json field; export is not possible")
     qwen = spec.qkv_bias
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling is not None:
@@ -310,6 +313,7 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
         The output directory.
     """
     out_dir = Path(out_dir)
+    hf_config_from_spec(spec, max_position_embeddings, "float32")  # fails before writing if it cannot be written
     flat = flat_params(params)
     names = name_map(spec)
     np_dtype = np.dtype(_ST_DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[

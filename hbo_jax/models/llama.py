@@ -69,6 +69,9 @@ class LlamaSpec:
     param_dtype: str
     remat: bool
     rope_scaling: RopeScaling | None = None
+    # Per-frequency RoPE divisors [head_dim / 2] (llama.cpp's `rope_freqs` tensor) when
+    # a GGUF file's scaling has no Llama-3 form we can name; None otherwise.
+    rope_freq_factors: tuple[float, ...] | None = None
     remat_policy: str = "full"  # with remat: full | dots | dots_no_batch (see REMAT_POLICIES)
     attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
     vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this
@@ -136,9 +139,13 @@ class RMSNorm(nnx.Module):
         return (y * w if ghost is None else ghost_ops.scale(y, w, ghost)).astype(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
-    """Inverse frequencies [head_dim / 2], with Llama-3 scaling applied when given."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                  factors: tuple[float, ...] | None = None) -> jax.Array:
+    """Inverse frequencies [head_dim / 2], with Llama-3 scaling or explicit per-frequency
+    divisors (`factors`) applied when given."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if factors is not None:
+        return inv_freq / jnp.asarray(factors, jnp.float32)
     if scaling is None:
         return inv_freq
     old_len = scaling.original_max_position_embeddings
@@ -150,9 +157,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return jnp.where(medium, smoothed, scaled)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None):
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                factors: tuple[float, ...] | None = None):
     """cos/sin tables [B, T, head_dim] in the HF `rotate_half` layout."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, factors)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -278,7 +286,8 @@ class LlamaLM(nnx.Module):
         else:
             x, aux = ghost_ops.embed(self.embed[...], tokens, ghost)
         x = x.astype(_DTYPES[spec.dtype])
-        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling,
+                               spec.rope_freq_factors)
         for layer in self.layers:
             if spec.remat:
                 remat = nnx.remat(lambda blk, h, g: blk(h, cos, sin, mask=mask, ghost=g),
@@ -303,7 +312,8 @@ class LlamaLM(nnx.Module):
         """
         spec = self.spec
         x = jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[spec.dtype])
-        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling,
+                               spec.rope_freq_factors)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer(x, cos, sin, layer_cache, index, mask)
