@@ -45,7 +45,8 @@ def _trace(run_dir: Path, i: int, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def launch_pair(run_dir: Path, cache: Path, sigterm_at: dict[int, int] | None = None) -> list[str]:
+def launch_pair(run_dir: Path, cache: Path, sigterm_at: dict[int, int] | None = None,
+                extra: tuple[str, ...] = ()) -> list[str]:
     """Runs two processes x 4 CPU devices to completion; returns their logs.
 
     `sigterm_at` {process: step}: that process sends itself SIGTERM at that actor update.
@@ -57,7 +58,7 @@ def launch_pair(run_dir: Path, cache: Path, sigterm_at: dict[int, int] | None = 
     port = _free_port()
     procs, logs = [], [run_dir.parent / f"{run_dir.name}.process_{i}.log" for i in range(2)]
     for i in range(2):
-        args = tiny_overrides(run_dir, cache, *EXTRA, f"distributed.coordinator_address=127.0.0.1:{port}",
+        args = tiny_overrides(run_dir, cache, *EXTRA, *extra, f"distributed.coordinator_address=127.0.0.1:{port}",
                               "distributed.num_processes=2", f"distributed.process_id={i}",
                               "distributed.initialization_timeout=120")
         child_env = dict(env)
@@ -93,6 +94,16 @@ def test_both_processes_hold_the_same_mixer_state_after_every_update(runs):
     p0, p1 = _trace(multi, 0, "mixer"), _trace(multi, 1, "mixer")
     assert [r["step"] for r in p0] == [1, 2, 3]
     assert p0 == p1  # digests of each process's local copy, and the probabilities it samples with
+
+
+def test_rewards_from_training_steps_leave_both_processes_with_the_same_mixer_state(tmp_path, shared_cache):
+    """Zero-probe HBO: per-example norms and PPL ratios from sharded train steps."""
+    run = tmp_path / "no_probes"
+    launch_pair(run, shared_cache, extra=("mixing.global_source=train", "mixing.local_source=train"))
+    p0, p1 = _trace(run, 0, "mixer"), _trace(run, 1, "mixer")
+    assert [r["step"] for r in p0] == [1, 2, 3] and p0 == p1
+    rewards = [json.loads(line)["reward_global"] for line in (run / "mixing.jsonl").read_text().splitlines()]
+    assert all(r is not None and min(r) > 0 for r in rewards)
 
 
 def test_data_slices_are_disjoint_and_form_the_global_batch(runs):
