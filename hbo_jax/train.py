@@ -256,7 +256,10 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         done = s + 1
         # Only when the global update these statistics feed will happen (none at the end).
         with_gradnorm = mixer.wants_example_gradnorm(done) and done + (-done) % cfg.mixing.global_every < tc.steps
+        mixer.time_norm_steps(done, state, after=False)
         state, metrics = (gradnorm_step if with_gradnorm else train_step)(state, global_batch_from_host(host_batch, mesh))
+        if with_gradnorm:
+            mixer.time_norm_steps(done, state, after=True)
         metrics = dict(metrics)
         gradnorm = metrics.pop("group_gradnorm", None)
         acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)

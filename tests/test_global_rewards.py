@@ -168,3 +168,22 @@ def test_no_probe_budget_keeps_the_configured_counts():
 
     cfg = MixingConfig(global_probes_per_bucket=8, local_probes_per_group=16)
     assert probe_counts(cfg, 8, 4, 64, True, True)[:2] == (8, 16)
+
+
+def test_norm_steps_bill_their_excess_over_plain_steps_to_mixing(monkeypatch):
+    """global_source=train, M=2, interval 6: steps 3-4 (plain) are timed against 5-6 (norms)."""
+    from types import SimpleNamespace
+
+    from hbo_jax.config import MixingConfig
+    from hbo_jax.mixing import strategies
+
+    clock = iter([10.0, 13.0, 17.5])  # before step 3, before step 5, after step 6
+    monkeypatch.setattr(strategies.time, "perf_counter", lambda: next(clock))
+    mixer = SimpleNamespace(train_gradnorm=True, cfg=MixingConfig(global_every=6, global_train_steps=2),
+                            _clock={}, seconds=1.0)
+    for done in range(1, 7):
+        strategies.Mixer.time_norm_steps(mixer, done, jnp.zeros(()), after=False)
+        if done in (5, 6):
+            strategies.Mixer.time_norm_steps(mixer, done, jnp.zeros(()), after=True)
+    assert mixer.seconds == pytest.approx(1.0 + (17.5 - 13.0) - (13.0 - 10.0))
+    assert mixer._clock == {}

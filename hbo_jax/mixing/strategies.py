@@ -191,6 +191,7 @@ class Mixer:
                                 self.state.local_logits.shape) if strategy.flat
                             else jnp.full(self.state.local_logits.shape, -np.log(self.num_buckets)))
         self.seconds = 0.0
+        self._clock: dict[int, float] = {}  # time_norm_steps
         self._warned: set[str] = set()
         make = global_rewards.MAKERS.get(strategy.global_reward) if global_probes else None
         self._global_fn = make(graphdef, mesh, self.num_datasets) if make else None
@@ -243,6 +244,27 @@ class Mixer:
             return False
         m = self.cfg.global_train_steps
         return m == 0 or (-done) % self.cfg.global_every < m
+
+    def time_norm_steps(self, done: int, state, after: bool) -> None:
+        """Bills the norm steps' extra time to mixing (`global_source=train`).
+
+        Called before each train step and, for norm steps, after it. The M norm steps
+        before an update are timed against the M plain steps before them (two host syncs
+        per interval); the excess goes into `seconds`. Not measured when
+        `global_train_steps` is 0 or more than half of `global_every`.
+        """
+        m, f = self.cfg.global_train_steps, self.cfg.global_every
+        if not self.train_gradnorm or m == 0 or 2 * m > f:
+            return
+        phase = (-done) % f  # steps left until the update, after this one
+        if not after and phase in (2 * m - 1, m - 1):
+            jax.block_until_ready(state)
+            self._clock = ({} if phase == 2 * m - 1 else self._clock) | {phase: time.perf_counter()}
+        elif after and phase == 0 and len(self._clock) == 2:
+            jax.block_until_ready(state)
+            t_plain, t_norm = self._clock[2 * m - 1], self._clock[m - 1]
+            self.seconds += max(0.0, (time.perf_counter() - t_norm) - (t_norm - t_plain))
+            self._clock = {}
 
     def _train_gradnorm(self, train_stats) -> np.ndarray:
         """[D] mean per-example gradient norm of each dataset's training examples since the
