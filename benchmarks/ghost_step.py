@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step_cpu import SHAPES  # noqa: E402
+from train_step_cpu import SHAPES, jax_spec  # noqa: E402
 
 from hbo_jax.config import MeshConfig  # noqa: E402
-from hbo_jax.models.llama import LlamaSpec, init_params  # noqa: E402
+from hbo_jax.models.llama import init_params  # noqa: E402
 from hbo_jax.parallel import global_batch_from_host, make_mesh  # noqa: E402
 from hbo_jax.step import init_train_state, make_optimizer, make_train_step, state_shardings  # noqa: E402
 
@@ -41,10 +41,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args()
-    d, layers, h, kv, f, v, tied = SHAPES[args.shape]
-    spec = LlamaSpec(vocab_size=v, hidden_size=d, num_layers=layers, num_heads=h, num_kv_heads=kv,
-                     head_dim=d // h, intermediate_size=f, rope_theta=1e4, rms_norm_eps=1e-5,
-                     tie_embeddings=tied, qkv_bias=False, dtype=args.dtype, param_dtype="float32", remat=False)
+    spec, v = jax_spec(SHAPES[args.shape], args.dtype), SHAPES[args.shape][5]
     mesh = make_mesh(MeshConfig())
     graphdef, params = init_params(spec, mesh, 0)
     tx = make_optimizer(1e-4, 1000, 10, 0.0, 1.0)

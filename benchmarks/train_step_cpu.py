@@ -35,19 +35,26 @@ def model_flops_per_token(shape, seq: int) -> float:
     return 6.0 * n + 12.0 * layers * d * seq
 
 
+def jax_spec(shape, dtype: str):
+    """Our LlamaSpec of a SHAPES entry (fp32 parameters, compute in `dtype`)."""
+    from hbo_jax.models.llama import LlamaSpec
+
+    d, layers, h, kv, f, v, tied = shape
+    return LlamaSpec(vocab_size=v, hidden_size=d, num_layers=layers, num_heads=h, num_kv_heads=kv,
+                     head_dim=d // h, intermediate_size=f, rope_theta=1e4, rms_norm_eps=1e-5,
+                     tie_embeddings=tied, qkv_bias=False, dtype=dtype, param_dtype="float32", remat=False)
+
+
 def run_jax(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str) -> list[float]:
     import jax
     import numpy as np
 
     from hbo_jax.config import MeshConfig
-    from hbo_jax.models.llama import LlamaSpec, init_params
+    from hbo_jax.models.llama import init_params
     from hbo_jax.parallel import global_batch_from_host, make_mesh
     from hbo_jax.step import init_train_state, make_optimizer, make_train_step, state_shardings
 
-    d, layers, h, kv, f, v, tied = shape
-    spec = LlamaSpec(vocab_size=v, hidden_size=d, num_layers=layers, num_heads=h, num_kv_heads=kv,
-                     head_dim=d // h, intermediate_size=f, rope_theta=1e4, rms_norm_eps=1e-5,
-                     tie_embeddings=tied, qkv_bias=False, dtype=dtype, param_dtype="float32", remat=False)
+    spec, v = jax_spec(shape, dtype), shape[5]
     mesh = make_mesh(MeshConfig())
     graphdef, params = init_params(spec, mesh, 0)
     tx = make_optimizer(1e-4, 1000, 10, 0.0, 1.0)

@@ -254,8 +254,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         host_batch = next(batches)
         trace.batch(s, host_batch)
         done = s + 1
-        # Only when the global update these statistics feed will happen (none at the end).
-        with_gradnorm = mixer.wants_example_gradnorm(done) and done + (-done) % cfg.mixing.global_every < tc.steps
+        with_gradnorm = mixer.wants_example_gradnorm(done, tc.steps)
         mixer.time_norm_steps(done, state, after=False)
         state, metrics = (gradnorm_step if with_gradnorm else train_step)(state, global_batch_from_host(host_batch, mesh))
         if with_gradnorm:

@@ -77,7 +77,9 @@ def resolve(cfg: MixingConfig) -> Strategy:
     if cfg.global_source == "train":
         # The train step yields per-example norms: the reference code's reward, not Eq. 7's
         # batch-gradient norm (which needs one backward per dataset batch, i.e. probes).
-        if not g or global_reward not in ("gradnorm", "gradnorm_per_example") or cfg.global_reward == "gradnorm":
+        per_example = cfg.global_reward == "gradnorm_per_example" or (
+            cfg.global_reward == "auto" and global_reward == "gradnorm")  # HBO's own reward, in the code's form
+        if not (g and per_example):
             raise ConfigError(
                 f"mixing.global_source=train gives the per-example gradient-norm reward "
                 f"(gradnorm_per_example); mixing.strategy={cfg.strategy} with mixing.global_reward="
@@ -237,13 +239,14 @@ class Mixer:
         loc = self.strategy.local_actor and step > 0 and step % self.cfg.local_every == 0
         return g, loc
 
-    def wants_example_gradnorm(self, done: int) -> bool:
+    def wants_example_gradnorm(self, done: int, total_steps: int) -> bool:
         """Whether the train step ending at `done` completed steps feeds the global reward
-        (`mixing.global_source=train`: the last `global_train_steps` before an update)."""
+        (`mixing.global_source=train`: the last `global_train_steps` before an update that
+        will happen, i.e. before `total_steps`)."""
         if not self.train_gradnorm:
             return False
-        m = self.cfg.global_train_steps
-        return m == 0 or (-done) % self.cfg.global_every < m
+        m, left = self.cfg.global_train_steps, (-done) % self.cfg.global_every
+        return (m == 0 or left < m) and done + left < total_steps
 
     def time_norm_steps(self, done: int, state, after: bool) -> None:
         """Bills the norm steps' extra time to mixing (`global_source=train`).
