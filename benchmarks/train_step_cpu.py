@@ -7,7 +7,9 @@ default) with AdamW, gradient clipping, a response-masked mean loss, the same ba
 sequence length, fp32. Each side runs in its own process (`--impl jax|torch`); the
 driver alternates them for `--rounds` rounds so drift on a noisy machine hits both, and
 reports median seconds per step, tokens per second, model FLOP/s and the ratio. On a
-GPU, run `--impl jax` alone for MFU (pass `--peak-tflops`).
+GPU, run `--impl jax` alone and pass the chip's peak (`--peak-tflops 989` for an H100's
+dense bf16) for MFU; `--peak-tflops measure` uses the best square-matmul throughput this
+device reaches in the compute dtype instead, which is the meaningful peak on a CPU.
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def run_jax(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str) ->
     return times
 
 
+def measured_peak_tflops(dtype: str) -> float:
+    """Best throughput of a jitted square matmul (n = 1024, 2048, 4096) on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            f(a).block_until_ready()
+        best = max(best, 2 * n**3 * 5 / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
 def run_torch(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str) -> list[float]:
     import numpy as np
     import torch
@@ -108,6 +127,7 @@ def run_torch(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impl", choices=("jax", "torch", "compare"), default="compare")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one timed run, raw times out
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2_135m")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
@@ -116,41 +136,49 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="float32", help="compute dtype of the jax side (float32 | bfloat16)")
     ap.add_argument("--torch-python", default=sys.executable, help="python of a venv with torch + transformers")
-    ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, for MFU (0: not reported)")
+    ap.add_argument("--peak-tflops", default="0",
+                    help="device peak TFLOP/s for MFU: a number, 'measure' (best jitted matmul here), or 0 (none)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
-    if args.impl != "compare":
+    if args.worker:
         fn = run_jax if args.impl == "jax" else run_torch
         print(json.dumps(fn(shape, args.batch, args.seq, args.steps, args.warmup, args.dtype)))
         return
     here = os.path.abspath(__file__)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(here)))
-    common = ["--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
+    common = ["--worker", "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
-    times = {"jax": [], "torch": []}
+    impls = {"jax": sys.executable, "torch": args.torch_python}
+    if args.impl != "compare":
+        impls = {args.impl: impls[args.impl]}
+    times = {impl: [] for impl in impls}
     for r in range(args.rounds):
-        for impl, py in (("jax", sys.executable), ("torch", args.torch_python)):
+        for impl, py in impls.items():
             out = subprocess.run([py, here, "--impl", impl, *common], env=env, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{impl} run failed:\n{out.stderr[-3000:]}")
             times[impl] += json.loads(out.stdout.strip().splitlines()[-1])
             print(f"round {r + 1}: {impl} median {statistics.median(times[impl]):.3f} s/step", flush=True)
+    peak = measured_peak_tflops(args.dtype) if args.peak_tflops == "measure" else float(args.peak_tflops)
     tokens = args.batch * args.seq
     flops = model_flops_per_token(shape, args.seq) * tokens
-    result = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "dtype": args.dtype}
+    result = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+              "model_gflop_per_step": flops / 1e9}
+    if peak:
+        result["peak_tflops"] = {"value": peak, "source": "measured matmul" if args.peak_tflops == "measure" else "given"}
     for impl, ts in times.items():
         med = statistics.median(ts)
         result[impl] = {"median_s_per_step": med, "tokens_per_s": tokens / med, "model_tflops_per_s": flops / med / 1e12,
                         "steps_timed": len(ts)}
-        if args.peak_tflops:
-            result[impl]["mfu"] = flops / med / 1e12 / args.peak_tflops
-    result["jax_speedup_over_torch"] = result["torch"]["median_s_per_step"] / result["jax"]["median_s_per_step"]
+        if peak:
+            result[impl]["mfu"] = flops / med / 1e12 / peak
+    if len(times) == 2:
+        result["jax_speedup_over_torch"] = result["torch"]["median_s_per_step"] / result["jax"]["median_s_per_step"]
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,12 @@ from hbo_jax.models.loading import CheckpointMismatch
 USER_ERRORS = (ConfigError, DataError, CheckpointMismatch)
 
 
+def add_config_arguments(parser) -> None:
+    """`--config FILE` and `key=value` overrides, as every config-driven entry point takes them."""
+    parser.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the demo run")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 mixing.strategy=uniform")
+
+
 def setup_logging() -> None:
     """INFO lines with a timestamp; the libraries' chatter at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",

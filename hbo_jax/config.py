@@ -167,7 +167,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global-norm clip; 0 = none
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -336,6 +336,8 @@ def validate(cfg: Config) -> Config:
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     _validate_subsets(cfg.data.subsets)
+    if cfg.train.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip={cfg.train.grad_clip} must be >= 0 (0 = no clipping)")
     if cfg.eval.every < 0:
         raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0 = no periodic evaluation)")
     for subset, metric in cfg.eval.metrics.items():

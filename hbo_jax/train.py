@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
-from hbo_jax.cli import USER_ERRORS, setup_logging
+from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
 from hbo_jax.data.packing import default_pack_rows
 from hbo_jax.data.prepare import PreparedData, prepare
@@ -349,8 +349,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hbo_jax.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the demo run")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 mixing.strategy=uniform")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:

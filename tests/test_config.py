@@ -29,6 +29,11 @@ def test_non_positive_is_named():
         load_config(overrides=["data.num_buckets=0"])
 
 
+def test_negative_grad_clip_is_named():
+    with pytest.raises(ConfigError, match="train.grad_clip"):
+        load_config(overrides=["train.grad_clip=-1"])
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["train.steps"])

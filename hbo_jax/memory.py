@@ -1,0 +1,218 @@
+"""`python -m hbo_jax.memory [--config FILE] [key=value ...]`: will this run fit?
+
+Compiles the run's device programs for the configured model, mesh, batch and mixing
+strategy from shapes alone (no weights are read, no data is tokenized) and prints what
+XLA allocates on one device for each:
+
+  train step         the optimizer step (with per-example gradient norms too, when the
+                     global reward comes from training: `mixing.global_source=train`)
+  global probes      the probe-based global reward (per-example gradients for
+                     `gradnorm_per_example`), when the strategy uses one
+  evaluation         the per-example NLL forward at `scorer.batch_size`
+
+The numbers are XLA's buffer assignment for the devices this runs on, so run it where
+the job will run (same accelerator and mesh); a CPU's numbers say little about a GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
+from hbo_jax.config import Config, load_config
+from hbo_jax.models.llama import LlamaSpec, abstract_model
+from hbo_jax.models.pretrained import parse_init
+from hbo_jax.parallel import batch_divisor, check_batch_size, make_mesh, replicated, tree_shardings
+from hbo_jax.step import TrainState, make_example_nll_fn, make_optimizer, make_train_step
+
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+    """Bytes one device holds while a compiled program runs (XLA's memory analysis)."""
+
+    name: str
+    arguments: int  # inputs: parameters, optimizer state, batch
+    outputs: int
+    aliased: int  # outputs written into donated inputs (counted once)
+    scratch: int  # temporaries: activations, gradients, collectives' buffers
+
+    @property
+    def peak(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.scratch
+
+    @classmethod
+    def of(cls, name: str, compiled) -> "ProgramMemory":
+        m = compiled.memory_analysis()
+        return cls(name, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                   m.temp_size_in_bytes)
+
+
+def model_spec(cfg: Config) -> LlamaSpec:
+    """The run's model shape, read from the checkpoint's config or metadata only."""
+    m = cfg.model
+    kind, path = parse_init(m.init)
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    if kind == "hf":
+        from hbo_jax.models.hf import spec_from_hf_config
+
+        spec = spec_from_hf_config(json.loads((path / "config.json").read_text()), **kw)
+    elif kind == "gguf":
+        from gguf import GGUFReader
+
+        from hbo_jax.models.gguf import spec_from_gguf
+
+        spec = spec_from_gguf(GGUFReader(str(path)), **kw)
+    else:  # scorer / random: the data tokenizer's vocabulary (a trained BPE's is at most vocab_size)
+        vocab = cfg.data.vocab_size
+        if cfg.data.tokenizer != "train":
+            from hbo_jax.models.hf import load_hf_tokenizer
+
+            vocab = len(load_hf_tokenizer(cfg.data.tokenizer))
+        return LlamaSpec.from_config(m, vocab_size=vocab)
+    return dataclasses.replace(spec, vocab_multiple=m.vocab_multiple, remat_policy=m.remat_policy,
+                               attention=m.attention)
+
+
+def _struct(x, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def abstract_train_state(spec: LlamaSpec, tx, mesh):
+    """(graphdef, TrainState of ShapeDtypeStructs in the run's shardings)."""
+    graphdef, abstract = abstract_model(spec)
+    shardings = tree_shardings(abstract, mesh)
+    params = jax.tree.map(_struct, abstract, shardings)
+    # Moments are laid out like their parameters (as `tx.init` on the real arrays does); the
+    # rest (step counts) is replicated, as `init_train_state` puts it.
+    opt = optax.tree_utils.tree_map_params(tx, _struct, jax.eval_shape(tx.init, params), shardings,
+                                           transform_non_params=lambda x: _struct(x, replicated(mesh)))
+    return graphdef, TrainState(_struct(jnp.zeros((), jnp.int32), replicated(mesh)), params, opt)
+
+
+def _rows(n: int, seq: int, mesh, *, ref_nll: bool = False, packing: bool = False) -> dict:
+    from hbo_jax.parallel import batch_sharding
+
+    bs, b1 = batch_sharding(mesh), batch_sharding(mesh, 1)
+    batch = {"input_ids": jax.ShapeDtypeStruct((n, seq), jnp.int32, sharding=bs),
+             "targets": jax.ShapeDtypeStruct((n, seq), jnp.int32, sharding=bs),
+             "loss_mask": jax.ShapeDtypeStruct((n, seq), jnp.float32, sharding=bs),
+             "group_id": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=b1)}
+    if packing:
+        batch.update(positions=batch["input_ids"], segment_ids=batch["input_ids"])
+    if ref_nll:
+        batch["ref_nll"] = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=b1)
+    return batch
+
+
+def _probe_rows(num_datasets: int, per_dataset: int, mesh) -> int:
+    """Rows of a probe batch after `rewards.pad_per_dataset`: D equal blocks that divide the mesh."""
+    while (num_datasets * per_dataset) % batch_divisor(mesh):
+        per_dataset += 1
+    return num_datasets * per_dataset
+
+
+def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[LlamaSpec, list[ProgramMemory]]:
+    """Compiles the run's programs from shapes and returns their per-device memory.
+
+    Args:
+        cfg: The run's config.
+        mesh: The mesh (default: `cfg.mesh` over all devices).
+        num_datasets: Subsets in the mixture (default: counted from the config's mixture).
+    """
+    from hbo_jax.mixing import global_rewards
+    from hbo_jax.mixing.strategies import resolve
+
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
+    spec = model_spec(cfg)
+    tc, mc, seq = cfg.train, cfg.mixing, cfg.data.seq_len
+    tx = make_optimizer(tc.learning_rate, tc.steps, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
+    graphdef, state = abstract_train_state(spec, tx, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    strategy = resolve(mc)
+    if num_datasets is None:
+        from hbo_jax.data.prepare import mixture
+
+        num_datasets = len(mixture(cfg))
+    k = cfg.data.num_buckets
+    # As the Mixer decides: a progress-ratio reward from training batches needs ref NLLs in the step.
+    ratio = strategy.local_actor or (strategy.global_actor and strategy.global_reward == "ppl_ratio")
+    ref = ratio and mc.local_source == "train"
+    # Packing's worst case is its fallback step: one row per example.
+    batch = _rows(tc.batch_size, seq, mesh, ref_nll=ref, packing=cfg.data.packing)
+    out = []
+    step = make_train_step(graphdef, tx, mesh, num_datasets * k, shardings, ref_nll=ref, packing=cfg.data.packing)
+    out.append(ProgramMemory.of("train step", step.lower(state, batch).compile()))
+    if strategy.global_actor and mc.global_source == "train":
+        step = make_train_step(graphdef, tx, mesh, num_datasets * k, shardings, ref_nll=ref,
+                               packing=cfg.data.packing, example_gradnorm=True)
+        out.append(ProgramMemory.of("train step + example grad norms", step.lower(state, batch).compile()))
+    elif strategy.global_actor and strategy.global_reward in global_rewards.MAKERS:
+        fn = global_rewards.MAKERS[strategy.global_reward](graphdef, mesh, num_datasets)
+        probes = _rows(_probe_rows(num_datasets, mc.global_probes_per_bucket * k, mesh), seq, mesh)
+        args = [probes["input_ids"], probes["targets"], probes["loss_mask"]]
+        if strategy.global_reward == "dev_cosine":
+            dev = _rows(_probe_rows(1, mc.global_probes_per_bucket * k, mesh), seq, mesh)
+            args += [dev["input_ids"], dev["targets"], dev["loss_mask"]]
+        out.append(ProgramMemory.of(f"global probes ({strategy.global_reward})",
+                                    fn.lower(state.params, *args).compile()))
+    ev = _rows(cfg.scorer.batch_size, seq, mesh)
+    nll = make_example_nll_fn(graphdef, mesh)
+    out.append(ProgramMemory.of("evaluation forward", nll.lower(state.params, ev["input_ids"], ev["targets"],
+                                                                ev["loss_mask"]).compile()))
+    return spec, out
+
+
+def device_memory() -> int | None:
+    """Bytes one device may allocate, when the backend says (GPU, TPU); None on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def format_plan(spec: LlamaSpec, programs: list[ProgramMemory], mesh, limit: int | None) -> str:
+    """A table of the programs' per-device memory, and whether the largest fits `limit` bytes."""
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_model(spec)[1]))
+    worst = max(programs, key=lambda p: p.peak)
+    unit, div = ("GiB", 1024**3) if max(worst.peak, limit or 0) >= 1024**3 else ("MiB", 1024**2)
+    lines = [f"model: {n / 1e6:,.1f} M parameters ({spec.param_dtype}), compute {spec.dtype}, "
+             f"remat {spec.remat_policy if spec.remat else 'off'}",
+             f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].device_kind} device(s)",
+             "", f"{'per device (' + unit + ')':<34}{'inputs':>10}{'outputs':>10}{'scratch':>10}{'peak':>10}"]
+    for p in programs:
+        lines.append(f"{p.name:<34}{p.arguments / div:>10.2f}{(p.outputs - p.aliased) / div:>10.2f}"
+                     f"{p.scratch / div:>10.2f}{p.peak / div:>10.2f}")
+    head = f"\nlargest: {worst.name}, {worst.peak / div:.2f} {unit} per device"
+    if limit:
+        verdict = "fits" if worst.peak <= limit else "does NOT fit"
+        lines.append(f"{head} of {limit / div:.2f} {unit}: {verdict}")
+    else:
+        lines.append(f"{head} (this backend reports no memory limit)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hbo_jax.memory", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        mesh = make_mesh(cfg.mesh)
+        spec, programs = plan(cfg, mesh)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    limit = device_memory()
+    print(format_plan(spec, programs, mesh, limit))
+    return 0 if not limit or max(p.peak for p in programs) <= limit else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
