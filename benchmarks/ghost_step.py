@@ -17,18 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step_cpu import SHAPES, jax_spec  # noqa: E402
+from train_step_cpu import SHAPES, alternate, compiled_cost, jax_spec, random_batch  # noqa: E402
 
 from hbo_jax.config import MeshConfig  # noqa: E402
 from hbo_jax.models.llama import init_params  # noqa: E402
-from hbo_jax.parallel import global_batch_from_host, make_mesh  # noqa: E402
+from hbo_jax.parallel import make_mesh  # noqa: E402
 from hbo_jax.step import init_train_state, make_optimizer, make_train_step, state_shardings  # noqa: E402
 
 
@@ -45,35 +44,12 @@ def main() -> None:
     mesh = make_mesh(MeshConfig())
     graphdef, params = init_params(spec, mesh, 0)
     tx = make_optimizer(1e-4, 1000, 10, 0.0, 1.0)
-    holder = {"state": init_train_state(params, tx, mesh)}
-    shardings = state_shardings(holder["state"])
-    steps = {name: make_train_step(graphdef, tx, mesh, 1, shardings, example_gradnorm=ghost)
+    state = init_train_state(params, tx, mesh)
+    steps = {name: make_train_step(graphdef, tx, mesh, 1, state_shardings(state), example_gradnorm=ghost)
              for name, ghost in (("plain", False), ("ghost", True))}
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, v, (args.batch, args.seq + 1)).astype(np.int32)
-    mask = np.ones((args.batch, args.seq), np.float32)
-    mask[:, : args.seq // 4] = 0.0  # a prompt
-    batch = global_batch_from_host({"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
-                                    "group_id": np.zeros(args.batch, np.int32)}, mesh)
-
-    def flops(name: str) -> float:  # XLA's count for the compiled step: the work, free of timing noise
-        cost = steps[name].lower(holder["state"], batch).compile().cost_analysis()
-        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
-
-    work = {name: flops(name) for name in steps}
-
-    def run(name: str) -> float:
-        t0 = time.perf_counter()
-        holder["state"], m = steps[name](holder["state"], batch)
-        jax.block_until_ready(m)
-        return time.perf_counter() - t0
-
-    for name in steps:
-        run(name)  # compile and warm up
-    times: dict = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name in steps:
-            times[name].append(run(name))
+    batch = random_batch(v, args.batch, args.seq, mesh)
+    work = {name: compiled_cost(step, state, batch)["flops"] for name, step in steps.items()}
+    times, state = alternate(steps, state, batch, args.rounds)
     med = {name: float(np.median(t)) for name, t in times.items()}
     res = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "median_s": med,

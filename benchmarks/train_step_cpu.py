@@ -37,14 +37,60 @@ def model_flops_per_token(shape, seq: int) -> float:
     return 6.0 * n + 12.0 * layers * d * seq
 
 
-def jax_spec(shape, dtype: str):
+def jax_spec(shape, dtype: str, loss_chunk: int = 0, remat: bool = False):
     """Our LlamaSpec of a SHAPES entry (fp32 parameters, compute in `dtype`)."""
     from hbo_jax.models.llama import LlamaSpec
 
     d, layers, h, kv, f, v, tied = shape
     return LlamaSpec(vocab_size=v, hidden_size=d, num_layers=layers, num_heads=h, num_kv_heads=kv,
                      head_dim=d // h, intermediate_size=f, rope_theta=1e4, rms_norm_eps=1e-5,
-                     tie_embeddings=tied, qkv_bias=False, dtype=dtype, param_dtype="float32", remat=False)
+                     tie_embeddings=tied, qkv_bias=False, dtype=dtype, param_dtype="float32", remat=remat,
+                     loss_chunk=loss_chunk)
+
+
+def random_batch(vocab: int, batch: int, seq: int, mesh) -> dict:
+    """A global batch of random tokens whose first quarter of each row is an unscored prompt."""
+    import numpy as np
+
+    from hbo_jax.parallel import global_batch_from_host
+
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+    mask = np.ones((batch, seq), np.float32)
+    mask[:, : seq // 4] = 0.0
+    return global_batch_from_host({"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
+                                   "group_id": np.zeros(batch, np.int32)}, mesh)
+
+
+def compiled_cost(step, state, batch) -> dict:
+    """XLA's FLOP count and scratch bytes of a compiled step: its work and memory, free of timing noise."""
+    compiled = step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    return {"flops": float((cost[0] if isinstance(cost, list) else cost)["flops"]),
+            "scratch_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+
+
+def alternate(steps: dict, state, batch, rounds: int) -> tuple[dict, object]:
+    """Times jitted `step(state, batch)` variants turn by turn in one process, after one
+    compile/warm-up call each, so every variant sees the same machine load.
+
+    Returns ({name: [seconds per call]}, the final state).
+    """
+    import jax
+
+    def run(step) -> float:
+        nonlocal state
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        return time.perf_counter() - t0
+
+    for step in steps.values():
+        run(step)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(run(step))
+    return times, state
 
 
 def run_jax(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str) -> list[float]:

@@ -63,7 +63,7 @@ _WARN = {"train.steps": "the learning-rate schedule spans train.steps, so the co
 # same loss and gradients up to float rounding (tested), so accepted with a note.
 _LAYOUT = "the same examples and the same loss up to float rounding"
 _WARN.update({k: _LAYOUT for k in ("data.packing", "data.pack_rows", "model.remat", "model.remat_policy",
-                                   "model.attention")})
+                                   "model.attention", "model.loss_chunk")})
 
 
 def _abstract(tree):

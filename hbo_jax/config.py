@@ -55,6 +55,11 @@ class ModelConfig:
     # shard evenly over the mesh; padded rows are zero, their logits -inf, and export
     # writes the real vocabulary only. 1 = no padding.
     vocab_multiple: int = 1
+    # Unembed and take the loss this many positions at a time, recomputing each chunk's
+    # logits in the backward, so [batch, seq, vocab] logits are never held whole (large
+    # vocabularies: Llama-3's 128k). 0 = all at once. The norm steps of
+    # mixing.global_source=train always take the whole sequence.
+    loss_chunk: int = 0
     # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
     # also scored difficulty (the demo's stand-in for a pretrained base), "random",
     # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/models/pretrained.py). A
@@ -336,6 +341,8 @@ def validate(cfg: Config) -> Config:
     if cfg.mixing.actor_lr <= 0:
         raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     _validate_subsets(cfg.data.subsets)
+    if cfg.model.loss_chunk < 0:
+        raise ConfigError(f"model.loss_chunk={cfg.model.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
     if cfg.train.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={cfg.train.grad_clip} must be >= 0 (0 = no clipping)")
     if cfg.eval.every < 0:

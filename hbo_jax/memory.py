@@ -77,7 +77,7 @@ def model_spec(cfg: Config) -> LlamaSpec:
             vocab = len(load_hf_tokenizer(cfg.data.tokenizer))
         return LlamaSpec.from_config(m, vocab_size=vocab)
     return dataclasses.replace(spec, vocab_multiple=m.vocab_multiple, remat_policy=m.remat_policy,
-                               attention=m.attention)
+                               attention=m.attention, loss_chunk=m.loss_chunk)
 
 
 def _struct(x, sharding) -> jax.ShapeDtypeStruct:

@@ -39,10 +39,37 @@ class TrainState:
 def token_nll(graphdef, params, input_ids: jax.Array, targets: jax.Array,
               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
               ghost: Ghost | None = None) -> jax.Array:
-    """Per-token negative log-likelihood [B, T] in fp32 (packed rows: pass positions and segment_ids)."""
+    """Per-token negative log-likelihood [B, T] in fp32 (packed rows: pass positions and segment_ids).
+
+    With the model's `loss_chunk`, the logits are made `loss_chunk` positions at a time
+    (not with `ghost`, whose head needs every position's logits gradient at once).
+    """
     model = nnx.merge(graphdef, params)
-    logits = model(input_ids, positions if segment_ids is not None else None, segment_ids, ghost=ghost)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    positions = positions if segment_ids is not None else None
+    chunk = model.spec.loss_chunk
+    if ghost is not None or not chunk or input_ids.shape[1] <= chunk:
+        logits = model(input_ids, positions, segment_ids, ghost=ghost)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return chunked_nll(model, model.hidden(input_ids, positions, segment_ids), targets, chunk)
+
+
+def chunked_nll(model, h: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """Per-token NLL [B, T] from hidden states [B, T, D], unembedding `chunk` positions at a time.
+
+    Each chunk's logits are rematerialised in the backward pass, so at most one chunk's
+    [B, chunk, V] logits (and their gradient) are live instead of the whole sequence's.
+    """
+    b, t, _ = h.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t  # padded positions are computed and dropped
+    hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, -1).swapaxes(0, 1)
+    ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(x):
+        return optax.softmax_cross_entropy_with_integer_labels(model.unembed(x[0]), x[1])
+
+    return jax.lax.map(one, (hs, ts)).swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
 def example_grad_norms(sq_norms: jax.Array, count: jax.Array, total_tokens: jax.Array) -> jax.Array:

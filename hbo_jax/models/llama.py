@@ -75,6 +75,7 @@ class LlamaSpec:
     remat_policy: str = "full"  # with remat: full | dots | dots_no_batch (see REMAT_POLICIES)
     attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
     vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this
+    loss_chunk: int = 0  # >0: the training loss unembeds this many positions at a time
 
     @property
     def padded_vocab(self) -> int:
@@ -93,7 +94,8 @@ class LlamaSpec:
             intermediate_size=cfg.intermediate_size, rope_theta=cfg.rope_theta,
             rms_norm_eps=cfg.rms_norm_eps, tie_embeddings=cfg.tie_embeddings,
             qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-            remat_policy=cfg.remat_policy, attention=cfg.attention, vocab_multiple=cfg.vocab_multiple)
+            remat_policy=cfg.remat_policy, attention=cfg.attention, vocab_multiple=cfg.vocab_multiple,
+            loss_chunk=cfg.loss_chunk)
 
     def num_params(self) -> int:
         d, h, kv, hd, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,

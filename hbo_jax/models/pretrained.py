@@ -70,13 +70,15 @@ def load_pretrained(init: str, mesh, model_cfg: ModelConfig):
     else:
         raise ValueError(f"model.init={init!r} is not a pretrained model")
     graphdef, params, spec = load(path, mesh, **kw)
-    if (spec.remat_policy, spec.attention) != (model_cfg.remat_policy, model_cfg.attention):
+    options = dict(remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
+                   loss_chunk=model_cfg.loss_chunk)
+    if any(getattr(spec, k) != v for k, v in options.items()):
         # Compute options live in the (static) spec: rebuild the graphdef around the same weights.
         import dataclasses
 
         from hbo_jax.models.llama import abstract_model
 
-        spec = dataclasses.replace(spec, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
+        spec = dataclasses.replace(spec, **options)
         graphdef = abstract_model(spec)[0]
     return graphdef, params, spec
 
