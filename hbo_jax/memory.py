@@ -8,7 +8,8 @@ XLA allocates on one device for each:
                      global reward comes from training: `mixing.global_source=train`)
   global probes      the probe-based global reward (per-example gradients for
                      `gradnorm_per_example`), when the strategy uses one
-  evaluation         the per-example NLL forward at `scorer.batch_size`
+  evaluation         the per-example NLL forward of difficulty scoring and evaluation,
+                     `scorer.score_batch_size` rows
 
 The numbers are XLA's buffer assignment for the devices this runs on, so run it where
 the job will run (same accelerator and mesh); a CPU's numbers say little about a GPU's.
@@ -30,7 +31,8 @@ from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, load_config
 from hbo_jax.models.llama import LlamaSpec, abstract_model
 from hbo_jax.models.pretrained import parse_init
-from hbo_jax.parallel import batch_divisor, check_batch_size, make_mesh, replicated, tree_shardings
+from hbo_jax.parallel import (batch_divisor, batch_sharding, check_batch_size, make_mesh, replicated, round_up_rows,
+                              tree_shardings)
 from hbo_jax.step import TrainState, make_example_nll_fn, make_optimizer, make_train_step
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +99,7 @@ def abstract_train_state(spec: LlamaSpec, tx, mesh):
 
 
 def _rows(n: int, seq: int, mesh, *, ref_nll: bool = False, packing: bool = False) -> dict:
-    from hbo_jax.parallel import batch_sharding
-
+    """ShapeDtypeStructs of a batch of `n` rows in the batch shardings (a train batch's keys)."""
     bs, b1 = batch_sharding(mesh), batch_sharding(mesh, 1)
     batch = {"input_ids": jax.ShapeDtypeStruct((n, seq), jnp.int32, sharding=bs),
              "targets": jax.ShapeDtypeStruct((n, seq), jnp.int32, sharding=bs),
@@ -163,9 +164,10 @@ def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[Llama
             args += [dev["input_ids"], dev["targets"], dev["loss_mask"]]
         out.append(ProgramMemory.of(f"global probes ({strategy.global_reward})",
                                     fn.lower(state.params, *args).compile()))
-    ev = _rows(cfg.scorer.batch_size, seq, mesh)
+    # Scoring and evaluation: score_batch_size rows (rounded up to the mesh), widest at seq_len.
+    ev = _rows(round_up_rows(cfg.scorer.score_batch_size, mesh), seq, mesh)
     nll = make_example_nll_fn(graphdef, mesh)
-    out.append(ProgramMemory.of("evaluation forward", nll.lower(state.params, ev["input_ids"], ev["targets"],
+    out.append(ProgramMemory.of("scoring / evaluation forward", nll.lower(state.params, ev["input_ids"], ev["targets"],
                                                                 ev["loss_mask"]).compile()))
     return spec, out
 

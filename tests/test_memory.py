@@ -42,7 +42,7 @@ def test_train_step_inputs_are_the_real_state_and_batch(tmp_path, shape):
 def test_norm_step_is_planned_for_a_train_sourced_global_reward(tmp_path):
     cfg = _cfg(tmp_path, "mixing.global_source=train")
     names = [p.name for p in plan(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), num_datasets=3)[1]]
-    assert names == ["train step", "train step + example grad norms", "evaluation forward"]
+    assert names == ["train step", "train step + example grad norms", "scoring / evaluation forward"]
 
 
 def test_per_example_probes_hold_more_scratch_than_the_batch_gradient(tmp_path):
