@@ -29,6 +29,7 @@ import optax
 
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, load_config
+from hbo_jax.distributed import initialize as init_distributed
 from hbo_jax.models.llama import LlamaSpec, abstract_model
 from hbo_jax.models.pretrained import parse_init
 from hbo_jax.parallel import (batch_divisor, batch_sharding, check_batch_size, make_mesh, replicated, round_up_rows,
@@ -196,6 +197,8 @@ def format_plan(spec: LlamaSpec, programs: list[ProgramMemory], mesh, limit: int
         lines.append(f"{head} of {limit / div:.2f} {unit}: {verdict}")
     else:
         lines.append(f"{head} (this backend reports no memory limit)")
+    if spec.remat and jax.devices()[0].platform == "cpu":
+        lines.append("note: XLA:CPU does not schedule the backward for memory, so remat shows little of its saving here")
     return "\n".join(lines)
 
 
@@ -206,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        init_distributed(cfg.distributed)  # on a pod, plan for the global mesh, as the job sees it
         mesh = make_mesh(cfg.mesh)
         spec, programs = plan(cfg, mesh)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     limit = device_memory()
-    print(format_plan(spec, programs, mesh, limit))
+    if jax.process_index() == 0:
+        print(format_plan(spec, programs, mesh, limit))
     return 0 if not limit or max(p.peak for p in programs) <= limit else 1
 
 
