@@ -8,8 +8,8 @@ XLA allocates on one device for each:
                      global reward comes from training: `mixing.global_source=train`)
   global probes      the probe-based global reward (per-example gradients for
                      `gradnorm_per_example`), when the strategy uses one
-  evaluation         the per-example NLL forward of difficulty scoring and evaluation,
-                     `scorer.score_batch_size` rows
+  scoring /          the per-example NLL forward of difficulty scoring and evaluation,
+  evaluation         `scorer.score_batch_size` rows
 
 The numbers are XLA's buffer assignment for the devices this runs on, so run it where
 the job will run (same accelerator and mesh); a CPU's numbers say little about a GPU's.
@@ -35,6 +35,7 @@ from hbo_jax.models.pretrained import parse_init
 from hbo_jax.parallel import (batch_divisor, batch_sharding, check_batch_size, make_mesh, replicated, round_up_rows,
                               tree_shardings)
 from hbo_jax.step import TrainState, make_example_nll_fn, make_optimizer, make_train_step
+
 
 @dataclasses.dataclass(frozen=True)
 class ProgramMemory:
@@ -113,6 +114,19 @@ def _rows(n: int, seq: int, mesh, *, ref_nll: bool = False, packing: bool = Fals
     return batch
 
 
+def count_subsets(cfg: Config) -> int:
+    """Subsets in the config's mixture, as `prepare.mixture` lists them, reading no data."""
+    from hbo_jax.data import embedded
+    from hbo_jax.data.prepare import source_dir, subset_files
+
+    n = len(cfg.data.subsets)
+    if cfg.data.source_dir:
+        n += len(subset_files(source_dir(cfg)))
+    elif not cfg.data.subsets:
+        n += len(embedded.RECIPE)  # the embedded mixture, without building it
+    return n
+
+
 def _probe_rows(num_datasets: int, per_dataset: int, mesh) -> int:
     """Rows of a probe batch after `rewards.pad_per_dataset`: D equal blocks that divide the mesh."""
     while (num_datasets * per_dataset) % batch_divisor(mesh):
@@ -126,7 +140,7 @@ def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[Llama
     Args:
         cfg: The run's config.
         mesh: The mesh (default: `cfg.mesh` over all devices).
-        num_datasets: Subsets in the mixture (default: counted from the config's mixture).
+        num_datasets: Subsets in the mixture (default: `count_subsets(cfg)`).
     """
     from hbo_jax.mixing import global_rewards
     from hbo_jax.mixing.strategies import resolve
@@ -139,10 +153,7 @@ def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[Llama
     graphdef, state = abstract_train_state(spec, tx, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     strategy = resolve(mc)
-    if num_datasets is None:
-        from hbo_jax.data.prepare import mixture
-
-        num_datasets = len(mixture(cfg))
+    num_datasets = count_subsets(cfg) if num_datasets is None else num_datasets
     k = cfg.data.num_buckets
     # As the Mixer decides: a progress-ratio reward from training batches needs ref NLLs in the step.
     ratio = strategy.local_actor or (strategy.global_actor and strategy.global_reward == "ppl_ratio")
@@ -168,8 +179,8 @@ def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[Llama
     # Scoring and evaluation: score_batch_size rows (rounded up to the mesh), widest at seq_len.
     ev = _rows(round_up_rows(cfg.scorer.score_batch_size, mesh), seq, mesh)
     nll = make_example_nll_fn(graphdef, mesh)
-    out.append(ProgramMemory.of("scoring / evaluation forward", nll.lower(state.params, ev["input_ids"], ev["targets"],
-                                                                ev["loss_mask"]).compile()))
+    lowered = nll.lower(state.params, ev["input_ids"], ev["targets"], ev["loss_mask"])
+    out.append(ProgramMemory.of("scoring / evaluation forward", lowered.compile()))
     return spec, out
 
 

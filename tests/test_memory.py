@@ -70,3 +70,12 @@ def test_cli_prints_every_program_of_the_run(tmp_path, capsys):
     assert "train step" in out and "global probes (gradnorm)" in out and "evaluation forward" in out
     assert "over 8 cpu" in out.lower()
     assert not list((tmp_path / "cache").glob("prepared*"))  # nothing was tokenized
+
+
+def test_the_embedded_mixture_is_counted_without_building_it(tmp_path):
+    from hbo_jax.data import embedded
+    from hbo_jax.memory import count_subsets
+
+    cfg = load_config(overrides=[f"data.cache_dir={tmp_path / 'cache'}"])
+    assert count_subsets(cfg) == len(embedded.RECIPE)
+    assert not (tmp_path / "cache").exists()
