@@ -79,3 +79,16 @@ def test_the_embedded_mixture_is_counted_without_building_it(tmp_path):
     cfg = load_config(overrides=[f"data.cache_dir={tmp_path / 'cache'}"])
     assert count_subsets(cfg) == len(embedded.RECIPE)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("init", ["hf:{p}/qwen2", "gguf:{p}/qwen2_gguf/model.gguf"])
+def test_pretrained_spec_is_the_one_the_loader_builds(init):
+    from pathlib import Path
+
+    from hbo_jax.models.pretrained import load_pretrained
+
+    init = init.format(p=Path(__file__).parent / "fixtures" / "parity")
+    cfg = load_config(overrides=[f"model.init={init}", "model.vocab_multiple=64", "model.loss_chunk=16",
+                                 "model.remat=true", "model.dtype=bfloat16"])
+    _, _, loaded = load_pretrained(init, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), cfg.model)
+    assert model_spec(cfg) == loaded
