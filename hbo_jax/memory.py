@@ -155,19 +155,17 @@ def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[Llama
     strategy = resolve(mc)
     num_datasets = count_subsets(cfg) if num_datasets is None else num_datasets
     k = cfg.data.num_buckets
-    # As the Mixer decides: a progress-ratio reward from training batches needs ref NLLs in the step.
-    ratio = strategy.local_actor or (strategy.global_actor and strategy.global_reward == "ppl_ratio")
-    ref = ratio and mc.local_source == "train"
+    ref = strategy.ref_nll
     # Packing's worst case is its fallback step: one row per example.
     batch = _rows(tc.batch_size, seq, mesh, ref_nll=ref, packing=cfg.data.packing)
     out = []
     step = make_train_step(graphdef, tx, mesh, num_datasets * k, shardings, ref_nll=ref, packing=cfg.data.packing)
     out.append(ProgramMemory.of("train step", step.lower(state, batch).compile()))
-    if strategy.global_actor and mc.global_source == "train":
+    if strategy.train_gradnorm:
         step = make_train_step(graphdef, tx, mesh, num_datasets * k, shardings, ref_nll=ref,
                                packing=cfg.data.packing, example_gradnorm=True)
         out.append(ProgramMemory.of("train step + example grad norms", step.lower(state, batch).compile()))
-    elif strategy.global_actor and strategy.global_reward in global_rewards.MAKERS:
+    elif strategy.global_probes:
         fn = global_rewards.MAKERS[strategy.global_reward](graphdef, mesh, num_datasets)
         probes = _rows(_probe_rows(num_datasets, mc.global_probes_per_bucket * k, mesh), seq, mesh)
         args = [probes["input_ids"], probes["targets"], probes["loss_mask"]]

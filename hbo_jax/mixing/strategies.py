@@ -45,10 +45,32 @@ class Strategy:
     temperature: float
     global_reward: str = "gradnorm"  # a global_rewards.MAKERS key, or ppl_ratio (per dataset, raw)
     flat: bool = False  # the local logits are one joint actor over all groups (MoS+)
+    global_from_train: bool = False  # mixing.global_source=train
+    local_from_train: bool = False  # mixing.local_source=train
 
     @property
     def dynamic(self) -> bool:
         return self.global_actor or self.local_actor
+
+    @property
+    def progress_ratio(self) -> bool:
+        """A reward needs each example's progress ratio to theta0 (local actor, or MoS's global)."""
+        return self.local_actor or (self.global_actor and self.global_reward == "ppl_ratio")
+
+    @property
+    def ref_nll(self) -> bool:
+        """The train step carries reference NLLs: the progress ratio comes from training batches."""
+        return self.progress_ratio and self.local_from_train
+
+    @property
+    def train_gradnorm(self) -> bool:
+        """The global reward is the per-example gradient norms of the train steps."""
+        return self.global_actor and self.global_from_train
+
+    @property
+    def global_probes(self) -> bool:
+        """The global reward is a jitted probe pass (`global_rewards.MAKERS[global_reward]`)."""
+        return self.global_actor and self.global_reward in global_rewards.MAKERS and not self.train_gradnorm
 
 
 _TABLE = {  # name: (global actor, local actor, default temperature, global reward, flat)
@@ -85,7 +107,8 @@ def resolve(cfg: MixingConfig) -> Strategy:
                 f"(gradnorm_per_example); mixing.strategy={cfg.strategy} with mixing.global_reward="
                 f"{cfg.global_reward} {'has no global actor' if not g else 'needs probes'}")
         global_reward = "gradnorm_per_example"
-    return Strategy(cfg.strategy, g, loc, t, global_reward, flat)
+    return Strategy(cfg.strategy, g, loc, t, global_reward, flat, cfg.global_source == "train",
+                    cfg.local_source == "train")
 
 
 def save_schedule(path, schedule: ProbabilitySchedule, names: Sequence[str]) -> None:
@@ -167,10 +190,9 @@ class Mixer:
         self.leaves, self.stores, self.mesh = leaves, stores, mesh
         self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
         self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
-        self.train_gradnorm = strategy.global_actor and cfg.global_source == "train"
-        global_probes = (strategy.global_actor and strategy.global_reward in global_rewards.MAKERS
-                         and not self.train_gradnorm)
-        local_probes = (strategy.local_actor or strategy.global_reward == "ppl_ratio") and cfg.local_source == "probes"
+        self.train_gradnorm = strategy.train_gradnorm
+        global_probes = strategy.global_probes
+        local_probes = strategy.progress_ratio and not strategy.local_from_train
         g, loc, share = probe_counts(cfg, self.num_datasets, self.num_buckets, max(train_batch, 1),
                                      global_probes, local_probes)
         if (g, loc) != (cfg.global_probes_per_bucket, cfg.local_probes_per_group):
@@ -204,9 +226,9 @@ class Mixer:
                                   "examples (<subset>.eval.jsonl files)")
             picks = rewards.dev_probes(dev_stores, cfg.global_probes_per_bucket * self.num_buckets, seed)
             self._dev_batch = rewards.probe_batch(dev_stores, picks, seq_len, pad_id)
-        self._nll = make_example_nll_fn(graphdef, mesh) if self.needs_local_ratio else None
+        self._nll = make_example_nll_fn(graphdef, mesh) if strategy.progress_ratio else None
         self._local_batch = self._local_alone = None
-        if self.needs_local_ratio and cfg.local_source == "probes":
+        if local_probes:
             picks = rewards.fixed_local_probes(leaves, cfg.local_probes_per_group, seed)
             self._local_batch = rewards.probe_batch(stores, picks, seq_len, pad_id)
             if cfg.local_reward == "ifd_ratio":
@@ -285,13 +307,8 @@ class Mixer:
         return r
 
     @property
-    def needs_local_ratio(self) -> bool:
-        s = self.strategy
-        return s.local_actor or (s.global_actor and s.global_reward == "ppl_ratio")
-
-    @property
     def uses_train_stats(self) -> bool:
-        return self.needs_local_ratio and self.cfg.local_source == "train"
+        return self.strategy.ref_nll
 
     def _local_ratio(self, params, train_stats) -> tuple[np.ndarray, np.ndarray]:
         """(per-group [D, K], per-dataset [D]) progress ratio to theta0 (`mixing.local_reward`),
