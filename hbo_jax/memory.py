@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import jax
@@ -31,7 +30,7 @@ from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, load_config
 from hbo_jax.distributed import initialize as init_distributed
 from hbo_jax.models.llama import LlamaSpec, abstract_model
-from hbo_jax.models.pretrained import parse_init
+from hbo_jax.models.pretrained import is_pretrained, pretrained_spec
 from hbo_jax.parallel import (batch_divisor, batch_sharding, check_batch_size, make_mesh, replicated, round_up_rows,
                               tree_shardings)
 from hbo_jax.step import TrainState, make_example_nll_fn, make_optimizer, make_train_step
@@ -61,27 +60,14 @@ class ProgramMemory:
 def model_spec(cfg: Config) -> LlamaSpec:
     """The run's model shape, read from the checkpoint's config or metadata only."""
     m = cfg.model
-    kind, path = parse_init(m.init)
-    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    if kind == "hf":
-        from hbo_jax.models.hf import spec_from_hf_config
+    if is_pretrained(m.init):
+        return pretrained_spec(m.init, m)
+    vocab = cfg.data.vocab_size  # scorer / random: the data tokenizer's (a trained BPE's is at most this)
+    if cfg.data.tokenizer != "train":
+        from hbo_jax.models.hf import load_hf_tokenizer
 
-        spec = spec_from_hf_config(json.loads((path / "config.json").read_text()), **kw)
-    elif kind == "gguf":
-        from gguf import GGUFReader
-
-        from hbo_jax.models.gguf import spec_from_gguf
-
-        spec = spec_from_gguf(GGUFReader(str(path)), **kw)
-    else:  # scorer / random: the data tokenizer's vocabulary (a trained BPE's is at most vocab_size)
-        vocab = cfg.data.vocab_size
-        if cfg.data.tokenizer != "train":
-            from hbo_jax.models.hf import load_hf_tokenizer
-
-            vocab = len(load_hf_tokenizer(cfg.data.tokenizer))
-        return LlamaSpec.from_config(m, vocab_size=vocab)
-    return dataclasses.replace(spec, vocab_multiple=m.vocab_multiple, remat_policy=m.remat_policy,
-                               attention=m.attention, loss_chunk=m.loss_chunk)
+        vocab = len(load_hf_tokenizer(cfg.data.tokenizer))
+    return LlamaSpec.from_config(m, vocab_size=vocab)
 
 
 def _struct(x, sharding) -> jax.ShapeDtypeStruct:

@@ -58,27 +58,54 @@ def fingerprint(init: str) -> str:
                                                    for f in files if f.is_file())
 
 
+def _spec_options(model_cfg: ModelConfig) -> tuple[dict, dict]:
+    """(what the loaders take, the compute options set on the spec afterwards) from the config."""
+    load = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat)
+    compute = dict(vocab_multiple=model_cfg.vocab_multiple, remat_policy=model_cfg.remat_policy,
+                   attention=model_cfg.attention, loss_chunk=model_cfg.loss_chunk)
+    return load, compute
+
+
+def pretrained_spec(init: str, model_cfg: ModelConfig):
+    """The LlamaSpec `load_pretrained` would build, from config.json or GGUF metadata only."""
+    import dataclasses
+    import json
+
+    kind, path = parse_init(init)
+    load, compute = _spec_options(model_cfg)
+    if kind == "hf":
+        from hbo_jax.models.hf import spec_from_hf_config
+
+        spec = spec_from_hf_config(json.loads((path / "config.json").read_text()), **load)
+    elif kind == "gguf":
+        from gguf import GGUFReader
+
+        from hbo_jax.models.gguf import spec_from_gguf
+
+        spec = spec_from_gguf(GGUFReader(str(path)), **load)
+    else:
+        raise ValueError(f"model.init={init!r} is not a pretrained model")
+    return dataclasses.replace(spec, **compute)
+
+
 def load_pretrained(init: str, mesh, model_cfg: ModelConfig):
     """(graphdef, params, spec) of a pretrained model, sharded over `mesh`."""
     kind, path = parse_init(init)
-    kw = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-              vocab_multiple=model_cfg.vocab_multiple)
+    load_kw, compute = _spec_options(model_cfg)
     if kind == "hf":
         from hbo_jax.models.hf import load_hf as load
     elif kind == "gguf":
         from hbo_jax.models.gguf import load_gguf as load
     else:
         raise ValueError(f"model.init={init!r} is not a pretrained model")
-    graphdef, params, spec = load(path, mesh, **kw)
-    options = dict(remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                   loss_chunk=model_cfg.loss_chunk)
-    if any(getattr(spec, k) != v for k, v in options.items()):
+    graphdef, params, spec = load(path, mesh, vocab_multiple=compute.pop("vocab_multiple"), **load_kw)
+    if any(getattr(spec, k) != v for k, v in compute.items()):
         # Compute options live in the (static) spec: rebuild the graphdef around the same weights.
         import dataclasses
 
         from hbo_jax.models.llama import abstract_model
 
-        spec = dataclasses.replace(spec, **options)
+        spec = dataclasses.replace(spec, **compute)
         graphdef = abstract_model(spec)[0]
     return graphdef, params, spec
 
