@@ -20,13 +20,10 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str
     On several hosts every process runs this (with `distributed.*` overrides or an
     auto-detected cluster): the gathers are collective and process 0 writes.
     """
-    from flax import nnx
-
     from hbo_jax.config import ConfigError, load_config
     from hbo_jax.data.prepare import prepare
     from hbo_jax.distributed import FRESH_LAUNCH, initialize
     from hbo_jax.evaluate import load_model
-    from hbo_jax.models.hf import export_hf
     from hbo_jax.parallel import make_mesh
 
     if not (run_dir / "config.yaml").is_file():
@@ -36,8 +33,36 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str
     mesh = make_mesh(cfg.mesh)
     data = prepare(cfg, mesh)  # the run's tokenizer (cached: nothing is recomputed)
     graphdef, params = load_model("checkpoint", cfg, data, mesh, run_dir, step)
+    return export_model(cfg, graphdef, params, data.tokenizer, out_dir, dtype)
+
+
+def export_model(cfg, graphdef, params, tokenizer, out_dir: Path, dtype: str | None = None) -> Path:
+    """Writes a run's model (`nnx.merge(graphdef, params)`) as a Hugging Face directory.
+
+    The context length and RoPE settings are those of the model's spec: a fine-tune of
+    a pretrained model (`model.init` hf:, gguf:, smollm2) declares its base model's,
+    as `load_pretrained` read them from its config.json or GGUF metadata.
+
+    Args:
+        cfg: The run's Config.
+        graphdef: The model's graph (carries the spec).
+        params: The model's `nnx.Param` state.
+        tokenizer: The run's tokenizer (saved with the weights), or None.
+        out_dir: Output directory (created).
+        dtype: Stored dtype; default the params'.
+
+    Returns:
+        out_dir.
+    """
+    from flax import nnx
+
+    from hbo_jax.models.hf import export_hf
+
     spec = nnx.merge(graphdef, params).spec
-    return export_hf(params, spec, data.tokenizer, out_dir, dtype=dtype,
+    # Only a model trained from scratch (model.init=scorer|random) has no base model's
+    # context length: it declares the training length, at least 2048 (RoPE has no hard
+    # limit, and servers such as vLLM refuse prompts longer than the declared context).
+    return export_hf(params, spec, tokenizer, out_dir, dtype=dtype,
                      max_position_embeddings=max(cfg.data.seq_len, 2048))
 
 

@@ -105,6 +105,7 @@ def spec_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "float3
     hidden = int(_field(reader, key("embedding_length")))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _field(reader, key("vocab_size"), len(tokens.data) if tokens is not None else None)
+    context = _field(reader, key("context_length"), required=False)  # llama.cpp always writes it
     spec = LlamaSpec(
         vocab_size=int(vocab), hidden_size=hidden, num_layers=int(_field(reader, key("block_count"))),
         num_heads=heads, num_kv_heads=int(_field(reader, key("attention.head_count_kv"), heads)),
@@ -113,7 +114,8 @@ def spec_from_gguf(reader, *, dtype: str = "float32", param_dtype: str = "float3
         rope_theta=float(_field(reader, key("rope.freq_base"), 10000.0)),
         rms_norm_eps=float(_field(reader, key("attention.layer_norm_rms_epsilon"))),
         tie_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        qkv_bias="blk.0.attn_q.bias" in names, dtype=dtype, param_dtype=param_dtype, remat=remat,
+        max_position_embeddings=int(context) if context else None)
     rope = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if rope is None:
         return spec

@@ -133,6 +133,7 @@ def spec_from_hf_config(cfg: dict, *, dtype: str = "float32", param_dtype: str =
     try:
         heads = int(cfg["num_attention_heads"])
         theta, scaling = _rope(cfg)
+        context = cfg.get("max_position_embeddings")
         return LlamaSpec(
             vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
             num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
@@ -142,18 +143,22 @@ def spec_from_hf_config(cfg: dict, *, dtype: str = "float32", param_dtype: str =
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=mtype == "qwen2", dtype=dtype, param_dtype=param_dtype, remat=remat,
-            rope_scaling=scaling)
+            rope_scaling=scaling, max_position_embeddings=int(context) if context else None)
     except KeyError as e:
         raise CheckpointMismatch(f"config.json: required field {e} is missing") from None
 
 
-def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int = 4096,
+def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int | None = None,
                         torch_dtype: str = "float32", extra: dict | None = None) -> dict:
     """The `config.json` dict (transformers v5 layout) describing `spec`.
 
+    The context length and RoPE settings are the spec's, so a model loaded from a
+    checkpoint declares its source's (`max_position_embeddings`, `rope_parameters`).
+
     Args:
         spec: Our model shape.
-        max_position_embeddings: Context length to declare.
+        max_position_embeddings: Context length to declare when the spec carries none
+            (a model built from ModelConfig); default 4096. Ignored otherwise.
         torch_dtype: Dtype the weights are stored in.
         extra: Fields to add or override (token ids, ...).
 
@@ -166,11 +171,14 @@ def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int = 4096,
                                  "form) have no Hugging Face config.json field; export is not possible")
     qwen = spec.qkv_bias
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    legacy_scaling = None
     if spec.rope_scaling is not None:
         s = spec.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": spec.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
+        legacy_scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                          "high_freq_factor": s.high_freq_factor,
+                          "original_max_position_embeddings": s.original_max_position_embeddings}
+        rope = {**legacy_scaling, "rope_theta": spec.rope_theta}
+    context = spec.max_position_embeddings or max_position_embeddings or 4096
     cfg = {
         "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
         "model_type": "qwen2" if qwen else "llama",
@@ -178,8 +186,10 @@ def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int = 4096,
         "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
         "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim, "hidden_act": "silu", "rms_norm_eps": spec.rms_norm_eps,
-        "max_position_embeddings": max_position_embeddings, "rope_theta": spec.rope_theta,
-        "rope_parameters": rope, "tie_word_embeddings": spec.tie_embeddings,
+        "max_position_embeddings": context, "rope_parameters": rope,
+        # transformers < 5 and the servers built on it read these two instead of rope_parameters.
+        "rope_theta": spec.rope_theta, "rope_scaling": legacy_scaling,
+        "tie_word_embeddings": spec.tie_embeddings,
         "dtype": torch_dtype, "use_cache": True,
     }
     if qwen:
@@ -293,7 +303,7 @@ def _host_array(x) -> np.ndarray:
 
 
 def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype: str | None = None,
-              max_position_embeddings: int = 4096) -> Path:
+              max_position_embeddings: int | None = None) -> Path:
     """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Tensors are gathered and written one at a time (the header is computed from the
@@ -307,7 +317,9 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
         tokenizer: A `transformers` tokenizer, a `tokenizers.Tokenizer`, or None.
         out_dir: Output directory (created).
         dtype: Stored dtype (`float32`, `bfloat16`, `float16`); default the params'.
-        max_position_embeddings: Context length declared in `config.json`.
+        max_position_embeddings: Context length to declare when the spec carries none
+            (a model built from ModelConfig); default 4096. A spec loaded from a
+            checkpoint declares its source's context length and RoPE settings.
 
     Returns:
         The output directory.

@@ -72,6 +72,10 @@ class LlamaSpec:
     # Per-frequency RoPE divisors [head_dim / 2] (llama.cpp's `rope_freqs` tensor) when
     # a GGUF file's scaling has no Llama-3 form we can name; None otherwise.
     rope_freq_factors: tuple[float, ...] | None = None
+    # Context length the source checkpoint declares (config.json `max_position_embeddings`,
+    # GGUF `<arch>.context_length`); metadata only (positions are not limited), kept so an
+    # export declares the base model's own. None for a model built from ModelConfig.
+    max_position_embeddings: int | None = None
     remat_policy: str = "full"  # with remat: full | dots | dots_no_batch (see REMAT_POLICIES)
     attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
     vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this
