@@ -165,7 +165,7 @@ def iter_rows(source, kind: str | None = None) -> Iterator[tuple[str, dict | Bad
     src = source if isinstance(source, sources.Source) else sources.Source.parse(str(source), kind=kind)
     if src.kind == "jsonl":
         if not src.path.is_file():
-            raise DataError(f"{src.path}: file not found")
+            raise DataError(f"{src.path}: {sources.missing_reason(src.path)}")
         yield from _jsonl_rows(src.path)
     else:
         yield from sources.table_rows(src)

@@ -29,7 +29,7 @@ from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import DataError, SkipReport, iter_conversations, read_conversations
-from hbo_jax.data.sources import Source, Subset, declared_subsets, use_hash_store
+from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reason, use_hash_store
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
@@ -79,7 +79,7 @@ def source_dir(cfg: Config) -> Path:
     if cfg.data.source_dir:
         path = Path(cfg.data.source_dir).expanduser()
         if not path.is_dir():
-            raise DataError(f"data.source_dir={path}: directory not found")
+            raise DataError(f"data.source_dir={path}: {missing_reason(path, 'directory')}")
         return path
     return embedded.build(cache_root(cfg))
 
@@ -111,8 +111,12 @@ def mixture(cfg: Config) -> list[Subset]:
     if cfg.data.source_dir or not cfg.data.subsets:
         src = source_dir(cfg)
         key = f"data.source_dir={src}" if cfg.data.source_dir else "embedded mixture"
+        files = subset_files(src)
+        unreadable = [p for _, t, e in files for p in (t, e) if p and not p.is_file()]
+        if unreadable:  # the glob matches a dangling link or a symlink loop too
+            raise DataError(f"{key}: {unreadable[0]}: {missing_reason(unreadable[0])}")
         out = [Subset(n, [Source(t, "jsonl")], [Source(e, "jsonl")] if e else [], "auto", key)
-               for n, t, e in subset_files(src)]
+               for n, t, e in files]
     for sub in declared_subsets(cfg.data.subsets):
         clash = next((s for s in out if s.name.lower() == sub.name.lower()), None)
         if clash:
