@@ -1,15 +1,111 @@
-"""What preparation reports about its inputs and the rows it changed.
+"""What preparation reports about its inputs and the rows it skipped.
 
-A symlink loop among the inputs is named as one.
+Skips are summarised per reason with the first positions; a subset whose every row was
+skipped says so; a symlink loop among the inputs is named as one.
 """
 
+import json
+import logging
 import os
 
 import pytest
 
 from hbo_jax.config import load_config
-from hbo_jax.data.formats import DataError
-from hbo_jax.data.prepare import mixture
+from hbo_jax.data.formats import DataError, SkipReport, iter_conversations
+from hbo_jax.data.prepare import data_notes, mixture, prepare
+from hbo_jax.parallel import make_mesh
+from hbo_jax.train import main
+
+from conftest import tiny_overrides
+
+SEQ_LEN = 32  # tiny_overrides' data.seq_len
+
+def _short(i):
+    return {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"ok {i}"}]}
+
+
+def _long(i):
+    # Digits are single tokens for the trained BPE: 80 numbers are far more than seq_len tokens.
+    prompt = " ".join(str(k) for k in range(i, i + 80))
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "ok"}]}
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _source(root):
+    """`long`: 3 of 9 train and 1 of 3 eval rows too long; `short`: 8 good rows, 4 malformed."""
+    _write(root / "long.train.jsonl", [_short(i) for i in range(6)] + [_long(i) for i in range(3)])
+    _write(root / "long.eval.jsonl", [_short(10), _long(10), _short(11)])
+    bad = '{"messages": ['
+    _write(root / "short.train.jsonl", [_short(20 + i) if i % 3 else bad for i in range(12)])
+    return root
+
+
+def _prepare(tmp_path, *extra):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", tmp_path / "cache", *extra))
+    return prepare(cfg, make_mesh(cfg.mesh))
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A whole run on `_source` and the warnings it logged."""
+    root = tmp_path_factory.mktemp("source")
+    src = _source(root / "src")
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("hbo_jax").addHandler(handler)
+    try:
+        code = main(tiny_overrides(root / "run", root / "cache", f"data.source_dir={src}"))
+    finally:
+        logging.getLogger("hbo_jax").removeHandler(handler)
+    manifest = json.loads(next((root / "cache" / "prepared").glob("*/manifest.json")).read_text())
+    return code, root / "run", manifest, [r.getMessage() for r in records], src
+
+
+def test_skip_log_names_the_first_positions_per_reason(source_run):
+    src = source_run[4]
+    lines = [m for m in source_run[3] if "malformed JSON" in m]
+    first = ", ".join(f"{src / 'short.train.jsonl'}:{n}" for n in (1, 4, 7))
+    assert lines == [f"data: skipped 4 x malformed JSON (first at {first})"]
+
+
+def test_subset_of_only_bad_rows_says_every_row_was_skipped_and_why(tmp_path):
+    src = _source(tmp_path / "src")
+    path = _write(src / "bad.train.jsonl", ['{"messages": [', {"messages": [{"role": "user", "content": "q"}]},
+                                            '{"messages": ['])
+    with pytest.raises(DataError, match=rf"every training row \(3 of 3\) of subset 'bad' was skipped: "
+                                        rf"2 x malformed JSON \(at {path}:1, {path}:3\); "
+                                        rf"1 x no assistant turn to train on \(at {path}:2\)"):
+        _prepare(tmp_path, f"data.source_dir={src}")
+
+
+def test_subset_whose_eval_rows_were_all_skipped_is_noted():
+    manifest = {"key": "k", "seq_len": SEQ_LEN, "skipped": {"total": 2, "by_reason": {"malformed JSON": 2}},
+                "subsets": [{"name": "x", "train": 8, "eval": 0, "skipped": {"train": 0, "eval": 2}}]}
+    assert "subset 'x': every eval row (2 of 2) was skipped, so it has no held-out loss" in data_notes(manifest)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_skip_position_is_the_one_the_error_policy_names(tmp_path, kind):
+    rows = [_short(0), {"messages": [{"role": "user", "content": "q"}]}]
+    if kind == "jsonl":
+        path = _write(tmp_path / "a.jsonl", rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "a.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    report = SkipReport()
+    list(iter_conversations(path, "skip", report))
+    with pytest.raises(DataError) as err:
+        list(iter_conversations(path, "error", SkipReport()))
+    assert str(err.value).startswith(report.examples["no assistant turn to train on"][0] + ": ")
 
 
 def _loop(tmp_path, a="a.jsonl", b="b.jsonl"):

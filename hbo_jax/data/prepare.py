@@ -181,6 +181,33 @@ def _encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: Ski
     return out
 
 
+def _too_few(s: Subset, usable: int, report: SkipReport, num_buckets: int) -> str:
+    """The error for a subset with fewer usable training examples than buckets: why, from where."""
+    where = s.key if s.key.startswith("data.subsets") else str(s.train[0].path)
+    why = "; ".join(report.lines())
+    if usable == 0 and report.total:
+        return (f"{where}: every training row ({report.total} of {report.total}) of subset {s.name!r} "
+                f"was skipped: {why}")
+    skipped = f" ({report.total} of {report.total + usable} rows skipped: {why})" if report.total else ""
+    return (f"{where}: subset {s.name!r} has {usable} usable training examples, fewer than "
+            f"data.num_buckets={num_buckets}{skipped}")
+
+
+def data_notes(manifest: dict) -> list[str]:
+    """What a run logs about its prepared data, one line each (none for clean data).
+
+    Skipped rows per reason with their first positions; a subset whose eval rows were all
+    skipped.
+    """
+    notes = [f"skipped {line}" for line in SkipReport.from_dict(manifest["skipped"]).lines()]
+    for s in manifest["subsets"]:
+        skipped_eval = s.get("skipped", {}).get("eval", 0)
+        if skipped_eval and not s["eval"]:
+            notes.append(f"subset {s['name']!r}: every eval row ({skipped_eval} of {skipped_eval}) was "
+                         "skipped, so it has no held-out loss")
+    return notes
+
+
 def response_only(ids: np.ndarray, mask: np.ndarray):
     """The response tokens alone, preceded by the token before the response (for IFD)."""
     pos = np.flatnonzero(mask)
@@ -292,14 +319,17 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     tokenizer = _tokenizer(cfg, mix)
     pad = int(tokenizer.pad_token_id)
     tmp = private_tmp(root)
-    encoded = {}
+    encoded, counts = {}, {}
     for s in tqdm(mix, desc="tokenizing", leave=False):
-        tr = _encode(tokenizer, s.train, s.format, cfg, report)
+        tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
+        tr = _encode(tokenizer, s.train, s.format, cfg, tr_report)
         if len(tr) < cfg.data.num_buckets:
-            where = s.key if s.key.startswith("data.subsets") else str(s.train[0].path)
-            raise DataError(f"{where}: subset {s.name!r} has {len(tr)} usable training examples, fewer "
-                            f"than data.num_buckets={cfg.data.num_buckets}")
-        encoded[s.name] = (tr, _encode(tokenizer, s.eval, s.format, cfg, report))
+            raise DataError(_too_few(s, len(tr), tr_report, cfg.data.num_buckets))
+        ev = _encode(tokenizer, s.eval, s.format, cfg, ev_report)
+        report.merge(tr_report)
+        report.merge(ev_report)
+        encoded[s.name] = (tr, ev)
+        counts[s.name] = {"skipped": {"train": tr_report.total, "eval": ev_report.total}}
     names = [s.name for s in mix]
     train_stores = [TokenStore.write(tmp / n / "train", encoded[n][0]) for n in names]
     eval_stores = [TokenStore.write(tmp / n / "eval", encoded[n][1]) for n in names]
@@ -333,7 +363,7 @@ def prepare(cfg: Config, mesh) -> PreparedData:
         np.save(tmp / n / "buckets.npy", bucket)
         subsets.append({"name": n, "train": len(store), "eval": len(eval_stores[names.index(n)]),
                         "bucket_sizes": np.bincount(bucket, minlength=cfg.data.num_buckets).tolist(),
-                        "bucket_edges": edges})
+                        "bucket_edges": edges, **counts[n]})
     manifest = {
         "key": root.name, "num_buckets": cfg.data.num_buckets, "difficulty": cfg.data.difficulty,
         "seq_len": cfg.data.seq_len, "vocab_size": len(tokenizer),
