@@ -139,7 +139,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     m = data.manifest
     log.info("data: %d subsets, %d train examples, K=%d %s buckets (prepared in %s)",
              len(data.names), sum(data.sizes), data.num_buckets, m["difficulty"], data.root)
-    for note in data_notes(m):  # skips by reason with their first positions
+    for note in data_notes(m):  # skips by reason with their first positions, cut examples per subset
         log.warning("data: %s", note)
 
     pack_rows = 0
@@ -321,6 +321,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         "actor_updates": np.asarray(jax.device_get(mixer.state.num_updates)).tolist(),
         "skipped_updates": int(jax.device_get(mixer.state.num_skipped)),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
+        "data_truncated": {s["name"]: s.get("truncated") for s in m["subsets"]},  # None: not counted
         "wall_seconds": time.perf_counter() - t_start,
     }
     if pack_rows:  # this host's packing since (re)start: fill and examples cut at seq_len

@@ -1,7 +1,7 @@
 """Prepare a mixture once: tokenize, mask, truncate, score difficulty, bucket, store.
 
     subsets (JSONL, Parquet, `datasets` dirs, TFDS; see sources.py) -> chat template -> ids + assistant loss mask -> truncate
-      -> token stores per (subset, split)
+      -> token stores per (subset, split); too long: cut or dropped (data.too_long), counted
       -> scorer: a tiny model warmed up on the uniform mixture (demo stand-in for a base model)
       -> difficulty per example (ppl | loss | ifd | length), one jitted batched pass
       -> K equal-size quantile buckets per subset (none dropped) -> manifest.json
@@ -127,6 +127,12 @@ def mixture(cfg: Config) -> list[Subset]:
 
 
 def _key(cfg: Config, subsets: list[Subset]) -> str:
+    """The prepared directory's name: a hash of `_key_settings`."""
+    return hashlib.sha256(json.dumps(_key_settings(cfg, subsets), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
+    """Everything the prepared data depends on; `_key` is its hash."""
     # Inputs enter by content (every file's sha256 and name), not by directory or glob:
     # moving the data reuses the preparation, editing one file prepares afresh.
     inputs = [(s.name, s.digests()) for s in tqdm(subsets, desc="hashing inputs", leave=False)]
@@ -135,13 +141,15 @@ def _key(cfg: Config, subsets: list[Subset]) -> str:
                 "seed": cfg.train.seed, "inputs": inputs}
     for k in ("cache_dir", "source_dir", "max_eval_per_subset", "subsets"):
         settings["data"].pop(k)
+    if settings["data"]["too_long"] == "truncate":  # the behaviour before the key existed: same key
+        settings["data"].pop("too_long")
     init = settings["model"].pop("init")
     if is_pretrained(init):  # the model, not the tiny-model settings, decides the result
         settings["model"] = {"pretrained": fingerprint(init), "dtype": cfg.model.dtype}
         settings.pop("scorer")
         settings["data"].pop("vocab_size")
         settings["data"].pop("tokenizer")
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings
 
 
 def _tokenizer(cfg: Config, subsets: list[Subset]):
@@ -162,23 +170,36 @@ def _tokenizer(cfg: Config, subsets: list[Subset]):
     return tok_lib.train_bpe(texts, cfg.data.vocab_size, out)
 
 
-def _encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> list:
-    """(ids, mask) of every usable row of the inputs, in order; bad rows per `data.bad_input`."""
-    out = []
+TOO_LONG = "longer than data.seq_len (data.too_long=drop)"  # the skip reason of a dropped example
+
+
+def _encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> tuple[list, int]:
+    """(ids, mask) of every usable row of the inputs, in order, and how many of them were cut.
+
+    Bad rows go by `data.bad_input`; rows longer than data.seq_len by `data.too_long`. This is
+    the one place an example is cut to fit (the stores hold at most seq_len + 1 tokens, so
+    `collate` and `pack` never cut one), so it is counted here.
+    """
+    out, cut = [], 0
+    max_len = cfg.data.seq_len + 1  # seq_len + 1 ids give seq_len predicted positions
     for src in sources:
         wheres, convs = [], []
         for where, conv in iter_conversations(src, cfg.data.bad_input, report, fmt):
             wheres.append(where)
             convs.append(conv)
         for where, (ids, mask) in zip(wheres, tok_lib.encode(tokenizer, convs)):
-            kept = tok_lib.truncate(ids, mask, cfg.data.seq_len + 1)
+            if len(ids) > max_len and cfg.data.too_long == "drop":
+                report.add(TOO_LONG, where)  # asked for, so counted even under bad_input=error
+                continue
+            kept = tok_lib.truncate(ids, mask, max_len)
             if kept is None:
                 if cfg.data.bad_input == "error":
                     raise DataError(f"{where}: no response tokens within data.seq_len={cfg.data.seq_len}")
                 report.add("no response tokens within seq_len", where)
             else:
+                cut += len(ids) > max_len
                 out.append(kept)
-    return out
+    return out, cut
 
 
 def _too_few(s: Subset, usable: int, report: SkipReport, num_buckets: int) -> str:
@@ -196,11 +217,21 @@ def _too_few(s: Subset, usable: int, report: SkipReport, num_buckets: int) -> st
 def data_notes(manifest: dict) -> list[str]:
     """What a run logs about its prepared data, one line each (none for clean data).
 
-    Skipped rows per reason with their first positions; a subset whose eval rows were all
+    Skipped rows per reason with their first positions; per subset with cut examples, how
+    many and what share of its train and eval examples; a subset whose eval rows were all
     skipped.
     """
     notes = [f"skipped {line}" for line in SkipReport.from_dict(manifest["skipped"]).lines()]
+    if any("truncated" not in s for s in manifest["subsets"]):  # prepared before cuts were counted
+        notes.append(f"examples cut to data.seq_len were not counted when prepared data {manifest['key']} "
+                     "was made (the cache key is the same); delete it to count them")
     for s in manifest["subsets"]:
+        cut = s.get("truncated", {"train": 0, "eval": 0})
+        parts = [f"{cut[split]} of {s[split]} {split} examples ({cut[split] / s[split]:.1%})"
+                 for split in ("train", "eval") if cut[split]]
+        if parts:
+            notes.append(f"subset {s['name']!r}: {' and '.join(parts)} were longer than data.seq_len="
+                         f"{manifest['seq_len']} and were cut to fit (data.too_long=drop skips them instead)")
         skipped_eval = s.get("skipped", {}).get("eval", 0)
         if skipped_eval and not s["eval"]:
             notes.append(f"subset {s['name']!r}: every eval row ({skipped_eval} of {skipped_eval}) was "
@@ -322,14 +353,15 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     encoded, counts = {}, {}
     for s in tqdm(mix, desc="tokenizing", leave=False):
         tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
-        tr = _encode(tokenizer, s.train, s.format, cfg, tr_report)
+        tr, tr_cut = _encode(tokenizer, s.train, s.format, cfg, tr_report)
         if len(tr) < cfg.data.num_buckets:
             raise DataError(_too_few(s, len(tr), tr_report, cfg.data.num_buckets))
-        ev = _encode(tokenizer, s.eval, s.format, cfg, ev_report)
+        ev, ev_cut = _encode(tokenizer, s.eval, s.format, cfg, ev_report)
         report.merge(tr_report)
         report.merge(ev_report)
         encoded[s.name] = (tr, ev)
-        counts[s.name] = {"skipped": {"train": tr_report.total, "eval": ev_report.total}}
+        counts[s.name] = {"truncated": {"train": tr_cut, "eval": ev_cut},
+                          "skipped": {"train": tr_report.total, "eval": ev_report.total}}
     names = [s.name for s in mix]
     train_stores = [TokenStore.write(tmp / n / "train", encoded[n][0]) for n in names]
     eval_stores = [TokenStore.write(tmp / n / "eval", encoded[n][1]) for n in names]
