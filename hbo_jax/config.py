@@ -105,6 +105,9 @@ class DataConfig:
     num_buckets: int = 4
     difficulty: str = "ppl"  # ppl | loss | ifd | length
     bad_input: str = "skip"  # skip (counted and reported) | error
+    # An example longer than seq_len: truncate (cut to fit, keeping the response; counted)
+    # | drop (skipped as a bad row would be, counted, whatever bad_input says).
+    too_long: str = "truncate"
     max_eval_per_subset: int = 64
     # Sequence packing of training batches: each step's train.batch_size examples go,
     # first-fit, into pack_rows rows of seq_len tokens (segment-masked attention, exact
@@ -275,6 +278,7 @@ _CHOICES = {
     "data.mixture": ("embedded",),
     "data.difficulty": ("ppl", "loss", "ifd", "length"),
     "data.bad_input": ("skip", "error"),
+    "data.too_long": ("truncate", "drop"),
     "mixing.strategy": STRATEGIES,
     "mixing.local_source": ("probes", "train"),
     "mixing.global_source": ("probes", "train"),

@@ -27,7 +27,7 @@ from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
 from hbo_jax.data.packing import default_pack_rows
-from hbo_jax.data.prepare import PreparedData, prepare
+from hbo_jax.data.prepare import PreparedData, data_notes, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.evaluate import evaluate_model, format_table
@@ -139,9 +139,8 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     m = data.manifest
     log.info("data: %d subsets, %d train examples, K=%d %s buckets (prepared in %s)",
              len(data.names), sum(data.sizes), data.num_buckets, m["difficulty"], data.root)
-    if m["skipped"]["total"]:
-        for line in m["skipped"]["by_reason"].items():
-            log.warning("data: skipped %d rows: %s", line[1], line[0])
+    for note in data_notes(m):  # skips by reason with their first positions, cut examples per subset
+        log.warning("data: %s", note)
 
     pack_rows = 0
     if cfg.data.packing:  # rows are sharded like batch rows; each host packs its own slice
@@ -322,6 +321,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         "actor_updates": np.asarray(jax.device_get(mixer.state.num_updates)).tolist(),
         "skipped_updates": int(jax.device_get(mixer.state.num_skipped)),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
+        "data_truncated": {s["name"]: s.get("truncated") for s in m["subsets"]},  # None: not counted
         "wall_seconds": time.perf_counter() - t_start,
     }
     if pack_rows:  # this host's packing since (re)start: fill and examples cut at seq_len

@@ -41,9 +41,17 @@ class BadRow:
     detail: str = ""
 
 
+FIRST_POSITIONS = 3  # positions kept per skip reason: enough to find the rows, short enough to log
+
+
 @dataclass
 class SkipReport:
-    """Counted skips, by reason, with the first few locations of each."""
+    """Skipped rows counted by reason, with the positions of the first few of each reason.
+
+    A position is the string a `data.bad_input=error` message starts with: `file:line`
+    for JSONL (lines from 1), `file[row]` for Parquet, `datasets` and TFDS inputs (rows
+    from 0). `to_dict` is the manifest's `skipped` entry (`examples`: reason -> positions).
+    """
 
     counts: collections.Counter = field(default_factory=collections.Counter)
     examples: dict = field(default_factory=dict)
@@ -51,19 +59,35 @@ class SkipReport:
     def add(self, reason: str, where: str) -> None:
         self.counts[reason] += 1
         self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 3:
+        if len(self.examples[reason]) < FIRST_POSITIONS:
             self.examples[reason].append(where)
+
+    def merge(self, other: "SkipReport") -> None:
+        """Adds another report's counts; its positions come after this report's."""
+        for reason, n in other.counts.items():
+            self.counts[reason] += n
+            kept = self.examples.setdefault(reason, [])
+            kept += other.examples.get(reason, [])[: FIRST_POSITIONS - len(kept)]
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def lines(self) -> list[str]:
-        return [f"skipped {n} x {reason} (e.g. {', '.join(self.examples[reason])})"
-                for reason, n in self.counts.most_common()]
+        """One line per reason, most frequent first: `2 x malformed JSON (at a.jsonl:3, a.jsonl:9)`."""
+        out = []
+        for reason, n in self.counts.most_common():
+            where = self.examples.get(reason, [])
+            out.append(f"{n} x {reason} ({'first at' if n > len(where) else 'at'} {', '.join(where)})")
+        return out
 
     def to_dict(self) -> dict:
         return {"total": self.total, "by_reason": dict(self.counts), "examples": self.examples}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SkipReport":
+        """The report a manifest's `skipped` entry was written from."""
+        return cls(collections.Counter(d.get("by_reason", {})), {k: list(v) for k, v in d.get("examples", {}).items()})
 
 
 def detect_format(row: dict) -> str | None:
@@ -165,7 +189,7 @@ def iter_rows(source, kind: str | None = None) -> Iterator[tuple[str, dict | Bad
     src = source if isinstance(source, sources.Source) else sources.Source.parse(str(source), kind=kind)
     if src.kind == "jsonl":
         if not src.path.is_file():
-            raise DataError(f"{src.path}: file not found")
+            raise DataError(f"{src.path}: {sources.missing_reason(src.path)}")
         yield from _jsonl_rows(src.path)
     else:
         yield from sources.table_rows(src)

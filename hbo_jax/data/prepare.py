@@ -1,7 +1,7 @@
 """Prepare a mixture once: tokenize, mask, truncate, score difficulty, bucket, store.
 
     subsets (JSONL, Parquet, `datasets` dirs, TFDS; see sources.py) -> chat template -> ids + assistant loss mask -> truncate
-      -> token stores per (subset, split)
+      -> token stores per (subset, split); too long: cut or dropped (data.too_long), counted
       -> scorer: a tiny model warmed up on the uniform mixture (demo stand-in for a base model)
       -> difficulty per example (ppl | loss | ifd | length), one jitted batched pass
       -> K equal-size quantile buckets per subset (none dropped) -> manifest.json
@@ -29,7 +29,7 @@ from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import DataError, SkipReport, iter_conversations, read_conversations
-from hbo_jax.data.sources import Source, Subset, declared_subsets, use_hash_store
+from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reason, use_hash_store
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
@@ -79,7 +79,7 @@ def source_dir(cfg: Config) -> Path:
     if cfg.data.source_dir:
         path = Path(cfg.data.source_dir).expanduser()
         if not path.is_dir():
-            raise DataError(f"data.source_dir={path}: directory not found")
+            raise DataError(f"data.source_dir={path}: {missing_reason(path, 'directory')}")
         return path
     return embedded.build(cache_root(cfg), cfg.data.embedded_archives)
 
@@ -111,8 +111,12 @@ def mixture(cfg: Config) -> list[Subset]:
     if cfg.data.source_dir or not cfg.data.subsets:
         src = source_dir(cfg)
         key = f"data.source_dir={src}" if cfg.data.source_dir else "embedded mixture"
+        files = subset_files(src)
+        unreadable = [p for _, t, e in files for p in (t, e) if p and not p.is_file()]
+        if unreadable:  # the glob matches a dangling link or a symlink loop too
+            raise DataError(f"{key}: {unreadable[0]}: {missing_reason(unreadable[0])}")
         out = [Subset(n, [Source(t, "jsonl")], [Source(e, "jsonl")] if e else [], "auto", key)
-               for n, t, e in subset_files(src)]
+               for n, t, e in files]
     for sub in declared_subsets(cfg.data.subsets):
         clash = next((s for s in out if s.name.lower() == sub.name.lower()), None)
         if clash:
@@ -123,6 +127,12 @@ def mixture(cfg: Config) -> list[Subset]:
 
 
 def _key(cfg: Config, subsets: list[Subset]) -> str:
+    """The prepared directory's name: a hash of `_key_settings`."""
+    return hashlib.sha256(json.dumps(_key_settings(cfg, subsets), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
+    """Everything the prepared data depends on; `_key` is its hash."""
     # Inputs enter by content (every file's sha256 and name), not by directory or glob:
     # moving the data reuses the preparation, editing one file prepares afresh.
     inputs = [(s.name, s.digests()) for s in tqdm(subsets, desc="hashing inputs", leave=False)]
@@ -131,13 +141,15 @@ def _key(cfg: Config, subsets: list[Subset]) -> str:
                 "seed": cfg.train.seed, "inputs": inputs}
     for k in ("cache_dir", "source_dir", "max_eval_per_subset", "subsets", "embedded_archives"):
         settings["data"].pop(k)
+    if settings["data"]["too_long"] == "truncate":  # the behaviour before the key existed: same key
+        settings["data"].pop("too_long")
     init = settings["model"].pop("init")
     if is_pretrained(init):  # the model, not the tiny-model settings, decides the result
         settings["model"] = {"pretrained": fingerprint(init), "dtype": cfg.model.dtype}
         settings.pop("scorer")
         settings["data"].pop("vocab_size")
         settings["data"].pop("tokenizer")
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings
 
 
 def _tokenizer(cfg: Config, subsets: list[Subset]):
@@ -158,23 +170,73 @@ def _tokenizer(cfg: Config, subsets: list[Subset]):
     return tok_lib.train_bpe(texts, cfg.data.vocab_size, out)
 
 
-def _encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> list:
-    """(ids, mask) of every usable row of the inputs, in order; bad rows per `data.bad_input`."""
-    out = []
+TOO_LONG = "longer than data.seq_len (data.too_long=drop)"  # the skip reason of a dropped example
+
+
+def _encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> tuple[list, int]:
+    """(ids, mask) of every usable row of the inputs, in order, and how many of them were cut.
+
+    Bad rows go by `data.bad_input`; rows longer than data.seq_len by `data.too_long`. This is
+    the one place an example is cut to fit (the stores hold at most seq_len + 1 tokens, so
+    `collate` and `pack` never cut one), so it is counted here.
+    """
+    out, cut = [], 0
+    max_len = cfg.data.seq_len + 1  # seq_len + 1 ids give seq_len predicted positions
     for src in sources:
         wheres, convs = [], []
         for where, conv in iter_conversations(src, cfg.data.bad_input, report, fmt):
             wheres.append(where)
             convs.append(conv)
         for where, (ids, mask) in zip(wheres, tok_lib.encode(tokenizer, convs)):
-            kept = tok_lib.truncate(ids, mask, cfg.data.seq_len + 1)
+            if len(ids) > max_len and cfg.data.too_long == "drop":
+                report.add(TOO_LONG, where)  # asked for, so counted even under bad_input=error
+                continue
+            kept = tok_lib.truncate(ids, mask, max_len)
             if kept is None:
                 if cfg.data.bad_input == "error":
                     raise DataError(f"{where}: no response tokens within data.seq_len={cfg.data.seq_len}")
                 report.add("no response tokens within seq_len", where)
             else:
+                cut += len(ids) > max_len
                 out.append(kept)
-    return out
+    return out, cut
+
+
+def _too_few(s: Subset, usable: int, report: SkipReport, num_buckets: int) -> str:
+    """The error for a subset with fewer usable training examples than buckets: why, from where."""
+    where = s.key if s.key.startswith("data.subsets") else str(s.train[0].path)
+    why = "; ".join(report.lines())
+    if usable == 0 and report.total:
+        return (f"{where}: every training row ({report.total} of {report.total}) of subset {s.name!r} "
+                f"was skipped: {why}")
+    skipped = f" ({report.total} of {report.total + usable} rows skipped: {why})" if report.total else ""
+    return (f"{where}: subset {s.name!r} has {usable} usable training examples, fewer than "
+            f"data.num_buckets={num_buckets}{skipped}")
+
+
+def data_notes(manifest: dict) -> list[str]:
+    """What a run logs about its prepared data, one line each (none for clean data).
+
+    Skipped rows per reason with their first positions; per subset with cut examples, how
+    many and what share of its train and eval examples; a subset whose eval rows were all
+    skipped.
+    """
+    notes = [f"skipped {line}" for line in SkipReport.from_dict(manifest["skipped"]).lines()]
+    if any("truncated" not in s for s in manifest["subsets"]):  # prepared before cuts were counted
+        notes.append(f"examples cut to data.seq_len were not counted when prepared data {manifest['key']} "
+                     "was made (the cache key is the same); delete it to count them")
+    for s in manifest["subsets"]:
+        cut = s.get("truncated", {"train": 0, "eval": 0})
+        parts = [f"{cut[split]} of {s[split]} {split} examples ({cut[split] / s[split]:.1%})"
+                 for split in ("train", "eval") if cut[split]]
+        if parts:
+            notes.append(f"subset {s['name']!r}: {' and '.join(parts)} were longer than data.seq_len="
+                         f"{manifest['seq_len']} and were cut to fit (data.too_long=drop skips them instead)")
+        skipped_eval = s.get("skipped", {}).get("eval", 0)
+        if skipped_eval and not s["eval"]:
+            notes.append(f"subset {s['name']!r}: every eval row ({skipped_eval} of {skipped_eval}) was "
+                         "skipped, so it has no held-out loss")
+    return notes
 
 
 def response_only(ids: np.ndarray, mask: np.ndarray):
@@ -288,14 +350,18 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     tokenizer = _tokenizer(cfg, mix)
     pad = int(tokenizer.pad_token_id)
     tmp = private_tmp(root)
-    encoded = {}
+    encoded, counts = {}, {}
     for s in tqdm(mix, desc="tokenizing", leave=False):
-        tr = _encode(tokenizer, s.train, s.format, cfg, report)
+        tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
+        tr, tr_cut = _encode(tokenizer, s.train, s.format, cfg, tr_report)
         if len(tr) < cfg.data.num_buckets:
-            where = s.key if s.key.startswith("data.subsets") else str(s.train[0].path)
-            raise DataError(f"{where}: subset {s.name!r} has {len(tr)} usable training examples, fewer "
-                            f"than data.num_buckets={cfg.data.num_buckets}")
-        encoded[s.name] = (tr, _encode(tokenizer, s.eval, s.format, cfg, report))
+            raise DataError(_too_few(s, len(tr), tr_report, cfg.data.num_buckets))
+        ev, ev_cut = _encode(tokenizer, s.eval, s.format, cfg, ev_report)
+        report.merge(tr_report)
+        report.merge(ev_report)
+        encoded[s.name] = (tr, ev)
+        counts[s.name] = {"truncated": {"train": tr_cut, "eval": ev_cut},
+                          "skipped": {"train": tr_report.total, "eval": ev_report.total}}
     names = [s.name for s in mix]
     train_stores = [TokenStore.write(tmp / n / "train", encoded[n][0]) for n in names]
     eval_stores = [TokenStore.write(tmp / n / "eval", encoded[n][1]) for n in names]
@@ -329,7 +395,7 @@ def prepare(cfg: Config, mesh) -> PreparedData:
         np.save(tmp / n / "buckets.npy", bucket)
         subsets.append({"name": n, "train": len(store), "eval": len(eval_stores[names.index(n)]),
                         "bucket_sizes": np.bincount(bucket, minlength=cfg.data.num_buckets).tolist(),
-                        "bucket_edges": edges})
+                        "bucket_edges": edges, **counts[n]})
     manifest = {
         "key": root.name, "num_buckets": cfg.data.num_buckets, "difficulty": cfg.data.difficulty,
         "seq_len": cfg.data.seq_len, "vocab_size": len(tokenizer),

@@ -20,6 +20,7 @@ TensorFlow, no download.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -135,9 +136,28 @@ def file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
+def missing_reason(path: Path, what: str = "file") -> str:
+    """Why a path that does not exist as a file or directory cannot be read.
+
+    `Path.exists` and `is_file` say False for a symlink loop as for a missing file; only
+    `os.stat`'s errno tells them apart, and "not found" would send the user looking for a
+    file that is there.
+
+    Args:
+        path: The path that could not be read.
+        what: What was expected there (`file`, `directory`), for the not-found message.
+    """
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (following its links never reaches a file)"
+    return f"{what} not found"
+
+
 def _kind(path: Path) -> str:
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {missing_reason(path)}")
     if path.is_file():
         name = path.name.lower()
         if name.endswith((".jsonl", ".jsonl.gz")):
