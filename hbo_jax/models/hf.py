@@ -25,6 +25,7 @@ import numpy as np
 
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
 from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.tensor_io import SafetensorsReader
 from hbo_jax.parallel import tree_shardings
 
 # (Hugging Face name, our parameter path, transposed). `{i}` is the layer index.
@@ -203,40 +204,6 @@ def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int | None = N
 # ----------------------------------------------------------------------------- loading
 
 
-class _TensorSource:
-    """Name -> memory-mapped safetensors slice, over one file or an index of shards."""
-
-    def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
-        index = model_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (model_dir / "model.safetensors").exists():
-            with safe_open(str(model_dir / "model.safetensors"), framework="numpy") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-        self.dir, self.weight_map, self._open = model_dir, weight_map, {}
-
-    def names(self) -> set[str]:
-        return set(self.weight_map)
-
-    def slice(self, name: str):
-        from safetensors import safe_open
-
-        fname = self.weight_map[name]
-        if fname not in self._open:
-            path = self.dir / fname
-            if not path.exists():
-                raise CheckpointMismatch(f"{path}: shard file listed for tensor {name!r} is missing")
-            self._open[fname] = safe_open(str(path), framework="numpy")
-        return self._open[fname].get_slice(name)
-
-    def close(self) -> None:
-        self._open.clear()
-
-
 def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
             remat: bool = False, vocab_multiple: int = 1):
     """Loads a Hugging Face Llama / Qwen2 directory into sharded NNX parameters.
@@ -265,8 +232,8 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
     flat_abs = flat_params(abstract)
     flat_shard = flat_params(tree_shardings(abstract, mesh))
     names = name_map(spec)
-    src = _TensorSource(model_dir)
-    have = src.names()
+    src = SafetensorsReader(model_dir)
+    have = set(src.names())
     used = {hf for hf, _ in names.values()}
     extra = sorted(n for n in have - used if not n.endswith(_IGNORED_SUFFIXES)
                    and not (spec.tie_embeddings and n == "lm_head.weight"))
