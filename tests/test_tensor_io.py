@@ -236,3 +236,36 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old one is gone, no staging left
     np.testing.assert_array_equal(load_file(str(out / "model.safetensors"))["x"], tensors["x"])
+
+
+# ----------------------------------------------------------------------------- export on the writer
+
+
+def test_sharded_export_holds_the_same_tensors_and_loads_back(tmp_path):
+    from transformers import AutoConfig
+
+    from hbo_jax.config import MeshConfig
+    from hbo_jax.models.hf import export_hf, load_hf
+    from hbo_jax.parallel import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    _, params, spec = load_hf(PARITY / "qwen2", mesh)
+    export_hf(params, spec, None, tmp_path / "sharded", max_shard_bytes=100_000)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
+    with SafetensorsReader(tmp_path / "sharded") as reader:
+        _assert_same_tensors(reader, _direct(PARITY / "qwen2"))
+    assert AutoConfig.from_pretrained(str(tmp_path / "sharded")).model_type == "qwen2"
+    assert load_hf(tmp_path / "sharded", mesh)[2] == spec
+
+
+def test_export_cli_refuses_an_existing_directory_unless_overwrite(run_dir, exported, tmp_path, capsys):
+    from hbo_jax.export import main as export_main
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert export_main([str(run_dir), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    assert export_main([str(run_dir), str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists()
+    assert (out / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
