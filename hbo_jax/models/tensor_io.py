@@ -5,10 +5,10 @@ A `TensorReader` lists every tensor under its Hugging Face name and layout
 data is read, and reads a tensor whole or a block of its rows (axis 0) alone:
 `SafetensorsReader` (a Hugging Face directory, sharded or not), `RunReader` (a run's
 Orbax checkpoint, as export writes it), `hbo_jax.models.gguf.GgufReader` (a GGUF file,
-dequantized); `open_reader` picks one. `SafetensorsWriter` writes a Hugging Face directory tensor by
-tensor or row block by row block, sharded above a size, and renames it into place only
-once complete. A tool that combines checkpoints (export, merging) thus holds about one
-block per input and one for the output, never a whole model.
+dequantized); `open_reader` picks one. `SafetensorsWriter` writes a Hugging Face
+directory tensor by tensor or row block by row block, sharded above a size, and renames
+it into place only once complete. A tool that combines checkpoints (export, merging)
+thus holds about one block per input and one for the output, never a whole model.
 """
 
 from __future__ import annotations
@@ -38,14 +38,6 @@ _ST_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
               "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64,
               "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-def safetensors_dtype(dtype) -> str:
-    """The safetensors name (`F32`, `BF16`, ...) of a NumPy dtype; ValueError if it has none."""
-    try:
-        return _ST_NAMES[np.dtype(dtype).newbyteorder("=")]
-    except KeyError:
-        raise ValueError(f"dtype {np.dtype(dtype)} has no safetensors name") from None
 
 
 def parse_size(text: str | int) -> int:
@@ -189,8 +181,7 @@ class SafetensorsReader(TensorReader):
                 raise CheckpointMismatch(f"{self.dir / fname}: tensor {name!r} listed in {INDEX_FILE} "
                                          "is not in this shard") from None
             if sl.get_dtype() not in _ST_DTYPES:
-                raise CheckpointMismatch(f"{self.dir / fname}: tensor {name!r} has dtype {sl.get_dtype()}, "
-                                         f"not one of {sorted(_ST_DTYPES)}")
+                raise CheckpointMismatch(f"{self.dir / fname}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
             self._infos[name] = TensorInfo(name, sl.get_shape(), _ST_DTYPES[sl.get_dtype()])
         config = self.dir / "config.json"
         self.config = json.loads(config.read_text()) if config.is_file() else None
@@ -232,7 +223,8 @@ class RunReader(TensorReader):
         spec: The model's LlamaSpec (the base model's, `models.base.base_spec`).
 
     Raises:
-        ConfigError: Not a run directory, or no such checkpoint.
+        ConfigError: Not a run directory, no such checkpoint, or a pretrained base
+            (`model.init`) no longer at its path (its config gives the shapes).
         CheckpointMismatch: A parameter is missing, unexpected or of another shape than
             the run's model has; named.
         ValueError: `vocab_size` is needed and not given.
@@ -243,6 +235,7 @@ class RunReader(TensorReader):
         from flax import traverse_util
 
         from hbo_jax.config import ConfigError, load_config
+        from hbo_jax.distributed import FRESH_LAUNCH
         from hbo_jax.models.base import base_spec
         from hbo_jax.models.hf import name_map
         from hbo_jax.models.llama import abstract_model
@@ -252,7 +245,7 @@ class RunReader(TensorReader):
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-        self.cfg = cfg = load_config(run_dir / "config.yaml")
+        self.cfg = cfg = load_config(run_dir / "config.yaml", list(FRESH_LAUNCH))  # not the run's cluster
         steps = sorted(ocp.utils.checkpoint_steps(run_dir / "checkpoints"))
         if step is None and not steps:
             raise ConfigError(f"{run_dir / 'checkpoints'}: no checkpoint found")
@@ -388,7 +381,10 @@ class SafetensorsWriter:
         names = [t.name for t in self._infos]
         if len(set(names)) != len(names):
             raise ValueError(f"tensor {next(n for n in names if names.count(n) > 1)!r} is declared twice")
-        self._types = [safetensors_dtype(t.dtype) for t in self._infos]
+        unknown = [t for t in self._infos if t.dtype.newbyteorder("=") not in _ST_NAMES]
+        if unknown:
+            raise ValueError(f"tensor {unknown[0].name!r}: dtype {unknown[0].dtype} has no safetensors name")
+        self._types = [_ST_NAMES[t.dtype.newbyteorder("=")] for t in self._infos]
         self._shard = _plan_shards(self._infos, max_shard_bytes)
         count = self._shard[-1] + 1 if self._infos else 1
         self._files = [SINGLE_FILE] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors"
