@@ -175,9 +175,8 @@ def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | Non
     """(graphdef, params) for `--model`: checkpoint | base | hf:<dir> | gguf:<file> | smollm2."""
     from hbo_jax.checkpoint import Checkpointer
     from hbo_jax.config import ConfigError
-    from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
-    from hbo_jax.models.loading import load_params
-    from hbo_jax.models.pretrained import is_pretrained, load_pretrained
+    from hbo_jax.models.base import base_model
+    from hbo_jax.models.pretrained import load_pretrained
 
     if spec not in ("checkpoint", "base"):
         graphdef, params, model_spec = load_pretrained(spec, mesh, cfg.model)
@@ -187,15 +186,8 @@ def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | Non
         return graphdef, params
     if spec == "checkpoint" and run_dir is None:
         raise ConfigError("--model checkpoint needs a RUN_DIR")
-    base = cfg.model.init
-    if is_pretrained(base):  # a checkpoint then overwrites these weights
-        graphdef, params, _ = load_pretrained(base, mesh, cfg.model)
-    else:
-        model_spec = LlamaSpec.from_config(cfg.model, vocab_size=len(data.tokenizer))
-        graphdef, params = abstract_model(model_spec)
-        if spec == "base":
-            params = (init_params(model_spec, mesh, cfg.train.seed)[1] if base == "random"
-                      else load_params(data.scorer_params, params, mesh))
+    # A checkpoint is restored into the base model's shapes: its weights are not read.
+    graphdef, params, _ = base_model(cfg, mesh, data, abstract=spec == "checkpoint")
     if spec == "checkpoint":
         ckpt = Checkpointer(run_dir / "checkpoints", keep=1000)
         step = step if step is not None else ckpt.latest_step()

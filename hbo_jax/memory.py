@@ -30,7 +30,7 @@ from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, load_config
 from hbo_jax.distributed import initialize as init_distributed
 from hbo_jax.models.llama import LlamaSpec, abstract_model
-from hbo_jax.models.pretrained import is_pretrained, pretrained_spec
+from hbo_jax.models.base import base_spec
 from hbo_jax.parallel import (batch_divisor, batch_sharding, check_batch_size, make_mesh, replicated, round_up_rows,
                               tree_shardings)
 from hbo_jax.step import TrainState, make_example_nll_fn, make_optimizer, make_train_step
@@ -59,15 +59,7 @@ class ProgramMemory:
 
 def model_spec(cfg: Config) -> LlamaSpec:
     """The run's model shape, read from the checkpoint's config or metadata only."""
-    m = cfg.model
-    if is_pretrained(m.init):
-        return pretrained_spec(m.init, m)
-    vocab = cfg.data.vocab_size  # scorer / random: the data tokenizer's (a trained BPE's is at most this)
-    if cfg.data.tokenizer != "train":
-        from hbo_jax.models.hf import load_hf_tokenizer
-
-        vocab = len(load_hf_tokenizer(cfg.data.tokenizer))
-    return LlamaSpec.from_config(m, vocab_size=vocab)
+    return base_spec(cfg)
 
 
 def _struct(x, sharding) -> jax.ShapeDtypeStruct:

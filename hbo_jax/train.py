@@ -27,14 +27,12 @@ from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
 from hbo_jax.data.packing import default_pack_rows
-from hbo_jax.data.prepare import PreparedData, data_notes, prepare
+from hbo_jax.data.prepare import data_notes, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.evaluate import evaluate_model, format_table
 from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedule
-from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
-from hbo_jax.models.loading import load_params
-from hbo_jax.models.pretrained import is_pretrained, load_pretrained
+from hbo_jax.models.base import base_model
 from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
                               replicated)
 from hbo_jax.report import write_report
@@ -62,20 +60,6 @@ class JsonlWriter:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-def _initial_params(cfg: Config, data: PreparedData, mesh):
-    if cfg.model.init != "random" and data.scorer_model is not None:
-        model, data.scorer_model = data.scorer_model, None  # the train step will donate these buffers
-        return model
-    if is_pretrained(cfg.model.init):
-        graphdef, params, _ = load_pretrained(cfg.model.init, mesh, cfg.model)
-        return graphdef, params
-    spec = LlamaSpec.from_config(cfg.model, vocab_size=len(data.tokenizer))
-    if cfg.model.init == "scorer":
-        graphdef, abstract = abstract_model(spec)
-        return graphdef, load_params(data.scorer_params, abstract, mesh)
-    return init_params(spec, mesh, cfg.train.seed)
 
 
 _LOCAL_KEYS = ("group_ppl_ratio", "group_examples")  # local_source=train
@@ -152,7 +136,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
             raise ConfigError(f"data.pack_rows={pack_rows} not divisible by {jax.process_count()} processes")
         log.info("packing: %d examples a step into %d rows of %d tokens (mean example %.1f tokens)",
                  cfg.train.batch_size, pack_rows, cfg.data.seq_len, float(np.mean(slots)))
-    graphdef, params = _initial_params(cfg, data, mesh)
+    graphdef, params, _ = base_model(cfg, mesh, data)
     tc = cfg.train
     tx = make_optimizer(tc.learning_rate, tc.steps, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
     state = init_train_state(params, tx, mesh)

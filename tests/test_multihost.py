@@ -208,3 +208,21 @@ def test_two_processes_export_the_same_hugging_face_directory_as_one(runs, tmp_p
     assert "exported" in outs[0] and "exported" not in outs[1]  # only process 0 writes and reports
     assert (pair / "model.safetensors").read_bytes() == (one / "model.safetensors").read_bytes()
     assert (pair / "config.json").read_text() == (one / "config.json").read_text()
+
+
+def test_the_two_process_checkpoint_reads_by_name_as_export_writes_it(runs, tmp_path):
+    """`tensor_io.RunReader` on the pair's per-process OCDBT files, one tensor at a time on
+    the host, gives the tensors `python -m hbo_jax.export` writes."""
+    from safetensors.numpy import load_file
+
+    from hbo_jax.export import main as export_main
+    from hbo_jax.models.tensor_io import RunReader
+
+    _, multi = runs
+    assert export_main([str(multi), str(tmp_path / "hf")]) == 0
+    want = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    with RunReader(multi) as reader:
+        assert sorted(reader.names()) == sorted(want)
+        for name, arr in reader.items():
+            assert arr.dtype == want[name].dtype, name
+            np.testing.assert_array_equal(arr, want[name], err_msg=name)

