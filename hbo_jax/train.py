@@ -38,6 +38,7 @@ from hbo_jax.models.pretrained import is_pretrained, load_pretrained
 from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
                               replicated)
 from hbo_jax.report import write_report
+from hbo_jax.runlock import hold as hold_run_dir
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
                           state_shardings)
 from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
@@ -115,9 +116,15 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
 
     With a `StopRequest` that fires (SIGTERM/SIGINT), the run saves a checkpoint at the
     next step boundary and returns `{"stopped": <signal>, "step": <step>}` instead.
+    The run directory is locked for the whole run (`hbo_jax.runlock`): a second run on it
+    raises `RunLocked` before any other work.
     """
     t_start = time.perf_counter()
-    stop = stop or StopRequest()
+    with hold_run_dir(cfg.run_dir):
+        return _run(cfg, stop or StopRequest(), t_start)
+
+
+def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
