@@ -13,7 +13,6 @@ report.md), tb/ (TensorBoard), checkpoints/ (Orbax).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -37,6 +36,7 @@ from hbo_jax.models.loading import load_params
 from hbo_jax.models.pretrained import is_pretrained, load_pretrained
 from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
                               replicated)
+from hbo_jax.records import JsonlWriter, dumps
 from hbo_jax.report import write_report
 from hbo_jax.runlock import hold as hold_run_dir
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
@@ -44,25 +44,6 @@ from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer,
 from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
 
 log = logging.getLogger("hbo_jax")
-
-
-class JsonlWriter:
-    """Appends JSON lines; only process 0 writes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.enabled = jax.process_index() == 0
-
-    def truncate(self, step: int) -> None:
-        """Drops records after `step` (written after the checkpoint a run resumes from)."""
-        if self.enabled and self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            self.path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def _initial_params(cfg: Config, data: PreparedData, mesh):
@@ -219,7 +200,7 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
         mixer.start(state.params)
         pg, pl = sampler.schedule.at(0)
         if jax.process_index() == 0:
-            (run_dir / "probabilities_start.json").write_text(json.dumps(
+            (run_dir / "probabilities_start.json").write_text(dumps(
                 {"step": 0, "p_global": pg.tolist(), "p_local": pl.tolist()}))
 
     for e in sampler.schedule.entries:  # a replayed schedule's future entries, logged like updates
@@ -340,10 +321,10 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
                         "example; a larger data.pack_rows avoids that", pack_stats["overflow_steps"],
                         pack_stats["steps"], pack_rows)
     if jax.process_index() == 0:
-        (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+        (run_dir / "eval.json").write_text(dumps({"before": before, "after": after}, indent=2))
         save_schedule(run_dir / "schedule.json", sampler.schedule, data.names)
         summary["report"] = str(run_dir / "report" / "report.md")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(dumps(summary, indent=2))
         write_report(run_dir)  # reads the logs and summary.json written above
         print("\nHeld-out response loss / perplexity and task metric per subset:")
         print(format_table(before, after))

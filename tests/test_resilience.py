@@ -170,6 +170,23 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(reference, tmp_path
     assert_same_state(saved(run_dir, 4), saved(ref_dir, 4))
 
 
+def test_a_torn_last_log_line_is_dropped_on_resume(reference, tmp_path, capsys):
+    """A crash in the middle of an append: the resumed run's logs equal the uninterrupted run's."""
+    ref_dir, ref_over = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "4")  # the crash came before the step-4 save
+    for name in ("metrics.jsonl", "mixing.jsonl"):
+        with open(run_dir / name, "a") as f:
+            f.write('{"step": 5, "loss": 1.2')
+    over = [o if not o.startswith("run_dir=") else f"run_dir={run_dir}" for o in ref_over]
+    capsys.readouterr()
+    assert main(over) == 0
+    assert "dropping the torn last line" in capsys.readouterr().err
+    for name in ("metrics.jsonl", "mixing.jsonl"):
+        assert rows(run_dir, name) == rows(ref_dir, name), name  # parses; steps once each, in order
+
+
 def test_a_half_written_save_is_ignored(reference, tmp_path):
     """An uncommitted save (Orbax's temporary directory) never replaces the last good one."""
     ref_dir, _ = reference

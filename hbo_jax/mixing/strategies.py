@@ -32,6 +32,7 @@ from hbo_jax.config import ConfigError, MixingConfig
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.mixing import actors, global_rewards, rewards
 from hbo_jax.parallel import replicated, round_up_rows
+from hbo_jax.records import dumps
 from hbo_jax.step import make_example_nll_fn
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def resolve(cfg: MixingConfig) -> Strategy:
 
 def save_schedule(path, schedule: ProbabilitySchedule, names: Sequence[str]) -> None:
     """Writes a run's probability schedule (what `strategy=replay` reads)."""
-    Path(path).write_text(json.dumps({"subsets": list(names), "entries": schedule.to_json()}, indent=1))
+    Path(path).write_text(dumps({"subsets": list(names), "entries": schedule.to_json()}, indent=1))
 
 
 def load_schedule(source: str, names: Sequence[str], num_buckets: int) -> ProbabilitySchedule:
