@@ -182,6 +182,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # Non-finite loss or gradients: the update is skipped (and counted in metrics.jsonl);
+    # this many skipped in a row stop the run with an error, keeping the last checkpoint.
+    max_nonfinite_steps: int = 10
     # Write checkpoints in the background: the state is first copied on its devices (the
     # next step donates the original buffers, orbax#626), so peak device memory grows by
     # one copy of parameters + optimizer state while a save runs.

@@ -68,7 +68,7 @@ RULES: dict[str, Rule] = {
     "mixing.kl_to_prior": Rule(0, note="0 = off"),
     "mixing.probe_budget": Rule(0, note="0 = no cap"),
     **{f"train.{k}": _POS for k in ("steps", "batch_size", "learning_rate", "log_every", "checkpoint_every",
-                                    "keep_checkpoints")},
+                                    "keep_checkpoints", "max_nonfinite_steps")},
     **{f"train.{k}": _NONNEG for k in ("warmup_steps", "weight_decay", "seed")},
     "train.grad_clip": Rule(0, note="0 = no clipping"),
     "eval.every": Rule(0, note="0 = no periodic evaluation"),

@@ -36,7 +36,7 @@ FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
 # and bookkeeping (where and how often things are logged, evaluated, checkpointed).
 GROUP_IGNORE = ("run_dir", "train.seed", "eval.", "tracking.", "distributed.", "data.cache_dir",
                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
-                "train.allow_config_change")
+                "train.allow_config_change", "train.max_nonfinite_steps")
 
 
 def _ignored(key: str) -> bool:

@@ -34,13 +34,14 @@ from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedu
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import load_params
 from hbo_jax.models.pretrained import is_pretrained, load_pretrained
+from hbo_jax.nonfinite import NonFiniteGuard
 from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
                               replicated)
 from hbo_jax.records import JsonlWriter, dumps
 from hbo_jax.report import write_report
 from hbo_jax.runlock import hold as hold_run_dir
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
-                          state_shardings)
+                          state_shardings, total_nonfinite)
 from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
 
 log = logging.getLogger("hbo_jax")
@@ -223,13 +224,20 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=f"train [{strategy.name}]",
                disable=jax.process_index() != 0)
 
-    def stopped(done: int) -> dict:  # SIGTERM/SIGINT: save at this step boundary and exit cleanly
-        if done not in ckpt.all_steps():
-            seconds = ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
-            log.info("checkpoint at step %d saved in %.2fs", done, seconds)
+    def close() -> None:
         bar.close()
         ckpt.close()
         tracker.close()
+
+    # Too many non-finite updates in a row: close and raise, saving nothing (the newest checkpoint stays).
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, str(ckpt.directory), on_stop=close)
+
+    def stopped(done: int) -> dict:  # SIGTERM/SIGINT: save at this step boundary and exit cleanly
+        guard.check(done)
+        if done not in ckpt.all_steps():
+            seconds = ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
+            log.info("checkpoint at step %d saved in %.2fs", done, seconds)
+        close()
         log.warning("stopped by %s at step %d of %d, %.1fs after the signal; run the same command "
                     "again to resume", stop.signal_name or "a signal to another process", done, tc.steps,
                     stop.seconds_since())
@@ -249,7 +257,8 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
             mixer.time_norm_steps(done, state, after=True)
         metrics = dict(metrics)
         gradnorm = metrics.pop("group_gradnorm", None)
-        acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
+        guard.observe(metrics)
+        acc = _add(acc, metrics)  # key-wise: a stop's saved sums may predate a metric
         # Reward statistics since the last update, summed on device (no host sync).
         if use_ref:
             mix_acc = _add(mix_acc, {key: metrics[key] for key in _LOCAL_KEYS})
@@ -275,16 +284,18 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
             line = {"step": done, "loss": float(host["loss"] / nsteps),
                     "grad_norm": float(host["grad_norm"] / nsteps),
                     "loss_tokens_per_s": float(host["tokens"] / dt), "examples": int(n),
-                    "mixing_share": (mixer.seconds - mix_before) / dt}
+                    "mixing_share": (mixer.seconds - mix_before) / dt, "nonfinite_skipped": int(host["nonfinite"])}
             line.update(_per_subset(host, data.names, k))
             line["drawn"] = host["group_examples"].reshape(d, k).astype(int).tolist()
             metrics_log.write(line)
+            guard.check(done, line["nonfinite_skipped"], f"steps {done - nsteps + 1}-{done}")
             tracker.log(done, metrics_scalars(line, data.names))
             bar.set_postfix(loss=f"{line['loss']:.3f}", mix=f"{100 * line['mixing_share']:.1f}%")
             acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
         if cfg.eval.every and done % cfg.eval.every == 0:
             periodic_eval(state.params, done)
         if done % tc.checkpoint_every == 0 and done < tc.steps:
+            guard.check(done)
             ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
         # One process: a free check every step; several: a collective every stop_check_every steps.
         check = jax.process_count() == 1 or done % cfg.distributed.stop_check_every == 0
@@ -309,6 +320,7 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
         "estimated_probe_share": mixer.estimated_probe_share,
         "actor_updates": np.asarray(jax.device_get(mixer.state.num_updates)).tolist(),
         "skipped_updates": int(jax.device_get(mixer.state.num_skipped)),
+        "nonfinite_skipped": total_nonfinite(state.opt_state),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
         "wall_seconds": time.perf_counter() - t_start,
     }
