@@ -321,3 +321,25 @@ def test_async_checkpoints_equal_synchronous_ones(tmp_path, shared_cache):
     ckpt.close()
     for step in range(1, 5):
         assert_same_state(saved(asyn, step), saved(sync, step))
+
+
+def test_a_checkpoint_from_before_the_non_finite_counters_restores(tmp_path):
+    """Its optimizer state (the bare AdamW chain) goes into inner_state; the counters start at 0."""
+    import jax.numpy as jnp
+    import optax
+
+    from hbo_jax.parallel import replicated
+    from hbo_jax.step import TrainState, init_train_state, make_optimizer
+
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    params = jax.device_put({"w": jnp.arange(4.0)}, replicated(mesh))
+    tx = make_optimizer(1e-3, 10, 1, 0.0, 1.0)
+    old_opt = tx.inner.update({"w": jnp.ones(4)}, tx.inner.init(params), params)[1]  # mu != 0
+    old = TrainState(jax.device_put(jnp.int32(1), replicated(mesh)), params,
+                     jax.device_put(old_opt, replicated(mesh)))
+    ckpt = Checkpointer(tmp_path, 2)
+    ckpt.save(1, old, {"x": params["w"]}, {}, {})
+    got = ckpt.restore(1, init_train_state(params, tx, mesh), {"x": params["w"]})["train"]
+    ckpt.close()
+    assert isinstance(got.opt_state, optax.ApplyIfFiniteState) and int(got.opt_state.total_notfinite) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.opt_state.inner_state), jax.device_get(old_opt))
