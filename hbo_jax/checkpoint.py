@@ -49,8 +49,9 @@ _CRC_MAX_BYTES = 64 << 20  # larger files: size only
 # Keys whose change breaks an exact continuation. Everything under these sections counts,
 # except the keys in _FREE (bookkeeping, evaluation caps, paths of caches).
 _EXACT_SECTIONS = ("model.", "data.", "scorer.", "mixing.", "train.")
-_FREE = {"data.cache_dir", "data.embedded_archives", "data.max_eval_per_subset", "train.log_every", "train.checkpoint_every",
-         "train.keep_checkpoints", "train.allow_config_change", "train.async_checkpoint"}
+_FREE = {"data.cache_dir", "data.embedded_archives", "data.max_eval_per_subset", "train.log_every",
+         "train.checkpoint_every", "train.keep_checkpoints", "train.allow_config_change", "train.async_checkpoint",
+         "train.max_nonfinite_steps"}
 # Refused even with train.allow_config_change: the checkpoint cannot be read into the new
 # shapes, or the sampler's stream is keyed by the value.
 _NEVER = {"train.seed", "data.num_buckets", *(f"model.{k}" for k in (
@@ -219,12 +220,33 @@ class Checkpointer:
         return None
 
     def restore(self, step: int, train_like, mixer_like) -> dict[str, Any]:
-        """Restores into the shardings of the given example states (any mesh: resharded on read)."""
+        """Restores into the shardings of the given example states (any mesh: resharded on read).
+
+        A checkpoint written before the optimizer counted non-finite updates holds the
+        bare AdamW chain as its optimizer state; it is read into the current state's
+        `inner_state`, with the counters at zero (those of `train_like`).
+        """
+        legacy = self._without_nonfinite_counters(step, train_like)
+        target = train_like.replace(opt_state=train_like.opt_state.inner_state) if legacy else train_like
         out = self.manager.restore(step, args=ocp.args.Composite(
-            train=ocp.args.StandardRestore(_abstract(train_like)),
+            train=ocp.args.StandardRestore(_abstract(target)),
             mixer=ocp.args.StandardRestore(_abstract(mixer_like)),
             sampler=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        return {k: out[k] for k in ("train", "mixer", "sampler", "meta")}
+        out = {k: out[k] for k in ("train", "mixer", "sampler", "meta")}
+        if legacy:
+            log.info("checkpoint step %d predates the non-finite update counters; they start at 0", step)
+            out["train"] = out["train"].replace(opt_state=train_like.opt_state._replace(
+                inner_state=out["train"].opt_state))
+        return out
+
+    def _without_nonfinite_counters(self, step: int, train_like) -> bool:
+        """Whether `train_like` counts non-finite updates (optax.ApplyIfFiniteState) and the checkpoint does not."""
+        import optax
+
+        if not isinstance(getattr(train_like, "opt_state", None), optax.ApplyIfFiniteState):
+            return False
+        saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "train")
+        return not (isinstance(saved["opt_state"], dict) and "inner_state" in saved["opt_state"])
 
     def restore_params(self, step: int, params_like, mesh):
         """Restores only the model parameters of a checkpoint (no optimizer state is read).

@@ -7,9 +7,11 @@ import logging
 from hbo_jax.config import ConfigError
 from hbo_jax.data.formats import DataError
 from hbo_jax.models.loading import CheckpointMismatch
+from hbo_jax.nonfinite import NonFiniteError
 
-# Bad input (config, data, weights): printed as `error: ...` with exit status 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointMismatch)
+# Bad input (config, data, weights) or a run that diverged: printed as `error: ...` with
+# exit status 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatch, NonFiniteError)
 
 
 def add_config_arguments(parser) -> None:

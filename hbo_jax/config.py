@@ -11,6 +11,7 @@ arguments); `configs/demo.yaml` spells the same values out for reading.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -21,6 +22,10 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from hbo_jax.config_rules import RULES
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -184,6 +189,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # Non-finite loss or gradients: the update is skipped (and counted in metrics.jsonl);
+    # this many skipped in a row stop the run with an error, keeping the last checkpoint.
+    max_nonfinite_steps: int = 10
     # Write checkpoints in the background: the state is first copied on its devices (the
     # next step donates the original buffers, orbax#626), so peak device memory grows by
     # one copy of parameters + optimizer state while a save runs.
@@ -288,15 +296,6 @@ _CHOICES = {
     "distributed.mode": ("auto", "on", "off"),
 }
 TASK_METRICS = ("auto", "mc", "exact_match", "none")
-_POSITIVE = (
-    "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-    "model.intermediate_size", "model.vocab_multiple", "data.vocab_size", "data.seq_len", "data.num_buckets",
-    "scorer.batch_size", "scorer.score_batch_size", "mixing.global_every",
-    "mixing.local_every", "mixing.inner_steps", "mixing.global_probes_per_bucket",
-    "mixing.local_probes_per_group", "train.steps", "train.batch_size", "train.log_every",
-    "train.checkpoint_every", "train.keep_checkpoints", "eval.periodic_max_per_subset",
-    "eval.max_new_tokens", "distributed.initialization_timeout", "distributed.stop_check_every",
-)
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -306,22 +305,56 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+def num_subsets(cfg: Config) -> int | None:
+    """How many subsets the mixture has, found without reading any data (None: not known yet).
+
+    The embedded mixture's recipe, the `<subset>.train.jsonl*` files of data.source_dir
+    (the discovery data preparation uses) and the declared data.subsets.
+    """
+    from hbo_jax.data import embedded
+    from hbo_jax.data.formats import DataError
+    from hbo_jax.data.prepare import subset_files
+
+    n = len(cfg.data.subsets)
+    if cfg.data.source_dir:
+        src = Path(cfg.data.source_dir).expanduser()
+        try:
+            n += len(subset_files(src)) if src.is_dir() else 0
+        except DataError:  # no subset files: data preparation says so, naming the key
+            return None
+    elif not cfg.data.subsets:
+        n = len(embedded.RECIPE)
+    return n
+
+
+def _validate_min_prob(cfg: Config) -> None:
+    """min_prob * n < 1 for the n datasets and the K buckets, so the floor leaves room for the actors."""
+    floor = cfg.mixing.min_prob
+    if floor <= 0:
+        return
+    k = cfg.data.num_buckets
+    if floor * k >= 1:
+        raise ConfigError(f"mixing.min_prob={floor} times data.num_buckets={k} is {floor * k:g}: must be < 1 "
+                          f"(min_prob < 1/{k}, the uniform probability of a bucket)")
+    d = num_subsets(cfg)
+    if d is not None and floor * d >= 1:
+        raise ConfigError(f"mixing.min_prob={floor} times the {d} subsets of the mixture is {floor * d:g}: must "
+                          f"be < 1 (min_prob < 1/{d}, the uniform probability of a subset)")
+
+
 def validate(cfg: Config) -> Config:
     """Checks value ranges and choices; raises ConfigError naming the key."""
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
-    for key in _POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}={_get(cfg, key)} must be > 0")
+    for key, rule in RULES.items():
+        value = _get(cfg, key)
+        if not rule.allows(value):
+            raise ConfigError(f"{key}={value} must be {rule.describe(value)}")
     m = cfg.model
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-    if not (cfg.mixing.temperature >= 0 or math.isinf(cfg.mixing.temperature)):
-        raise ConfigError(f"mixing.temperature={cfg.mixing.temperature} must be > 0, inf, or 0 (strategy default)")
-    if not 0.0 <= cfg.mixing.ema <= 1.0:
-        raise ConfigError(f"mixing.ema={cfg.mixing.ema} must be in [0, 1]")
     if (cfg.mixing.strategy == "replay") != bool(cfg.mixing.replay_from):
         raise ConfigError("mixing.replay_from must be set exactly when mixing.strategy=replay "
                           f"(strategy={cfg.mixing.strategy!r}, replay_from={cfg.mixing.replay_from!r})")
@@ -331,37 +364,20 @@ def validate(cfg: Config) -> Config:
     if cfg.mixing.local_source == "train" and cfg.model.init == "random":
         raise ConfigError("mixing.local_source=train needs the scoring model to be the starting "
                           "model (model.init=scorer or a pretrained model), not model.init=random")
-    if not 0.0 <= cfg.mixing.min_prob < 1.0:
-        raise ConfigError(f"mixing.min_prob={cfg.mixing.min_prob} must be in [0, 1)")
-    if cfg.mixing.probe_budget < 0:
-        raise ConfigError(f"mixing.probe_budget={cfg.mixing.probe_budget} must be >= 0 (0 = no cap)")
-    if cfg.mixing.kl_to_prior < 0:
-        raise ConfigError(f"mixing.kl_to_prior={cfg.mixing.kl_to_prior} must be >= 0")
     if cfg.mixing.local_source == "train" and cfg.mixing.local_reward != "ppl_ratio":
         raise ConfigError(f"mixing.local_reward={cfg.mixing.local_reward} needs probes (mixing.local_source=probes); "
                           "training batches carry only the PPL ratio")
-    if not 0 <= cfg.data.pack_rows <= cfg.train.batch_size:
+    if cfg.data.pack_rows > cfg.train.batch_size:
         raise ConfigError(f"data.pack_rows={cfg.data.pack_rows} must be in [0, train.batch_size="
                           f"{cfg.train.batch_size}] (0 = sized from the mean example length)")
-    if cfg.mixing.global_train_steps < 0:
-        raise ConfigError(f"mixing.global_train_steps={cfg.mixing.global_train_steps} must be >= 0 "
-                          "(0 = every step of the interval)")
-    if cfg.mixing.actor_lr <= 0:
-        raise ConfigError(f"mixing.actor_lr={cfg.mixing.actor_lr} must be > 0")
     _validate_subsets(cfg.data.subsets)
-    if cfg.model.loss_chunk < 0:
-        raise ConfigError(f"model.loss_chunk={cfg.model.loss_chunk} must be >= 0 (0 = the whole sequence at once)")
-    if cfg.train.grad_clip < 0:
-        raise ConfigError(f"train.grad_clip={cfg.train.grad_clip} must be >= 0 (0 = no clipping)")
-    if cfg.eval.every < 0:
-        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0 = no periodic evaluation)")
     for subset, metric in cfg.eval.metrics.items():
         if metric not in TASK_METRICS:
             raise ConfigError(f"eval.metrics.{subset}={metric!r} is not one of {list(TASK_METRICS)}")
-    for name in ("data", "fsdp", "tensor"):
-        v = getattr(cfg.mesh, name)
-        if v == 0 or v < -1:
-            raise ConfigError(f"mesh.{name}={v} must be a positive size or -1 (fill)")
+    if cfg.train.warmup_steps > cfg.train.steps:  # legal (a short trial run), but rarely what is meant
+        log.warning("train.warmup_steps=%d > train.steps=%d: the learning rate never reaches "
+                    "train.learning_rate", cfg.train.warmup_steps, cfg.train.steps)
+    _validate_min_prob(cfg)
     return cfg
 
 

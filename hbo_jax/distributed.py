@@ -11,7 +11,6 @@ check that hosts hold the same mixer state and load disjoint slices of one globa
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 
 from hbo_jax.config import ConfigError, DistributedConfig
+from hbo_jax.records import dumps
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Trace:
 
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
 
     def batch(self, step: int, host_batch: dict) -> None:
         """One digest per row of this process's slice of the global batch for `step`."""

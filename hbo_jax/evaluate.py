@@ -15,7 +15,6 @@ Results go to `<run_dir>/eval_<model>.json` (or `--out`) and a table is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 
 from hbo_jax import tasks
 from hbo_jax.data.prepare import score_examples
+from hbo_jax.records import dumps
 
 log = logging.getLogger(__name__)
 TASK_KEYS = ("acc", "acc_norm", "exact_match")
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (run_dir or Path(cfg.run_dir)) / f"eval_{tag}.json"
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": model, "step": args.step, "eval": result}, indent=2))
+        out.write_text(dumps({"model": model, "step": args.step, "eval": result}, indent=2))
         print(format_results(result))
         print(f"wrote {out}")
     return 0

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hbo_jax.records import dumps
+
 log = logging.getLogger("hbo_jax.report")
 
 TASK_METRICS = ("acc", "acc_norm", "exact_match")
@@ -34,7 +36,7 @@ FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
 # and bookkeeping (where and how often things are logged, evaluated, checkpointed).
 GROUP_IGNORE = ("run_dir", "train.seed", "eval.", "tracking.", "distributed.", "data.cache_dir", "data.embedded_archives",
                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
-                "train.allow_config_change")
+                "train.allow_config_change", "train.max_nonfinite_steps")
 
 
 def _ignored(key: str) -> bool:
@@ -270,7 +272,7 @@ def metric_value(run: Run, subset: str, metric: str) -> float | None:
     """`metric` after training for a subset ("macro": macro_avg, else mean over subsets)."""
     after = run.eval.get("after", {})
     if subset == "macro":
-        if metric in after.get("macro_avg", {}):
+        if after.get("macro_avg", {}).get(metric) is not None:  # null: not finite when written
             return float(after["macro_avg"][metric])
         vals = [v[metric] for n, v in after.items() if n != "macro_avg" and isinstance(v, dict) and metric in v]
         return float(np.mean(vals)) if vals else None
@@ -324,7 +326,7 @@ def compare(runs: list[Run], out: str | Path, metric: str = "loss") -> dict:
     md += _table(header, rows) + ["", "## Groups", ""]
     md += [f"- **{g['label']}**: " + ", ".join(g["runs"]) for g in groups] + ["", "![compare](compare.png)", ""]
     (out / "compare.md").write_text("\n".join(md))
-    (out / "compare.json").write_text(json.dumps({"metric": metric, "subsets": subsets, "groups": groups}, indent=1))
+    (out / "compare.json").write_text(dumps({"metric": metric, "subsets": subsets, "groups": groups}, indent=1))
     plot_compare(groups, subsets, metric, out / "compare.png")
     log.info("report: wrote %s", out / "compare.md")
     return {"compare": str(out / "compare.md"), "groups": groups}

@@ -16,7 +16,7 @@ batch.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,12 +128,80 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, clip: float):
-    """AdamW (b1 0.9, b2 0.95) on a warmup + cosine schedule, after clipping at `clip` (0: none)."""
+# optax.apply_if_finite applies a non-finite update once more than this many came in a
+# row; its int32 counter saturates at this value, so it never does. The run stops from
+# the host instead (train.max_nonfinite_steps, hbo_jax/nonfinite.py).
+_NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)
+
+
+class SkipNonFinite(NamedTuple):
+    """`optax.apply_if_finite(inner)` (its `init` and `update`, for any optax caller), plus `inner`.
+
+    The train step does not call `update`: its `lax.cond` returns the updates as a whole
+    new tree, which XLA cannot fuse into the parameter update, so the step would hold a
+    second fp32 gradient-sized buffer (scratch 2.0x instead of 1.05x the parameters, see
+    tests/test_step.py). `apply_update` takes the same decision with the same state
+    (`optax.ApplyIfFiniteState`) around the update *and* its application instead.
+    """
+
+    init: Callable
+    update: Callable
+    inner: optax.GradientTransformation
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, clip: float) -> SkipNonFinite:
+    """AdamW (b1 0.9, b2 0.95) on a warmup + cosine schedule, after clipping at `clip` (0: none).
+
+    An update whose gradients hold a NaN or inf is skipped, as `optax.apply_if_finite`
+    does: the parameters and the AdamW state stay as they were, and the optimizer state
+    counts it (`nonfinite_metrics`, `total_nonfinite`).
+    """
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr * 0.1)
     adamw = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay)
     # identity keeps the state's tree the same either way, so a resume may change `clip`
-    return optax.chain(clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
+    inner = optax.chain(clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
+    tx = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+    return SkipNonFinite(tx.init, tx.update, inner)
+
+
+def apply_update(tx, grads, opt_state, params):
+    """(new params, new optimizer state) after one step of `tx` on `grads`.
+
+    For a `SkipNonFinite` optimizer: `optax.apply_if_finite`'s decision and bookkeeping
+    (never giving up), with the whole update inside the branch, so that clip, AdamW and
+    the parameter update stay one fused pass over the parameters.
+    """
+    if not isinstance(tx, SkipNonFinite):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+    def step(_):
+        updates, inner = tx.inner.update(grads, opt_state.inner_state, params)
+        return optax.apply_updates(params, updates), inner
+
+    params, inner = jax.lax.cond(finite, step, lambda _: (params, opt_state.inner_state), None)
+    return params, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(opt_state.notfinite_count)),
+        last_finite=finite,
+        total_notfinite=jnp.where(finite, opt_state.total_notfinite, optax.safe_increment(opt_state.total_notfinite)),
+        inner_state=inner)
+
+
+def nonfinite_metrics(opt_state) -> dict[str, jax.Array]:
+    """From a `make_optimizer` state after an update: `nonfinite` (1 when that update was
+    skipped) and `nonfinite_streak` (skipped updates in a row up to it); {} for other optimizers."""
+    if not isinstance(opt_state, optax.ApplyIfFiniteState):
+        return {}
+    return {"nonfinite": jnp.logical_not(opt_state.last_finite).astype(jnp.int32),
+            "nonfinite_streak": opt_state.notfinite_count}
+
+
+def total_nonfinite(opt_state) -> int:
+    """Updates skipped for a non-finite loss or gradients since the run started (0 for other optimizers)."""
+    if not isinstance(opt_state, optax.ApplyIfFiniteState):
+        return 0
+    return int(jax.device_get(opt_state.total_notfinite))
 
 
 def _replicate_unsharded(tree, mesh):
@@ -182,14 +250,14 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
         (loss, nll), grads = jax.value_and_grad(loss_fn, argnums, has_aux=True)(state.params, probe)
         if example_gradnorm:
             grads, sq_norms = grads
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_update(tx, grads, state.opt_state, state.params)
         mask = batch["loss_mask"]
         if packing:
             ex_nll, tok_sum, count = packed_example_nll(nll, mask, seg, batch["group_id"].shape[0])
         else:
             (ex_nll, count), tok_sum = example_nll(nll, mask), jnp.sum(nll * mask, -1)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask),
+                   **nonfinite_metrics(opt_state)}
         metrics.update(group_stats(ex_nll, tok_sum, count, batch["group_id"], num_groups))
         if example_gradnorm:
             norms = example_grad_norms(sq_norms, count, jnp.sum(mask))

@@ -13,7 +13,6 @@ report.md), tb/ (TensorBoard), checkpoints/ (Orbax).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -33,33 +32,19 @@ from hbo_jax.distributed import StopRequest, Trace, initialize as init_distribut
 from hbo_jax.evaluate import evaluate_model, format_table
 from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedule
 from hbo_jax.models.base import base_model
+from hbo_jax.nonfinite import NonFiniteGuard
 from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
                               replicated)
+from hbo_jax.records import JsonlWriter, dumps
 from hbo_jax.report import write_report
+from hbo_jax.runlock import hold as hold_run_dir
 from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
-                          state_shardings)
+                          state_shardings, total_nonfinite)
 from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
 
 log = logging.getLogger("hbo_jax")
 
 
-class JsonlWriter:
-    """Appends JSON lines; only process 0 writes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.enabled = jax.process_index() == 0
-
-    def truncate(self, step: int) -> None:
-        """Drops records after `step` (written after the checkpoint a run resumes from)."""
-        if self.enabled and self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            self.path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 _LOCAL_KEYS = ("group_ppl_ratio", "group_examples")  # local_source=train
@@ -99,9 +84,15 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
 
     With a `StopRequest` that fires (SIGTERM/SIGINT), the run saves a checkpoint at the
     next step boundary and returns `{"stopped": <signal>, "step": <step>}` instead.
+    The run directory is locked for the whole run (`hbo_jax.runlock`): a second run on it
+    raises `RunLocked` before any other work.
     """
     t_start = time.perf_counter()
-    stop = stop or StopRequest()
+    with hold_run_dir(cfg.run_dir):
+        return _run(cfg, stop or StopRequest(), t_start)
+
+
+def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
@@ -195,7 +186,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         mixer.start(state.params)
         pg, pl = sampler.schedule.at(0)
         if jax.process_index() == 0:
-            (run_dir / "probabilities_start.json").write_text(json.dumps(
+            (run_dir / "probabilities_start.json").write_text(dumps(
                 {"step": 0, "p_global": pg.tolist(), "p_local": pl.tolist()}))
 
     for e in sampler.schedule.entries:  # a replayed schedule's future entries, logged like updates
@@ -218,13 +209,20 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=f"train [{strategy.name}]",
                disable=jax.process_index() != 0)
 
-    def stopped(done: int) -> dict:  # SIGTERM/SIGINT: save at this step boundary and exit cleanly
-        if done not in ckpt.all_steps():
-            seconds = ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
-            log.info("checkpoint at step %d saved in %.2fs", done, seconds)
+    def close() -> None:
         bar.close()
         ckpt.close()
         tracker.close()
+
+    # Too many non-finite updates in a row: close and raise, saving nothing (the newest checkpoint stays).
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, str(ckpt.directory), on_stop=close)
+
+    def stopped(done: int) -> dict:  # SIGTERM/SIGINT: save at this step boundary and exit cleanly
+        guard.check(done)
+        if done not in ckpt.all_steps():
+            seconds = ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
+            log.info("checkpoint at step %d saved in %.2fs", done, seconds)
+        close()
         log.warning("stopped by %s at step %d of %d, %.1fs after the signal; run the same command "
                     "again to resume", stop.signal_name or "a signal to another process", done, tc.steps,
                     stop.seconds_since())
@@ -244,7 +242,8 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
             mixer.time_norm_steps(done, state, after=True)
         metrics = dict(metrics)
         gradnorm = metrics.pop("group_gradnorm", None)
-        acc = metrics if acc is None else jax.tree.map(lambda a, b: a + b, acc, metrics)
+        guard.observe(metrics)
+        acc = _add(acc, metrics)  # key-wise: a stop's saved sums may predate a metric
         # Reward statistics since the last update, summed on device (no host sync).
         if use_ref:
             mix_acc = _add(mix_acc, {key: metrics[key] for key in _LOCAL_KEYS})
@@ -270,16 +269,18 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
             line = {"step": done, "loss": float(host["loss"] / nsteps),
                     "grad_norm": float(host["grad_norm"] / nsteps),
                     "loss_tokens_per_s": float(host["tokens"] / dt), "examples": int(n),
-                    "mixing_share": (mixer.seconds - mix_before) / dt}
+                    "mixing_share": (mixer.seconds - mix_before) / dt, "nonfinite_skipped": int(host["nonfinite"])}
             line.update(_per_subset(host, data.names, k))
             line["drawn"] = host["group_examples"].reshape(d, k).astype(int).tolist()
             metrics_log.write(line)
+            guard.check(done, line["nonfinite_skipped"], f"steps {done - nsteps + 1}-{done}")
             tracker.log(done, metrics_scalars(line, data.names))
             bar.set_postfix(loss=f"{line['loss']:.3f}", mix=f"{100 * line['mixing_share']:.1f}%")
             acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
         if cfg.eval.every and done % cfg.eval.every == 0:
             periodic_eval(state.params, done)
         if done % tc.checkpoint_every == 0 and done < tc.steps:
+            guard.check(done)
             ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
         # One process: a free check every step; several: a collective every stop_check_every steps.
         check = jax.process_count() == 1 or done % cfg.distributed.stop_check_every == 0
@@ -304,6 +305,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
         "estimated_probe_share": mixer.estimated_probe_share,
         "actor_updates": np.asarray(jax.device_get(mixer.state.num_updates)).tolist(),
         "skipped_updates": int(jax.device_get(mixer.state.num_skipped)),
+        "nonfinite_skipped": total_nonfinite(state.opt_state),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
         "data_truncated": {s["name"]: s.get("truncated") for s in m["subsets"]},  # None: not counted
         "wall_seconds": time.perf_counter() - t_start,
@@ -317,10 +319,10 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
                         "example; a larger data.pack_rows avoids that", pack_stats["overflow_steps"],
                         pack_stats["steps"], pack_rows)
     if jax.process_index() == 0:
-        (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+        (run_dir / "eval.json").write_text(dumps({"before": before, "after": after}, indent=2))
         save_schedule(run_dir / "schedule.json", sampler.schedule, data.names)
         summary["report"] = str(run_dir / "report" / "report.md")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(dumps(summary, indent=2))
         write_report(run_dir)  # reads the logs and summary.json written above
         print("\nHeld-out response loss / perplexity and task metric per subset:")
         print(format_table(before, after))

@@ -72,3 +72,97 @@ def test_global_source_train_only_for_the_per_example_gradnorm_reward(extra):
     cfg = load_config(overrides=["mixing.global_source=train", *extra])
     with pytest.raises(ConfigError, match="mixing.global_source=train"):
         resolve(cfg.mixing)
+
+
+# --- every numeric key is range-checked at config time ----------------------------------
+
+def _numeric_keys(cls=None, prefix="") -> dict[str, type]:
+    """Every int / float field of the config dataclasses (recursively), dotted key -> type."""
+    import dataclasses
+    import typing
+
+    from hbo_jax.config import Config
+
+    cls = cls or Config
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.update(_numeric_keys(t, f"{prefix}{f.name}."))
+        elif t in (int, float):  # bool is its own type here
+            out[f"{prefix}{f.name}"] = t
+    return out
+
+
+NUMERIC = _numeric_keys()
+FLOATS = [k for k, t in NUMERIC.items() if t is float]
+
+
+def _refused(override: str, key: str):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(f"{key}=")):
+        load_config(overrides=[override])
+
+
+def test_every_numeric_key_has_a_range_rule():
+    from hbo_jax.config_rules import RULES
+
+    assert set(NUMERIC) == set(RULES)
+
+
+@pytest.mark.parametrize("key", sorted(NUMERIC))
+def test_a_negative_value_is_refused_naming_the_key(key):
+    _refused(f"{key}=-2", key)  # -2: below every range (mesh and process_id allow -1)
+
+
+@pytest.mark.parametrize("key", FLOATS)
+def test_nan_is_refused_naming_the_key(key):
+    _refused(f"{key}=nan", key)
+
+
+@pytest.mark.parametrize("key", [k for k in FLOATS if k != "mixing.temperature"])
+def test_infinity_is_refused_naming_the_key(key):
+    _refused(f"{key}=inf", key)
+
+
+@pytest.mark.parametrize("override", ["mixing.ema=1.5", "mixing.min_prob=1.0", "train.learning_rate=0",
+                                      "scorer.learning_rate=0", "mixing.actor_lr=0", "model.rms_norm_eps=0",
+                                      "model.rope_theta=0", "mesh.fsdp=0"])
+def test_a_value_at_or_past_the_other_end_of_its_range_is_refused(override):
+    _refused(override, override.split("=")[0])
+
+
+@pytest.mark.parametrize("override", ["mixing.temperature=inf", "mesh.tensor=-1", "train.grad_clip=0",
+                                      "train.warmup_steps=0", "distributed.process_id=-1"])
+def test_the_documented_special_values_are_accepted(override):
+    load_config(overrides=[override])
+
+
+# --- mixing.min_prob against the number of subsets and buckets, before any data work ------
+
+def test_min_prob_is_checked_against_the_embedded_mixtures_nine_subsets():
+    load_config(overrides=["mixing.min_prob=0.11"])  # 0.99
+    with pytest.raises(ConfigError, match="mixing.min_prob=0.12 times the 9 subsets"):
+        load_config(overrides=["mixing.min_prob=0.12"])
+
+
+def test_min_prob_is_checked_against_the_subset_files_of_a_source_dir():
+    from conftest import FIXTURE
+
+    n = len(list(FIXTURE.glob("*.train.jsonl*")))
+    with pytest.raises(ConfigError, match=f"times the {n} subsets"):
+        load_config(overrides=[f"data.source_dir={FIXTURE}", f"mixing.min_prob={1 / n}", "data.num_buckets=2"])
+
+
+def test_min_prob_is_checked_against_the_declared_subsets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  subsets:\n" + "".join(f"    s{i}:\n      train: [x{i}.jsonl]\n" for i in range(3)))
+    load_config(path, ["mixing.min_prob=0.3", "data.num_buckets=2"])
+    with pytest.raises(ConfigError, match="times the 3 subsets"):
+        load_config(path, ["mixing.min_prob=0.34", "data.num_buckets=2"])
+
+
+def test_min_prob_is_checked_against_the_buckets():
+    with pytest.raises(ConfigError, match="data.num_buckets=4"):
+        load_config(overrides=["mixing.min_prob=0.25", "data.num_buckets=4"])

@@ -60,6 +60,13 @@ def test_cli_reproduces_the_runs_own_evaluation(run_dir, tmp_path, model, key):
             assert got[name].get(metric) == want[name].get(metric), (name, metric)
 
 
+def test_cli_evaluates_a_run_dir_that_a_run_holds(run_dir, tmp_path):
+    from hbo_jax.runlock import RunLock
+
+    with RunLock(run_dir):  # a training run on it: evaluation only reads, so it does not wait or fail
+        assert evaluate.main([str(run_dir), "--no-tasks", "--out", str(tmp_path / "e.json")]) == 0
+
+
 def test_cli_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err

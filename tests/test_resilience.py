@@ -170,6 +170,23 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(reference, tmp_path
     assert_same_state(saved(run_dir, 4), saved(ref_dir, 4))
 
 
+def test_a_torn_last_log_line_is_dropped_on_resume(reference, tmp_path, capsys):
+    """A crash in the middle of an append: the resumed run's logs equal the uninterrupted run's."""
+    ref_dir, ref_over = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "4")  # the crash came before the step-4 save
+    for name in ("metrics.jsonl", "mixing.jsonl"):
+        with open(run_dir / name, "a") as f:
+            f.write('{"step": 5, "loss": 1.2')
+    over = [o if not o.startswith("run_dir=") else f"run_dir={run_dir}" for o in ref_over]
+    capsys.readouterr()
+    assert main(over) == 0
+    assert "dropping the torn last line" in capsys.readouterr().err
+    for name in ("metrics.jsonl", "mixing.jsonl"):
+        assert rows(run_dir, name) == rows(ref_dir, name), name  # parses; steps once each, in order
+
+
 def test_a_half_written_save_is_ignored(reference, tmp_path):
     """An uncommitted save (Orbax's temporary directory) never replaces the last good one."""
     ref_dir, _ = reference
@@ -304,3 +321,25 @@ def test_async_checkpoints_equal_synchronous_ones(tmp_path, shared_cache):
     ckpt.close()
     for step in range(1, 5):
         assert_same_state(saved(asyn, step), saved(sync, step))
+
+
+def test_a_checkpoint_from_before_the_non_finite_counters_restores(tmp_path):
+    """Its optimizer state (the bare AdamW chain) goes into inner_state; the counters start at 0."""
+    import jax.numpy as jnp
+    import optax
+
+    from hbo_jax.parallel import replicated
+    from hbo_jax.step import TrainState, init_train_state, make_optimizer
+
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    params = jax.device_put({"w": jnp.arange(4.0)}, replicated(mesh))
+    tx = make_optimizer(1e-3, 10, 1, 0.0, 1.0)
+    old_opt = tx.inner.update({"w": jnp.ones(4)}, tx.inner.init(params), params)[1]  # mu != 0
+    old = TrainState(jax.device_put(jnp.int32(1), replicated(mesh)), params,
+                     jax.device_put(old_opt, replicated(mesh)))
+    ckpt = Checkpointer(tmp_path, 2)
+    ckpt.save(1, old, {"x": params["w"]}, {}, {})
+    got = ckpt.restore(1, init_train_state(params, tx, mesh), {"x": params["w"]})["train"]
+    ckpt.close()
+    assert isinstance(got.opt_state, optax.ApplyIfFiniteState) and int(got.opt_state.total_notfinite) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.opt_state.inner_state), jax.device_get(old_opt))

@@ -152,3 +152,44 @@ def test_chunked_loss_never_holds_the_whole_logits():
     whole, _ = _step_scratch(0, seq)
     chunked, _ = _step_scratch(32, seq)
     assert whole - chunked > logits_bytes, (whole, chunked, logits_bytes)
+
+
+# --- non-finite gradients: the update is skipped and counted ------------------------------
+
+def _nan_step_setup():
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    graphdef, params = init_params(SPEC, mesh, seed=0)
+    tx = make_optimizer(1e-3, 10, 1, 0.1, 1.0)
+    state = init_train_state(params, tx, mesh)
+    step = make_train_step(graphdef, tx, mesh, D * K, state_shardings(state))
+    poisoned = _batch(1)
+    poisoned["loss_mask"][3, 0] = np.nan  # one NaN token weight: NaN loss and gradients
+    return mesh, state, step, poisoned
+
+
+def test_every_optimizer_state_leaf_is_sharded_over_the_mesh():
+    from jax.sharding import NamedSharding
+
+    _, state, _, _ = _nan_step_setup()
+    assert all(isinstance(x.sharding, NamedSharding) for x in jax.tree.leaves(state))
+
+
+def test_a_non_finite_step_leaves_parameters_and_adam_state_untouched_and_is_counted():
+    import optax
+
+    mesh, state, step, poisoned = _nan_step_setup()
+    state, _ = step(state, global_batch_from_host(_batch(0), mesh))
+    before = jax.device_get((state.params, state.opt_state.inner_state))
+    state, metrics = step(state, global_batch_from_host(poisoned, mesh))
+    after = jax.device_get((state.params, state.opt_state.inner_state))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert np.isnan(metrics["loss"]) and int(metrics["nonfinite"]) == 1 and int(metrics["nonfinite_streak"]) == 1
+    assert isinstance(state.opt_state, optax.ApplyIfFiniteState) and int(state.opt_state.total_notfinite) == 1
+
+
+def test_a_finite_step_after_a_skipped_one_ends_the_streak():
+    mesh, state, step, poisoned = _nan_step_setup()
+    for batch in (poisoned, poisoned, _batch(2)):
+        state, metrics = step(state, global_batch_from_host(batch, mesh))
+    assert (int(metrics["nonfinite"]), int(metrics["nonfinite_streak"])) == (0, 0)
+    assert int(state.opt_state.total_notfinite) == 2 and int(state.step) == 3

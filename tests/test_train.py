@@ -30,6 +30,10 @@ def test_checkpoint_is_written(hbo_run):
     assert (hbo_run / "checkpoints" / "3").is_dir()
 
 
+def test_a_finished_run_releases_its_run_dir_lock(hbo_run):
+    assert (hbo_run / ".lock").read_text() == ""  # the record is emptied on a clean exit
+
+
 def test_mixing_log_records_both_actors(hbo_run):
     rows = [json.loads(l) for l in (hbo_run / "mixing.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # no update after the last step

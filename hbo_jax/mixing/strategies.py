@@ -32,6 +32,7 @@ from hbo_jax.config import ConfigError, MixingConfig
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.mixing import actors, global_rewards, rewards
 from hbo_jax.parallel import replicated, round_up_rows
+from hbo_jax.records import dumps
 from hbo_jax.step import make_example_nll_fn
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def resolve(cfg: MixingConfig) -> Strategy:
 
 def save_schedule(path, schedule: ProbabilitySchedule, names: Sequence[str]) -> None:
     """Writes a run's probability schedule (what `strategy=replay` reads)."""
-    Path(path).write_text(json.dumps({"subsets": list(names), "entries": schedule.to_json()}, indent=1))
+    Path(path).write_text(dumps({"subsets": list(names), "entries": schedule.to_json()}, indent=1))
 
 
 def load_schedule(source: str, names: Sequence[str], num_buckets: int) -> ProbabilitySchedule:
@@ -134,12 +135,13 @@ def load_schedule(source: str, names: Sequence[str], num_buckets: int) -> Probab
 
 
 def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
-    """(1 - n * floor) * p + floor along the last axis: every entry >= floor, sums kept at 1."""
+    """(1 - n * floor) * p + floor along the last axis: every entry >= floor, sums kept at 1.
+
+    `config.validate` has checked floor * n < 1 for the datasets and the buckets.
+    """
     n = p.shape[-1]
     if floor <= 0:
         return p
-    if floor * n > 1:
-        raise ConfigError(f"mixing.min_prob={floor} is more than 1/{n} (the uniform probability)")
     return (1.0 - n * floor) * p + floor
 
 
