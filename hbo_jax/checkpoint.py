@@ -1,6 +1,6 @@
-"""One Orbax CheckpointManager over TrainState + MixerState + sampler state + metadata.
+"""One Orbax CheckpointManager over a training method's named state trees + sampler + metadata.
 
-The three are saved together, so a resumed run continues the same batch stream and the
+They are saved together, so a resumed run continues the same batch stream and the
 same policy. What protects a run:
 
 - A save is written under a temporary name and renamed when complete (Orbax), so a
@@ -113,8 +113,15 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=asynchronous))
 
-    def save(self, step: int, train_state, mixer_state, sampler_state: dict, meta: dict) -> float:
+    def save(self, step: int, trees: dict[str, Any], sampler_state: dict, meta: dict) -> float:
         """Saves one step (all processes call it); returns the seconds the caller was blocked.
+
+        Args:
+            step: The step number (the checkpoint's name).
+            trees: Named PyTrees of device arrays (a training method's state: `train`,
+                and e.g. `mixer`).
+            sampler_state: The sampler's JSON state.
+            meta: JSON metadata (config, evaluation before training, host-side sums).
 
         Asynchronous saves copy the state on its devices first, so the next (donating)
         train step never frees a buffer the background writer still reads; the manifest
@@ -123,9 +130,11 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.wait()  # one save in flight at a time; seals the previous one
         if self.asynchronous:
-            train_state, mixer_state = jax.tree.map(lambda x: x.copy(), (train_state, mixer_state))
+            trees = jax.tree.map(lambda x: x.copy(), trees)
+        if set(trees) & {"sampler", "meta"}:
+            raise ValueError(f"state names {sorted(trees)} clash with the checkpoint's own items")
         self.manager.save(step, args=ocp.args.Composite(
-            train=ocp.args.StandardSave(train_state), mixer=ocp.args.StandardSave(mixer_state),
+            **{name: ocp.args.StandardSave(tree) for name, tree in trees.items()},
             sampler=ocp.args.JsonSave(sampler_state), meta=ocp.args.JsonSave(meta)))
         self._unsealed = step
         if not self.asynchronous:
@@ -219,25 +228,30 @@ class Checkpointer:
                         f"step {older[-1]}" if older else "a fresh start (no older checkpoint)")
         return None
 
-    def restore(self, step: int, train_like, mixer_like) -> dict[str, Any]:
-        """Restores into the shardings of the given example states (any mesh: resharded on read).
+    def restore(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
+        """Restores the named trees into the shardings of `like` (any mesh: resharded on read).
 
         A checkpoint written before the optimizer counted non-finite updates holds the
-        bare AdamW chain as its optimizer state; it is read into the current state's
-        `inner_state`, with the counters at zero (those of `train_like`).
+        bare AdamW chain as its `train` optimizer state; it is read into the current
+        state's `inner_state`, with the counters at zero (those of `like["train"]`).
+
+        Returns:
+            {"trees": {name: tree}, "sampler": dict, "meta": dict}.
         """
+        train_like = like.get("train")
         legacy = self._without_nonfinite_counters(step, train_like)
-        target = train_like.replace(opt_state=train_like.opt_state.inner_state) if legacy else train_like
+        targets = dict(like)
+        if legacy:
+            targets["train"] = train_like.replace(opt_state=train_like.opt_state.inner_state)
         out = self.manager.restore(step, args=ocp.args.Composite(
-            train=ocp.args.StandardRestore(_abstract(target)),
-            mixer=ocp.args.StandardRestore(_abstract(mixer_like)),
+            **{name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in targets.items()},
             sampler=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        out = {k: out[k] for k in ("train", "mixer", "sampler", "meta")}
+        trees = {name: out[name] for name in like}
         if legacy:
             log.info("checkpoint step %d predates the non-finite update counters; they start at 0", step)
-            out["train"] = out["train"].replace(opt_state=train_like.opt_state._replace(
-                inner_state=out["train"].opt_state))
-        return out
+            trees["train"] = trees["train"].replace(opt_state=train_like.opt_state._replace(
+                inner_state=trees["train"].opt_state))
+        return {"trees": trees, "sampler": out["sampler"], "meta": out["meta"]}
 
     def _without_nonfinite_counters(self, step: int, train_like) -> bool:
         """Whether `train_like` counts non-finite updates (optax.ApplyIfFiniteState) and the checkpoint does not."""

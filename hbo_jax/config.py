@@ -265,6 +265,9 @@ class DistributedConfig:
 @dataclass
 class Config:
     run_dir: str = "runs/demo"
+    # The training method (`hbo_jax.algorithm`): "sampling" = fine-tuning on batches drawn
+    # by `mixing.strategy` (HBO, the baselines, replay).
+    algorithm: str = "sampling"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
@@ -347,6 +350,10 @@ def validate(cfg: Config) -> Config:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
+    from hbo_jax import algorithm
+
+    if cfg.algorithm not in algorithm.names():
+        raise ConfigError(f"algorithm={cfg.algorithm!r} is not one of {algorithm.names()}")
     for key, rule in RULES.items():
         value = _get(cfg, key)
         if not rule.allows(value):

@@ -24,16 +24,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from hbo_jax.algorithm import PlanContext, algorithm_class
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, load_config
 from hbo_jax.distributed import initialize as init_distributed
 from hbo_jax.models.llama import LlamaSpec, abstract_model
 from hbo_jax.models.base import base_spec
-from hbo_jax.parallel import (batch_divisor, batch_sharding, check_batch_size, make_mesh, replicated, round_up_rows,
-                              tree_shardings)
-from hbo_jax.step import TrainState, make_example_nll_fn, make_optimizer, make_train_step
+from hbo_jax.parallel import batch_sharding, check_batch_size, make_mesh, round_up_rows, tree_shardings
+from hbo_jax.step import make_example_nll_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,22 +59,6 @@ class ProgramMemory:
 def model_spec(cfg: Config) -> LlamaSpec:
     """The run's model shape, read from the checkpoint's config or metadata only."""
     return base_spec(cfg)
-
-
-def _struct(x, sharding) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-
-def abstract_train_state(spec: LlamaSpec, tx, mesh):
-    """(graphdef, TrainState of ShapeDtypeStructs in the run's shardings)."""
-    graphdef, abstract = abstract_model(spec)
-    shardings = tree_shardings(abstract, mesh)
-    params = jax.tree.map(_struct, abstract, shardings)
-    # Moments are laid out like their parameters (as `tx.init` on the real arrays does); the
-    # rest (step counts) is replicated, as `init_train_state` puts it.
-    opt = optax.tree_utils.tree_map_params(tx, _struct, jax.eval_shape(tx.init, params), shardings,
-                                           transform_non_params=lambda x: _struct(x, replicated(mesh)))
-    return graphdef, TrainState(_struct(jnp.zeros((), jnp.int32), replicated(mesh)), params, opt)
 
 
 def _rows(n: int, seq: int, mesh, *, ref_nll: bool = False, packing: bool = False) -> dict:
@@ -105,57 +88,32 @@ def count_subsets(cfg: Config) -> int:
     return n
 
 
-def _probe_rows(num_datasets: int, per_dataset: int, mesh) -> int:
-    """Rows of a probe batch after `rewards.pad_per_dataset`: D equal blocks that divide the mesh."""
-    while (num_datasets * per_dataset) % batch_divisor(mesh):
-        per_dataset += 1
-    return num_datasets * per_dataset
-
-
 def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[LlamaSpec, list[ProgramMemory]]:
     """Compiles the run's programs from shapes and returns their per-device memory.
+
+    The training method (`algorithm`) lists its own programs; scoring and evaluation
+    are the same for every method.
 
     Args:
         cfg: The run's config.
         mesh: The mesh (default: `cfg.mesh` over all devices).
         num_datasets: Subsets in the mixture (default: `count_subsets(cfg)`).
     """
-    from hbo_jax.mixing import global_rewards
-    from hbo_jax.mixing.strategies import resolve
-
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
     spec = model_spec(cfg)
-    tc, mc, seq = cfg.train, cfg.mixing, cfg.data.seq_len
-    tx = make_optimizer(tc.learning_rate, tc.steps, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
-    graphdef, state = abstract_train_state(spec, tx, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    strategy = resolve(mc)
+    seq = cfg.data.seq_len
+    graphdef, abstract = abstract_model(spec)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                          tree_shardings(abstract, mesh))
     num_datasets = count_subsets(cfg) if num_datasets is None else num_datasets
-    k = cfg.data.num_buckets
-    ref = strategy.ref_nll
-    # Packing's worst case is its fallback step: one row per example.
-    batch = _rows(tc.batch_size, seq, mesh, ref_nll=ref, packing=cfg.data.packing)
-    out = []
-    step = make_train_step(graphdef, tx, mesh, num_datasets * k, shardings, ref_nll=ref, packing=cfg.data.packing)
-    out.append(ProgramMemory.of("train step", step.lower(state, batch).compile()))
-    if strategy.train_gradnorm:
-        step = make_train_step(graphdef, tx, mesh, num_datasets * k, shardings, ref_nll=ref,
-                               packing=cfg.data.packing, example_gradnorm=True)
-        out.append(ProgramMemory.of("train step + example grad norms", step.lower(state, batch).compile()))
-    elif strategy.global_probes:
-        fn = global_rewards.MAKERS[strategy.global_reward](graphdef, mesh, num_datasets)
-        probes = _rows(_probe_rows(num_datasets, mc.global_probes_per_bucket * k, mesh), seq, mesh)
-        args = [probes["input_ids"], probes["targets"], probes["loss_mask"]]
-        if strategy.global_reward == "dev_cosine":
-            dev = _rows(_probe_rows(1, mc.global_probes_per_bucket * k, mesh), seq, mesh)
-            args += [dev["input_ids"], dev["targets"], dev["loss_mask"]]
-        out.append(ProgramMemory.of(f"global probes ({strategy.global_reward})",
-                                    fn.lower(state.params, *args).compile()))
+    ctx = PlanContext(cfg, mesh, graphdef, params, num_datasets,
+                      lambda n, **kw: _rows(n, seq, mesh, **kw))
+    out = [ProgramMemory.of(name, compiled) for name, compiled in algorithm_class(cfg.algorithm).programs(ctx)]
     # Scoring and evaluation: score_batch_size rows (rounded up to the mesh), widest at seq_len.
     ev = _rows(round_up_rows(cfg.scorer.score_batch_size, mesh), seq, mesh)
     nll = make_example_nll_fn(graphdef, mesh)
-    lowered = nll.lower(state.params, ev["input_ids"], ev["targets"], ev["loss_mask"])
+    lowered = nll.lower(params, ev["input_ids"], ev["targets"], ev["loss_mask"])
     out.append(ProgramMemory.of("scoring / evaluation forward", lowered.compile()))
     return spec, out
 

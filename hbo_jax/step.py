@@ -219,6 +219,19 @@ def init_train_state(params, tx, mesh) -> TrainState:
                       params=params, opt_state=opt_state)
 
 
+def abstract_train_state(params, tx, mesh) -> TrainState:
+    """The TrainState of `init_train_state` as ShapeDtypeStructs, from abstract sharded params.
+
+    Moments are laid out like their parameters (as `tx.init` on real arrays does); the
+    rest (step counts) is replicated, as `init_train_state` puts it.
+    """
+    struct = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt = optax.tree_utils.tree_map_params(tx, struct, jax.eval_shape(tx.init, params), shardings,
+                                           transform_non_params=lambda x: struct(x, replicated(mesh)))
+    return TrainState(struct(jnp.zeros((), jnp.int32), replicated(mesh)), params, opt)
+
+
 def state_shardings(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, state)
 

@@ -20,63 +20,83 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
+from hbo_jax.algorithm import Algorithm, RunContext, algorithm_class
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
 from hbo_jax.data.packing import default_pack_rows
-from hbo_jax.data.prepare import data_notes, prepare
-from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
+from hbo_jax.data.prepare import PreparedData, data_notes, prepare
+from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
-from hbo_jax.evaluate import evaluate_model, format_table
-from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve, save_schedule
+from hbo_jax.evaluate import format_table
+from hbo_jax.hooks import Checkpointing, MetricsLog, MixingLog, ProgressBar, RunLogs
+from hbo_jax.mixing.strategies import save_schedule
 from hbo_jax.models.base import base_model
 from hbo_jax.nonfinite import NonFiniteGuard
-from hbo_jax.parallel import (batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh,
-                              replicated)
-from hbo_jax.records import JsonlWriter, dumps
+from hbo_jax.parallel import batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh
+from hbo_jax.records import dumps
 from hbo_jax.report import write_report
 from hbo_jax.runlock import hold as hold_run_dir
-from hbo_jax.step import (init_train_state, make_example_nll_fn, make_optimizer, make_train_step,
-                          state_shardings, total_nonfinite)
-from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
+from hbo_jax.step import make_example_nll_fn, total_nonfinite
+from hbo_jax.trainer import Trainer
 
 log = logging.getLogger("hbo_jax")
 
 
+def _start(cfg: Config, run_dir: Path):
+    """(mesh, checkpointer, checkpoint to resume or None), checked before anything expensive."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(cfg.mesh)
+    log.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
+    check_batch_size("scorer.batch_size", cfg.scorer.batch_size, mesh)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+    found = ckpt.find_resumable()
+    if found is not None:
+        for note in check_resume_config(found[1].get("config", {}), to_dict(cfg), cfg.train.allow_config_change,
+                                        f"the checkpoint at step {found[0]}"):
+            log.warning("resume: %s", note)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return mesh, ckpt, found
 
 
-_LOCAL_KEYS = ("group_ppl_ratio", "group_examples")  # local_source=train
-_GLOBAL_KEYS = ("group_gradnorm", "gradnorm_examples")  # global_source=train
+def _prepare(cfg: Config, mesh) -> tuple[PreparedData, int]:
+    """The prepared mixture and the rows of a packed batch (0 without packing)."""
+    data = prepare(cfg, mesh)
+    m = data.manifest
+    log.info("data: %d subsets, %d train examples, K=%d %s buckets (prepared in %s)",
+             len(data.names), sum(data.sizes), data.num_buckets, m["difficulty"], data.root)
+    for note in data_notes(m):  # skips by reason with their first positions, cut examples per subset
+        log.warning("data: %s", note)
+    if not cfg.data.packing:
+        return data, 0
+    # Rows are sharded like batch rows; each host packs its own slice.
+    slots = np.minimum(np.concatenate([s.lengths for s in data.train]), cfg.data.seq_len + 1) - 1
+    pack_rows = cfg.data.pack_rows or default_pack_rows(cfg.train.batch_size, float(np.mean(slots)),
+                                                        cfg.data.seq_len, batch_divisor(mesh))
+    check_batch_size("data.pack_rows", pack_rows, mesh)
+    if pack_rows % jax.process_count():
+        raise ConfigError(f"data.pack_rows={pack_rows} not divisible by {jax.process_count()} processes")
+    log.info("packing: %d examples a step into %d rows of %d tokens (mean example %.1f tokens)",
+             cfg.train.batch_size, pack_rows, cfg.data.seq_len, float(np.mean(slots)))
+    return data, pack_rows
 
 
-def _add(acc: dict | None, new: dict) -> dict:
-    """Key-wise sum of reward statistics (keys absent from one side are taken as they are)."""
-    acc = dict(acc or {})
-    for key, v in new.items():
-        acc[key] = v if key not in acc else acc[key] + v
-    return acc
-
-
-def _per_subset(acc: dict, names: list[str], k: int) -> dict[str, float]:
-    tok = acc["group_token_nll"].reshape(len(names), k).sum(1)
-    cnt = acc["group_tokens"].reshape(len(names), k).sum(1)
-    return {f"loss/{n}": float(t / c) for n, t, c in zip(names, tok, cnt) if c > 0}
-
-
-def _to_host(tree) -> dict | None:
-    """Device sums -> JSON (value and dtype), so a checkpoint carries them exactly."""
-    if tree is None:
-        return None
-    return {k: {"value": np.asarray(jax.device_get(v)).tolist(), "dtype": str(np.asarray(v).dtype)}
-            for k, v in tree.items()}
-
-
-def _from_host(d: dict | None, mesh):
-    if not d:
-        return None
-    return jax.device_put({k: np.asarray(v["value"], v["dtype"]) for k, v in d.items()}, replicated(mesh))
+def _global_batches(cfg: Config, data: PreparedData, sampler, algo: Algorithm, mesh, pack_rows: int,
+                    pack_stats: dict, trace: Trace, start: int):
+    """Global batches for steps start+1, ...: this host's rows, traced, then assembled over the mesh."""
+    host_rows = host_slice(cfg.train.batch_size)
+    batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_rows,
+                             ref_nll=data.nll0 if "ref_nll" in algo.batch_fields else None,
+                             pack_rows=pack_rows // jax.process_count(), pack_stats=pack_stats)
+    s = start
+    while True:
+        host_batch = next(batches)
+        trace.batch(s, host_batch)
+        s += 1
+        yield global_batch_from_host(host_batch, mesh)
 
 
 def run(cfg: Config, stop: StopRequest | None = None) -> dict:
@@ -93,219 +113,102 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
 
 
 def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(cfg.mesh)
-    log.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
-    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
-    check_batch_size("scorer.batch_size", cfg.scorer.batch_size, mesh)
-    # Before anything expensive: the checkpoint to resume from, and whether it may be.
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
-    found = ckpt.find_resumable()
-    if found is not None:
-        notes = check_resume_config(found[1].get("config", {}), to_dict(cfg), cfg.train.allow_config_change,
-                                    f"the checkpoint at step {found[0]}")
-        for note in notes:
-            log.warning("resume: %s", note)
-    if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
-    data = prepare(cfg, mesh)
-    m = data.manifest
-    log.info("data: %d subsets, %d train examples, K=%d %s buckets (prepared in %s)",
-             len(data.names), sum(data.sizes), data.num_buckets, m["difficulty"], data.root)
-    for note in data_notes(m):  # skips by reason with their first positions, cut examples per subset
-        log.warning("data: %s", note)
-
-    pack_rows = 0
-    if cfg.data.packing:  # rows are sharded like batch rows; each host packs its own slice
-        slots = np.minimum(np.concatenate([s.lengths for s in data.train]), cfg.data.seq_len + 1) - 1
-        pack_rows = cfg.data.pack_rows or default_pack_rows(cfg.train.batch_size, float(np.mean(slots)),
-                                                            cfg.data.seq_len, batch_divisor(mesh))
-        check_batch_size("data.pack_rows", pack_rows, mesh)
-        if pack_rows % jax.process_count():
-            raise ConfigError(f"data.pack_rows={pack_rows} not divisible by {jax.process_count()} processes")
-        log.info("packing: %d examples a step into %d rows of %d tokens (mean example %.1f tokens)",
-                 cfg.train.batch_size, pack_rows, cfg.data.seq_len, float(np.mean(slots)))
+    tc, run_dir = cfg.train, Path(cfg.run_dir)
+    mesh, ckpt, found = _start(cfg, run_dir)
+    data, pack_rows = _prepare(cfg, mesh)
     graphdef, params, _ = base_model(cfg, mesh, data)
-    tc = cfg.train
-    tx = make_optimizer(tc.learning_rate, tc.steps, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
-    state = init_train_state(params, tx, mesh)
-    k, d = data.num_buckets, len(data.names)
-    nll_fn = make_example_nll_fn(graphdef, mesh)
-
-    strategy = resolve(cfg.mixing)
-    leaves = data.leaves()
-    mixer = Mixer(strategy, cfg.mixing, data.sizes, leaves, data.train, graphdef, mesh,
-                  cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval, train_batch=tc.batch_size)
-    # Only a reward taken from training batches needs each row's reference NLL in the step.
-    use_ref = mixer.uses_train_stats
-    step_args = (graphdef, tx, mesh, d * k, state_shardings(state))
-    train_step = make_train_step(*step_args, ref_nll=use_ref, packing=bool(pack_rows))
-    # The steps that feed a train-sourced global reward also return per-example gradient norms.
-    gradnorm_step = (make_train_step(*step_args, ref_nll=use_ref, packing=bool(pack_rows), example_gradnorm=True)
-                     if mixer.train_gradnorm else None)
-    schedule = (load_schedule(cfg.mixing.replay_from, data.names, k) if strategy.name == "replay"
-                else ProbabilitySchedule(*mixer.probabilities()))
-    sampler = HierarchicalSampler(leaves, tc.batch_size, tc.seed, schedule)
-    metrics_log, mixing_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "mixing.jsonl")
-    eval_log = JsonlWriter(run_dir / "eval.jsonl")
-    tracker = Tracker(cfg.tracking, run_dir, config=to_dict(cfg))
-
-    def evaluate(p, desc: str) -> dict:  # full evaluation, with task metrics
-        return evaluate_model(graphdef, p, data, cfg, mesh, nll_fn, max_per_subset=cfg.data.max_eval_per_subset,
-                              with_tasks=cfg.eval.tasks, desc=desc)
-
-    def periodic_eval(p, step: int) -> None:  # capped held-out loss for the curves
-        res = evaluate_model(graphdef, p, data, cfg, mesh, nll_fn, with_tasks=False,
-                             max_per_subset=cfg.eval.periodic_max_per_subset)
-        eval_log.write({"step": step, "eval": res})
-        tracker.log(step, eval_scalars(res))
-
-    start, mix_acc, acc = (found[0] if found else None), None, None
-    if start is not None:
-        restored = ckpt.restore(start, state, mixer.state)
-        state, mixer.state = restored["train"], restored["mixer"]
-        sampler.set_state(restored["sampler"])
-        before = restored["meta"]["eval_before"]
-        if restored["meta"].get("mix_acc"):
-            mix_acc = jax.device_put({k: np.asarray(v, np.float32) for k, v in restored["meta"]["mix_acc"].items()},
-                                     replicated(mesh))
-        acc = _from_host(restored["meta"].get("log_acc"), mesh)  # a stop between log lines
-        for writer in (metrics_log, mixing_log, eval_log):
-            writer.truncate(start)
+    algo = algorithm_class(cfg.algorithm)(RunContext(cfg, mesh, data, graphdef, params, pack_rows))
+    sampler = HierarchicalSampler(data.leaves(), tc.batch_size, tc.seed, algo.schedule)
+    logs = RunLogs(cfg, data, graphdef, mesh, make_example_nll_fn(graphdef, mesh))
+    start = found[0] if found else 0
+    bar = ProgressBar(start, tc.steps, algo.label)
+    metrics_log = MetricsLog(logs.writers["metrics.jsonl"], tc.log_every, data.names, data.num_buckets, algo,
+                             on_line=lambda line: (logs.metrics_line(line), bar.show(
+                                 loss=f"{line['loss']:.3f}", mix=f"{100 * line['mixing_share']:.1f}%")))
+    # Too many non-finite updates in a row: close and raise, saving nothing (the newest checkpoint stays).
+    guard = NonFiniteGuard(tc.max_nonfinite_steps, str(ckpt.directory),
+                           on_stop=lambda: (bar.close(), ckpt.close(), logs.tracker.close()))
+    meta = lambda: {"eval_before": before, "config": to_dict(cfg), "log_acc": metrics_log.state(),  # noqa: E731
+                    **algo.meta()}
+    checkpoints = Checkpointing(ckpt, algo, sampler, meta, before_save=guard.check)
+    logs.restart(start)
+    if found:
+        restored = checkpoints.restore(start, mesh)
+        before = restored["eval_before"]
+        metrics_log.load_state(restored.get("log_acc"), mesh)  # a stop between log lines
         log.info("resumed from step %d in %s", start, ckpt.directory)
     else:
-        start = 0
-        for f in ("metrics.jsonl", "mixing.jsonl", "eval.jsonl"):
-            (run_dir / f).unlink(missing_ok=True)
-        before = evaluate(state.params, "the starting model")
-        tracker.log(0, eval_scalars(before, prefix="eval_full"))
+        before = logs.evaluate(0, algo.params, "the starting model")
         if cfg.eval.every:
-            periodic_eval(state.params, 0)
-        mixer.start(state.params)
-        pg, pl = sampler.schedule.at(0)
-        if jax.process_index() == 0:
-            (run_dir / "probabilities_start.json").write_text(dumps(
-                {"step": 0, "p_global": pg.tolist(), "p_local": pl.tolist()}))
-
-    for e in sampler.schedule.entries:  # a replayed schedule's future entries, logged like updates
-        if e["from_step"] > start:
-            mixing_log.write({"step": e["from_step"], "from_step": e["from_step"], "replayed": True,
-                              "p_global": e["p_global"], "p_local": e["p_local"]})
+            logs.periodic_eval(0, algo.params)
+        algo.start()
+        _write_json(run_dir / "probabilities_start.json",
+                    dict(zip(("step", "p_global", "p_local"), (0, *(p.tolist() for p in algo.schedule.at(0))))))
+    for record in algo.resumed(start):
+        logs.writers["mixing.jsonl"].write(record)
 
     pack_stats: dict = {}
-    batches = batch_iterator(sampler, data.train, cfg.data.seq_len, data.pad_id, host_slice(tc.batch_size),
-                             ref_nll=data.nll0 if use_ref else None,
-                             pack_rows=pack_rows // jax.process_count(), pack_stats=pack_stats)
     trace = Trace(run_dir, cfg.distributed.trace, host_slice(tc.batch_size), fresh=start == 0)
-    t_log, mix_before = time.perf_counter(), mixer.seconds
-
-    def meta() -> dict:
-        # The local reward's partial-interval sums travel with the checkpoint (exact resume).
-        acc_host = None if mix_acc is None else {k: np.asarray(jax.device_get(v)).tolist()
-                                                 for k, v in mix_acc.items()}
-        return {"eval_before": before, "config": to_dict(cfg), "mix_acc": acc_host, "log_acc": _to_host(acc)}
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=f"train [{strategy.name}]",
-               disable=jax.process_index() != 0)
-
-    def close() -> None:
-        bar.close()
-        ckpt.close()
-        tracker.close()
-
-    # Too many non-finite updates in a row: close and raise, saving nothing (the newest checkpoint stays).
-    guard = NonFiniteGuard(tc.max_nonfinite_steps, str(ckpt.directory), on_stop=close)
-
-    def stopped(done: int) -> dict:  # SIGTERM/SIGINT: save at this step boundary and exit cleanly
-        guard.check(done)
-        if done not in ckpt.all_steps():
-            seconds = ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
-            log.info("checkpoint at step %d saved in %.2fs", done, seconds)
-        close()
-        log.warning("stopped by %s at step %d of %d, %.1fs after the signal; run the same command "
-                    "again to resume", stop.signal_name or "a signal to another process", done, tc.steps,
-                    stop.seconds_since())
-        return {"stopped": stop.signal_name or "another process", "step": done}
-
-    if start < tc.steps and stop.should_stop():  # signalled while preparing: stop before training
-        return stopped(start)
+    batches = _global_batches(cfg, data, sampler, algo, mesh, pack_rows, pack_stats, trace, start)
+    # One process: a free check every step; several: a collective every stop_check_every steps.
+    every = 1 if jax.process_count() == 1 else cfg.distributed.stop_check_every
+    trainer = Trainer(algo, batches, start, tc.steps, should_stop=lambda done: done % every == 0 and stop.should_stop())
+    trainer.add_hook(bar)
+    trainer.add_hook(lambda info: guard.observe(info.metrics))  # takes out the streak before sums are made
+    trainer.add_hook(metrics_log.observe)
+    trainer.add_hook(MixingLog(logs.writers["mixing.jsonl"], algo, trace, logs.mixing_record))
+    trainer.add_hook(metrics_log.write, every=tc.log_every, at_end=True)
+    trainer.add_hook(lambda info: guard.check(info.step, metrics_log.last_line["nonfinite_skipped"],
+                                              metrics_log.last_span), every=tc.log_every, at_end=True)
+    trainer.add_hook(lambda info: logs.periodic_eval(info.step, algo.params), every=cfg.eval.every)
+    trainer.add_hook(checkpoints, every=tc.checkpoint_every)
     t_loop = time.perf_counter()
-    for s in bar:
-        host_batch = next(batches)
-        trace.batch(s, host_batch)
-        done = s + 1
-        with_gradnorm = mixer.wants_example_gradnorm(done, tc.steps)
-        mixer.time_norm_steps(done, state, after=False)
-        state, metrics = (gradnorm_step if with_gradnorm else train_step)(state, global_batch_from_host(host_batch, mesh))
-        if with_gradnorm:
-            mixer.time_norm_steps(done, state, after=True)
-        metrics = dict(metrics)
-        gradnorm = metrics.pop("group_gradnorm", None)
-        guard.observe(metrics)
-        acc = _add(acc, metrics)  # key-wise: a stop's saved sums may predate a metric
-        # Reward statistics since the last update, summed on device (no host sync).
-        if use_ref:
-            mix_acc = _add(mix_acc, {key: metrics[key] for key in _LOCAL_KEYS})
-        if gradnorm is not None:
-            mix_acc = _add(mix_acc, dict(zip(_GLOBAL_KEYS, (gradnorm, metrics["group_examples"]))))
-        # No update after the last step: nothing would sample from it.
-        record = mixer.update(done, state.params, mix_acc) if done < tc.steps else None
-        if record is not None:  # the statistics the update consumed restart from zero
-            used = (_LOCAL_KEYS if "ppl_ratio" in record else ()) + (
-                _GLOBAL_KEYS if mixer.train_gradnorm and "reward_global" in record else ())
-            mix_acc = {key: v for key, v in (mix_acc or {}).items() if key not in used} or None
-        if record is not None:
-            sampler.schedule.set(done, record["p_global"], record["p_local"])
-            record["from_step"] = done
-            mixing_log.write(record)
-            trace.mixer(done, mixer.state, sampler.schedule.at(done))
-            tracker.log(done, mixing_scalars(record, data.names))
-        if done % tc.log_every == 0 or done == tc.steps:
-            host = jax.device_get(acc)
-            n = host["group_examples"].sum()
-            dt = time.perf_counter() - t_log
-            nsteps = tc.log_every if done % tc.log_every == 0 else done % tc.log_every
-            line = {"step": done, "loss": float(host["loss"] / nsteps),
-                    "grad_norm": float(host["grad_norm"] / nsteps),
-                    "loss_tokens_per_s": float(host["tokens"] / dt), "examples": int(n),
-                    "mixing_share": (mixer.seconds - mix_before) / dt, "nonfinite_skipped": int(host["nonfinite"])}
-            line.update(_per_subset(host, data.names, k))
-            line["drawn"] = host["group_examples"].reshape(d, k).astype(int).tolist()
-            metrics_log.write(line)
-            guard.check(done, line["nonfinite_skipped"], f"steps {done - nsteps + 1}-{done}")
-            tracker.log(done, metrics_scalars(line, data.names))
-            bar.set_postfix(loss=f"{line['loss']:.3f}", mix=f"{100 * line['mixing_share']:.1f}%")
-            acc, t_log, mix_before = None, time.perf_counter(), mixer.seconds
-        if cfg.eval.every and done % cfg.eval.every == 0:
-            periodic_eval(state.params, done)
-        if done % tc.checkpoint_every == 0 and done < tc.steps:
-            guard.check(done)
-            ckpt.save(done, state, mixer.state, sampler.get_state(), meta())
-        # One process: a free check every step; several: a collective every stop_check_every steps.
-        check = jax.process_count() == 1 or done % cfg.distributed.stop_check_every == 0
-        if done < tc.steps and check and stop.should_stop():
-            return stopped(done)
+    metrics_log.restart_clock()
+    signalled = start < tc.steps and stop.should_stop()  # while preparing: stop before training
+    stopped_at = start if signalled else trainer.train()
     loop_seconds = time.perf_counter() - t_loop
     bar.close()
-    if ckpt.latest_step() != tc.steps:  # a finished run that is relaunched has it already
-        ckpt.save(tc.steps, state, mixer.state, sampler.get_state(), meta())
-    ckpt.close()
+    if stopped_at is not None:
+        return _stopped(stopped_at, tc.steps, checkpoints, logs, stop)
+    return _finish(cfg, data, algo, checkpoints, logs, sampler, before, pack_rows, pack_stats, loop_seconds,
+                   t_start)
 
-    after = evaluate(state.params, "the trained model")
-    tracker.log(tc.steps, eval_scalars(after, prefix="eval_full"))
-    tracker.close()
+
+def _write_json(path: Path, obj) -> None:
+    if jax.process_index() == 0:  # one writer on a shared run directory
+        path.write_text(dumps(obj))
+
+
+def _stopped(done: int, total: int, checkpoints: Checkpointing, logs: RunLogs, stop: StopRequest) -> dict:
+    """SIGTERM/SIGINT: save at this step boundary and return cleanly."""
+    ckpt = checkpoints.ckpt
+    if done not in ckpt.all_steps():
+        log.info("checkpoint at step %d saved in %.2fs", done, checkpoints.save(done))
+    ckpt.close()
+    logs.tracker.close()
+    log.warning("stopped by %s at step %d of %d, %.1fs after the signal; run the same command again to resume",
+                stop.signal_name or "a signal to another process", done, total, stop.seconds_since())
+    return {"stopped": stop.signal_name or "another process", "step": done}
+
+
+def _finish(cfg: Config, data: PreparedData, algo: Algorithm, checkpoints: Checkpointing, logs: RunLogs,
+            sampler, before: dict, pack_rows: int, pack_stats: dict, loop_seconds: float, t_start: float) -> dict:
+    """The final checkpoint, evaluation, summary, report and printed table."""
+    tc, run_dir, ckpt = cfg.train, Path(cfg.run_dir), checkpoints.ckpt
+    if ckpt.latest_step() != tc.steps:  # a finished run that is relaunched has it already
+        checkpoints.save(tc.steps)
+    ckpt.close()
+    after = logs.evaluate(tc.steps, algo.params, "the trained model")
+    logs.tracker.close()
     pg, pl = sampler.schedule.at(tc.steps)
+    m = data.manifest
     summary = {
-        "strategy": strategy.name, "steps": tc.steps, "subsets": data.names,
+        "algorithm": cfg.algorithm, "steps": tc.steps, "subsets": data.names,
         "eval_before": before, "eval_after": after,
         "p_global_final": dict(zip(data.names, pg.tolist())),
-        "mixing_seconds": mixer.seconds, "train_loop_seconds": loop_seconds,
-        "mixing_share": mixer.seconds / max(loop_seconds, 1e-9),
-        "estimated_probe_share": mixer.estimated_probe_share,
-        "actor_updates": np.asarray(jax.device_get(mixer.state.num_updates)).tolist(),
-        "skipped_updates": int(jax.device_get(mixer.state.num_skipped)),
-        "nonfinite_skipped": total_nonfinite(state.opt_state),
+        "mixing_seconds": algo.mixing_seconds, "train_loop_seconds": loop_seconds,
+        "mixing_share": algo.mixing_seconds / max(loop_seconds, 1e-9), **algo.summary(),
+        "nonfinite_skipped": total_nonfinite(algo.state()["train"].opt_state),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
         "data_truncated": {s["name"]: s.get("truncated") for s in m["subsets"]},  # None: not counted
         "wall_seconds": time.perf_counter() - t_start,
@@ -328,7 +231,7 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
         print(format_table(before, after))
         print("\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(data.names, pg)))
         print(f"mixing overhead: {100 * summary['mixing_share']:.1f}% of the training loop "
-              f"({mixer.seconds:.1f}s of {loop_seconds:.1f}s)")
+              f"({algo.mixing_seconds:.1f}s of {loop_seconds:.1f}s)")
         print(f"run directory: {run_dir} (report: {summary['report']})")
     return summary
 

@@ -78,14 +78,14 @@ def reference(tmp_path_factory, shared_cache):
 
 _SELF_SIGNAL = """
 import os, signal, sys
-from hbo_jax import train
-at, orig = int(os.environ.get("HBO_TEST_SIGTERM_AT", "-1")), train.JsonlWriter.write
+from hbo_jax import records, train
+at, orig = int(os.environ.get("HBO_TEST_SIGTERM_AT", "-1")), records.JsonlWriter.write
 def write(self, record):  # the signal arrives while the actor update of step `at` is logged
     # (on every process: only process 0 writes, but all of them call this)
     orig(self, record)
     if self.path.name == "mixing.jsonl" and record["step"] == at:
         os.kill(os.getpid(), signal.SIGTERM)
-train.JsonlWriter.write = write
+records.JsonlWriter.write = write
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -338,8 +338,8 @@ def test_a_checkpoint_from_before_the_non_finite_counters_restores(tmp_path):
     old = TrainState(jax.device_put(jnp.int32(1), replicated(mesh)), params,
                      jax.device_put(old_opt, replicated(mesh)))
     ckpt = Checkpointer(tmp_path, 2)
-    ckpt.save(1, old, {"x": params["w"]}, {}, {})
-    got = ckpt.restore(1, init_train_state(params, tx, mesh), {"x": params["w"]})["train"]
+    ckpt.save(1, {"train": old, "mixer": {"x": params["w"]}}, {}, {})
+    got = ckpt.restore(1, {"train": init_train_state(params, tx, mesh), "mixer": {"x": params["w"]}})["trees"]["train"]
     ckpt.close()
     assert isinstance(got.opt_state, optax.ApplyIfFiniteState) and int(got.opt_state.total_notfinite) == 0
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.opt_state.inner_state), jax.device_get(old_opt))

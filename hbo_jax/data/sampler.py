@@ -128,7 +128,8 @@ class HierarchicalSampler:
         self.step = int(state["step"])
         self.epoch = np.asarray(state["epoch"], np.int64)
         self.pos = np.asarray(state["pos"], np.int64)
-        self.schedule = ProbabilitySchedule.from_json(state["schedule"])
+        # In place: whoever updates the schedule (the training method) holds this object.
+        self.schedule.entries = ProbabilitySchedule.from_json(state["schedule"]).entries
 
 
 class _PlanIterator(grain.DatasetIterator):

@@ -106,15 +106,21 @@ def probe_batch(stores: Sequence, picks: list[tuple[int, int]], seq_len: int, pa
     return collate([response_only(*e) for e in exs] if response_alone else exs, seq_len, pad_id)
 
 
+def padded_rows_per_dataset(num_datasets: int, rows: int, mesh) -> int:
+    """The fewest rows >= `rows` per dataset such that D equal blocks divide the batch axes."""
+    per = rows
+    while (num_datasets * per) % batch_divisor(mesh):
+        per += 1
+    return per
+
+
 def pad_per_dataset(batch: dict, num_datasets: int, mesh) -> dict:
     """Pads each dataset's probe rows with loss-free rows so D * rows divides the batch axes.
 
     Rows with an all-zero loss mask change neither a masked-mean loss nor its gradient.
     """
     rows = len(batch["input_ids"]) // num_datasets
-    per = rows
-    while (num_datasets * per) % batch_divisor(mesh):
-        per += 1
+    per = padded_rows_per_dataset(num_datasets, rows, mesh)
     if per == rows:
         return batch
     out = {}

@@ -182,8 +182,25 @@ def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
     return p / p.sum()
 
 
+_LOCAL_KEYS = ("group_ppl_ratio", "group_examples")  # local_source=train
+_GLOBAL_KEYS = ("group_gradnorm", "gradnorm_examples")  # global_source=train
+
+
+def _add(acc: dict | None, new: dict) -> dict:
+    """Key-wise sum of reward statistics (keys absent from one side are taken as they are)."""
+    acc = dict(acc or {})
+    for key, v in new.items():
+        acc[key] = v if key not in acc else acc[key] + v
+    return acc
+
+
 class Mixer:
-    """Owns the MixerState; computes rewards and updates the actors every N steps."""
+    """Owns the MixerState; computes rewards and updates the actors every N steps.
+
+    It observes every train step's metrics (`observe`) and keeps, on device, the reward
+    statistics its train-sourced rewards need since their last update; those partial
+    sums travel with a checkpoint (`saved_statistics` / `load_statistics`).
+    """
 
     def __init__(self, strategy: Strategy, cfg: MixingConfig, sizes, leaves, stores, graphdef,
                  mesh, seq_len: int, pad_id: int, seed: int, dev_stores: Sequence | None = None,
@@ -217,6 +234,7 @@ class Mixer:
                                 self.state.local_logits.shape) if strategy.flat
                             else jnp.full(self.state.local_logits.shape, -np.log(self.num_buckets)))
         self.seconds = 0.0
+        self._stats: dict | None = None  # train-sourced reward sums since their last update
         self._clock: dict[int, float] = {}  # time_norm_steps
         self._warned: set[str] = set()
         make = global_rewards.MAKERS.get(strategy.global_reward) if global_probes else None
@@ -312,6 +330,34 @@ class Mixer:
     def uses_train_stats(self) -> bool:
         return self.strategy.ref_nll
 
+    def observe(self, metrics: dict) -> dict:
+        """Takes a train step's metrics; returns them without the mixer's private outputs.
+
+        The statistics a train-sourced reward needs are summed on device (no host sync).
+        """
+        gradnorm = metrics.pop("group_gradnorm", None)
+        if self.uses_train_stats:
+            self._stats = _add(self._stats, {key: metrics[key] for key in _LOCAL_KEYS})
+        if gradnorm is not None:
+            self._stats = _add(self._stats, dict(zip(_GLOBAL_KEYS, (gradnorm, metrics["group_examples"]))))
+        return metrics
+
+    def saved_statistics(self) -> dict | None:
+        """The partial sums as JSON (values and dtypes), so a checkpoint carries them exactly."""
+        if self._stats is None:
+            return None
+        return {k: {"value": np.asarray(jax.device_get(v)).tolist(), "dtype": str(np.asarray(v).dtype)}
+                for k, v in self._stats.items()}
+
+    def load_statistics(self, saved: dict | None) -> None:
+        """Restores `saved_statistics()` (also the older form: plain float32 lists)."""
+        if not saved:
+            self._stats = None
+            return
+        arrays = {k: np.asarray(v["value"], v["dtype"]) if isinstance(v, dict) else np.asarray(v, np.float32)
+                  for k, v in saved.items()}
+        self._stats = jax.device_put(arrays, replicated(self.mesh))
+
     def _local_ratio(self, params, train_stats) -> tuple[np.ndarray, np.ndarray]:
         """(per-group [D, K], per-dataset [D]) progress ratio to theta0 (`mixing.local_reward`),
         from the fixed probes or from training statistics (PPL ratio only)."""
@@ -325,17 +371,18 @@ class Mixer:
                                     np.asarray(jax.device_get(self.state.local_ref_nll)))
         return ratio, ratio.mean(1)  # equal probe counts per bucket
 
-    def update(self, step: int, params, train_stats: dict | None = None) -> dict | None:
+    def update(self, step: int, params) -> dict | None:
         """Runs the due updates; returns a mixing-log record, or None when nothing was due.
 
-        `train_stats`: per-group sums over training steps. `local_source=train`:
+        Train-sourced rewards read the observed sums (`local_source=train`:
         `group_ppl_ratio` and `group_examples` since the last local update;
         `global_source=train`: `group_gradnorm` and `gradnorm_examples` since the last
-        global update.
+        global update); the sums an update consumed restart from zero.
         """
         do_global, do_local = self.due(step)
         if not (do_global or do_local):
             return None
+        train_stats = self._stats
         # Let the queued train steps finish first, so their time is not billed to mixing.
         jax.block_until_ready((params, train_stats))
         t0 = time.perf_counter()
@@ -371,6 +418,8 @@ class Mixer:
         pg, pl = self.probabilities()
         record.update(p_global=pg.tolist(), p_local=pl.tolist(),
                       skipped=int(jax.device_get(self.state.num_skipped)))
+        used = (_LOCAL_KEYS if ratio is not None else ()) + (_GLOBAL_KEYS if do_global and self.train_gradnorm else ())
+        self._stats = {key: v for key, v in (self._stats or {}).items() if key not in used} or None
         dt = time.perf_counter() - t0
         self.seconds += dt
         record["seconds"] = dt
