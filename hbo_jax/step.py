@@ -274,8 +274,10 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
         in_batch.update(positions=bs, segment_ids=bs)
     if ref_nll:
         in_batch["ref_nll"] = batch_sharding(mesh, 1)
+    # keep_unused: the step only writes the optimizer's `last_finite`; pruning that input
+    # would make the compiled program's inputs differ from the state (hbo_jax.memory plans with them).
     return jax.jit(step, in_shardings=(state_sharding, in_batch),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,), keep_unused=True)
 
 
 def make_example_nll_fn(graphdef, mesh) -> Callable:
