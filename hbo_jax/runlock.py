@@ -51,12 +51,15 @@ class RunLocked(ConfigError):
     """Another run holds the run directory; the message names it."""
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 sends nothing)."""
+    if not isinstance(pid, int) or pid <= 0:  # 0 / -1 would address groups of processes
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
+    except PermissionError:  # exists, owned by another user
         return True
     return True
 
@@ -123,8 +126,7 @@ class RunLock:
             return True
         except BlockingIOError:
             holder = self.read_holder()
-            gone = (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-                    and not _pid_alive(holder["pid"]))
+            gone = holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
             hint = (" That process has exited but the lock is still held, probably by processes it started "
                     "(data workers), which should end shortly." if gone else "")
             raise RunLocked(f"{self.path.parent} is in use by another run: {describe(holder)}.{hint} Wait for it "
@@ -141,8 +143,7 @@ class RunLock:
         holder = self.read_holder()
         if not holder:
             return
-        pid = holder.get("pid")
-        alive = isinstance(pid, int) and _pid_alive(pid)
+        alive = _pid_alive(holder.get("pid"))
         if holder.get("host") == socket.gethostname() and (flocked or not alive):
             # The kernel dropped the holder's flock: it exited without releasing (crash, SIGKILL).
             log.warning("run lock: taking over %s, left by %s, which %s", self.path, describe(holder),

@@ -193,3 +193,24 @@ def test_a_finite_step_after_a_skipped_one_ends_the_streak():
         state, metrics = step(state, global_batch_from_host(batch, mesh))
     assert (int(metrics["nonfinite"]), int(metrics["nonfinite_streak"])) == (0, 0)
     assert int(state.opt_state.total_notfinite) == 2 and int(state.step) == 3
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_the_fused_skip_matches_optax_apply_if_finite(bad):
+    """step.apply_update (used by the train step) against optax.apply_if_finite's own update."""
+    import optax
+
+    from hbo_jax.step import apply_update
+
+    rng = np.random.default_rng(3)
+    params = {"a": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=7).astype(np.float32)}
+    grads = jax.tree.map(lambda x: (x * 3).astype(np.float32), params)
+    tx = make_optimizer(1e-2, 10, 1, 0.1, 1.0)
+    state = tx.update(grads, tx.init(params), params)[1]  # past the first step: non-zero moments
+    if bad:
+        grads["b"][2] = np.inf
+    updates, want_state = tx.update(grads, state, params)
+    want = optax.apply_updates(params, updates)
+    got, got_state = jax.jit(apply_update, static_argnums=0)(tx, grads, state, params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), (got, got_state),
+                 (want, want_state))
