@@ -1,7 +1,7 @@
 import pytest
 
 from hbo_jax.config import ConfigError, load_config
-from hbo_jax.mixing.strategies import resolve
+from hbo_jax.mixing.strategy import resolve
 
 
 def test_defaults_are_valid_and_run_hbo():

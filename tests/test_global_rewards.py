@@ -136,7 +136,7 @@ def test_reward_variants_run_end_to_end(tmp_path, shared_cache, extra):
 
 def test_a_global_reward_for_a_strategy_without_a_global_actor_is_refused():
     from hbo_jax.config import ConfigError, load_config
-    from hbo_jax.mixing.strategies import resolve
+    from hbo_jax.mixing.strategy import resolve
 
     with pytest.raises(ConfigError, match="mixing.global_reward"):
         resolve(load_config(None, ["mixing.strategy=hbo_local", "mixing.global_reward=cossim"]).mixing)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from hbo_jax.algorithm import Algorithm, PlanContext, RunContext
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.mixing import global_rewards, rewards
-from hbo_jax.mixing.strategies import Mixer, load_schedule, resolve
+from hbo_jax.mixing.strategies import Mixer, load_schedule
+from hbo_jax.mixing.strategy import resolve
 from hbo_jax.step import abstract_train_state, init_train_state, make_optimizer, make_train_step, state_shardings
 
 
@@ -33,14 +34,16 @@ class SamplingAlgorithm(Algorithm):
         self.mixer = Mixer(self.strategy, cfg.mixing, data.sizes, data.leaves(), data.train, ctx.graphdef, mesh,
                            cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval,
                            train_batch=tc.batch_size)
-        # Only a reward taken from training batches needs each row's reference NLL in the step.
-        ref = self.mixer.uses_train_stats
-        self.batch_fields = frozenset({"ref_nll"} if ref else ())
+        # The train step returns what the train-sourced rewards need, and nothing more: each
+        # row's reference NLL (batches carry it), each example's gradient norm (only in the
+        # steps before a global update, so that step is compiled separately).
+        outputs = self.strategy.step_outputs
+        ref = "ref_nll" in outputs
+        self.batch_fields = frozenset(outputs & {"ref_nll"})
         args = (ctx.graphdef, tx, mesh, len(data.names) * data.num_buckets, state_shardings(self.train_state))
         self._step = make_train_step(*args, ref_nll=ref, packing=bool(ctx.pack_rows))
-        # The steps that feed a train-sourced global reward also return per-example gradient norms.
         self._norm_step = (make_train_step(*args, ref_nll=ref, packing=bool(ctx.pack_rows), example_gradnorm=True)
-                           if self.mixer.train_gradnorm else None)
+                           if "example_gradnorm" in outputs else None)
         self.schedule = (load_schedule(cfg.mixing.replay_from, data.names, data.num_buckets)
                          if cfg.mixing.replay_from else ProbabilitySchedule(*self.mixer.probabilities()))
 
@@ -97,14 +100,14 @@ class SamplingAlgorithm(Algorithm):
         tx = _optimizer(cfg.train)
         state = abstract_train_state(plan.params, tx, mesh)
         strategy = resolve(cfg.mixing)
-        ref, packing = strategy.ref_nll, cfg.data.packing
+        ref, packing = "ref_nll" in strategy.step_outputs, cfg.data.packing
         shardings = state_shardings(state)
         groups = plan.num_datasets * cfg.data.num_buckets
         # Packing's worst case is its fallback step: one row per example.
         batch = plan.batch(cfg.train.batch_size, ref_nll=ref, packing=packing)
         step = make_train_step(plan.graphdef, tx, mesh, groups, shardings, ref_nll=ref, packing=packing)
         out = [("train step", step.lower(state, batch).compile())]
-        if strategy.train_gradnorm:
+        if "example_gradnorm" in strategy.step_outputs:
             step = make_train_step(plan.graphdef, tx, mesh, groups, shardings, ref_nll=ref, packing=packing,
                                    example_gradnorm=True)
             out.append(("train step + example grad norms", step.lower(state, batch).compile()))

@@ -1,16 +1,9 @@
-"""Sampling strategies as configuration over the same pieces, and the host-side Mixer.
+"""The host-side Mixer of the sampling strategies, and their probability schedules.
 
-A strategy says which actors exist, what rewards feed them and what prior they start from:
-  hbo           global actor (grad-norm reward) + local actors (relative PPL-ratio reward)
-  hbo_global    global actor only (ablation)    hbo_local   local actors only (ablation)
-  mos           one actor over datasets, PPL-ratio reward (MoS "Diff", EMA optional)
-  mos_plus      one flat actor over all D x K (dataset, bucket) groups, PPL-ratio reward
-  multidds      one actor over datasets, reward = cosine of the dataset's gradient to the
-                dev-set gradient (the eval splits' examples)
-  proportional  static, T=1                     temperature static, T=10 by default
-  uniform       static, T=inf
-The Mixer runs the probes and actor updates on schedule, times them (the run reports the
-share of wall-clock spent on mixing) and hands new probabilities to the sampler.
+The Mixer holds the actors' state (`MixerState`), runs the probes and actor updates on
+the schedule its `Strategy` (`hbo_jax.mixing.strategy`) sets, times them (the run
+reports the share of wall-clock spent on mixing) and hands new probabilities to the
+sampler.
 """
 
 from __future__ import annotations
@@ -18,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,85 +22,12 @@ import numpy as np
 from hbo_jax.config import ConfigError, MixingConfig
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.mixing import actors, global_rewards, rewards
+from hbo_jax.mixing.strategy import Strategy, prior
 from hbo_jax.parallel import replicated, round_up_rows
 from hbo_jax.records import dumps
 from hbo_jax.step import make_example_nll_fn
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Strategy:
-    name: str
-    global_actor: bool
-    local_actor: bool
-    temperature: float
-    global_reward: str = "gradnorm"  # a global_rewards.MAKERS key, or ppl_ratio (per dataset, raw)
-    flat: bool = False  # the local logits are one joint actor over all groups (MoS+)
-    global_from_train: bool = False  # mixing.global_source=train
-    local_from_train: bool = False  # mixing.local_source=train
-
-    @property
-    def dynamic(self) -> bool:
-        return self.global_actor or self.local_actor
-
-    @property
-    def progress_ratio(self) -> bool:
-        """A reward needs each example's progress ratio to theta0 (local actor, or MoS's global)."""
-        return self.local_actor or (self.global_actor and self.global_reward == "ppl_ratio")
-
-    @property
-    def ref_nll(self) -> bool:
-        """The train step carries reference NLLs: the progress ratio comes from training batches."""
-        return self.progress_ratio and self.local_from_train
-
-    @property
-    def train_gradnorm(self) -> bool:
-        """The global reward is the per-example gradient norms of the train steps."""
-        return self.global_actor and self.global_from_train
-
-    @property
-    def global_probes(self) -> bool:
-        """The global reward is a jitted probe pass (`global_rewards.MAKERS[global_reward]`)."""
-        return self.global_actor and self.global_reward in global_rewards.MAKERS and not self.train_gradnorm
-
-
-_TABLE = {  # name: (global actor, local actor, default temperature, global reward, flat)
-    "hbo": (True, True, 1.0, "gradnorm", False), "hbo_global": (True, False, 1.0, "gradnorm", False),
-    "hbo_local": (False, True, 1.0, "gradnorm", False),
-    "mos": (True, False, 1.0, "ppl_ratio", False), "mos_plus": (False, True, 1.0, "gradnorm", True),
-    "multidds": (True, False, 1.0, "dev_cosine", False),
-    "proportional": (False, False, 1.0, "gradnorm", False),
-    "temperature": (False, False, 10.0, "gradnorm", False),
-    "uniform": (False, False, math.inf, "gradnorm", False),
-    "replay": (False, False, 1.0, "gradnorm", False),  # the schedule comes from a recorded run
-}
-
-
-def resolve(cfg: MixingConfig) -> Strategy:
-    g, loc, default_t, global_reward, flat = _TABLE[cfg.strategy]
-    t = cfg.temperature or default_t
-    if cfg.strategy in ("proportional", "uniform") and cfg.temperature and cfg.temperature != default_t:
-        raise ConfigError(f"mixing.temperature={cfg.temperature} contradicts mixing.strategy="
-                          f"{cfg.strategy} (T={default_t}); use strategy=temperature")
-    if cfg.global_reward != "auto":
-        if not g:
-            raise ConfigError(f"mixing.global_reward={cfg.global_reward} needs a strategy with a global actor "
-                              f"(mixing.strategy={cfg.strategy} has none)")
-        global_reward = cfg.global_reward
-    if cfg.global_source == "train":
-        # The train step yields per-example norms: the reference code's reward, not Eq. 7's
-        # batch-gradient norm (which needs one backward per dataset batch, i.e. probes).
-        per_example = cfg.global_reward == "gradnorm_per_example" or (
-            cfg.global_reward == "auto" and global_reward == "gradnorm")  # HBO's own reward, in the code's form
-        if not (g and per_example):
-            raise ConfigError(
-                f"mixing.global_source=train gives the per-example gradient-norm reward "
-                f"(gradnorm_per_example); mixing.strategy={cfg.strategy} with mixing.global_reward="
-                f"{cfg.global_reward} {'has no global actor' if not g else 'needs probes'}")
-        global_reward = "gradnorm_per_example"
-    return Strategy(cfg.strategy, g, loc, t, global_reward, flat, cfg.global_source == "train",
-                    cfg.local_source == "train")
 
 
 def save_schedule(path, schedule: ProbabilitySchedule, names: Sequence[str]) -> None:
@@ -175,13 +93,6 @@ def probe_counts(cfg: MixingConfig, d: int, k: int, train_batch: int, global_pro
     return g, loc, share(g, loc)
 
 
-def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
-    """p_i proportional to |D_i|^(1/T); T=inf gives uniform."""
-    n = np.asarray(sizes, np.float64)
-    p = np.ones_like(n) if math.isinf(temperature) else n ** (1.0 / temperature)
-    return p / p.sum()
-
-
 _LOCAL_KEYS = ("group_ppl_ratio", "group_examples")  # local_source=train
 _GLOBAL_KEYS = ("group_gradnorm", "gradnorm_examples")  # global_source=train
 
@@ -211,7 +122,7 @@ class Mixer:
         self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
         self.train_gradnorm = strategy.train_gradnorm
         global_probes = strategy.global_probes
-        local_probes = strategy.progress_ratio and not strategy.local_from_train
+        local_probes = strategy.progress_ratio and not strategy.ratio_from_train
         g, loc, share = probe_counts(cfg, self.num_datasets, self.num_buckets, max(train_batch, 1),
                                      global_probes, local_probes)
         if (g, loc) != (cfg.global_probes_per_bucket, cfg.local_probes_per_group):
@@ -277,9 +188,9 @@ class Mixer:
 
     def due(self, step: int) -> tuple[bool, bool]:
         """Whether the global / local actor updates after `step` completed steps (never at 0)."""
-        g = self.strategy.global_actor and step > 0 and step % self.cfg.global_every == 0
-        loc = self.strategy.local_actor and step > 0 and step % self.cfg.local_every == 0
-        return g, loc
+        g, loc = self.strategy.actor("global"), self.strategy.actor("local", "flat")
+        return (g is not None and step > 0 and step % g.every == 0,
+                loc is not None and step > 0 and step % loc.every == 0)
 
     def wants_example_gradnorm(self, done: int, total_steps: int) -> bool:
         """Whether the train step ending at `done` completed steps feeds the global reward
