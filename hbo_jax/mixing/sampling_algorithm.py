@@ -31,7 +31,7 @@ class SamplingAlgorithm(Algorithm):
         tx = _optimizer(tc)
         self.train_state = init_train_state(ctx.params, tx, mesh)
         self.mixer = Mixer(self.strategy, cfg.mixing, data.sizes, data.leaves(), data.train, ctx.graphdef, mesh,
-                           cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval,
+                           cfg.data.seq_len, data.pad_id, tc.resolved_data_seed, dev_stores=data.eval,
                            train_batch=tc.batch_size)
         # Only a reward taken from training batches needs each row's reference NLL in the step.
         ref = self.mixer.uses_train_stats
