@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from hbo_jax.config import ConfigError
+from hbo_jax.config import ConfigError, resolve_data_seed
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ _FREE = {"data.cache_dir", "data.embedded_archives", "data.max_eval_per_subset",
          "train.checkpoint_every", "train.keep_checkpoints", "train.allow_config_change", "train.async_checkpoint",
          "train.max_nonfinite_steps"}
 # Refused even with train.allow_config_change: the checkpoint cannot be read into the new
-# shapes, or the sampler's stream is keyed by the value.
-_NEVER = {"train.seed", "data.num_buckets", *(f"model.{k}" for k in (
+# shapes, or the sampler's stream is keyed by the value (train.data_seed: compared by its
+# resolved value, see check_resume_config).
+_DATA_SEED = "train.data_seed"
+_NEVER = {"train.seed", _DATA_SEED, "data.num_buckets", *(f"model.{k}" for k in (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
     "tie_embeddings", "qkv_bias", "param_dtype", "vocab_multiple"))}
 # Allowed with a warning: extending a run is the common reason to change it.
@@ -298,6 +300,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> list[str]:
     """Refuses a resume whose configuration would not continue the checkpointed run.
 
+    `train.data_seed` is compared by its resolved value (-1 = train.seed), the value the
+    sampler's stream is keyed by: -1 and the number train.seed has are the same run, so
+    spelling the default out on resume is no change. A checkpoint written before the key
+    existed drew its batches with train.seed, which is what -1 resolves to.
+
     Args:
         saved: The configuration stored in the checkpoint (`to_dict(cfg)` at save time).
         current: The configuration of the run that resumes.
@@ -311,11 +318,18 @@ def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> 
         ConfigError: naming the first key whose change breaks exactness.
     """
     old, new = _flatten(saved), _flatten(current)
+    for flat in (old, new):
+        if "train.seed" in flat:
+            flat[_DATA_SEED] = resolve_data_seed(flat["train.seed"], flat.get(_DATA_SEED, -1))
     notes = []
-    for key in sorted(old.keys() & new.keys()):  # a key only one side knows is a version change
+    # A key only one side knows is a version change. The data seed comes last, so a changed
+    # train.seed (which moves a resolved -1 too) is named as itself.
+    for key in sorted(old.keys() & new.keys(), key=lambda k: (k == _DATA_SEED, k)):
         if old[key] == new[key] or key in _FREE or not key.startswith(_EXACT_SECTIONS):
             continue
         change = f"{key} changed from {old[key]!r} to {new[key]!r} since {where}"
+        if key == _DATA_SEED:
+            change += " (values resolved: -1 = train.seed)"
         if key in _WARN:
             notes.append(f"{change}: {_WARN[key]}")
         elif key in _NEVER:

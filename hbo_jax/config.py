@@ -185,7 +185,11 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global-norm clip; 0 = none
+    # train.seed: model initialisation and the scorer warm-up, so the prepared data and
+    # the starting model; train.data_seed: the order of training batches and the probes.
+    # Runs that differ only in data_seed share the prepared data and the starting model.
     seed: int = 0
+    data_seed: int = -1  # -1 = train.seed (read it through `resolved_data_seed`)
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -199,6 +203,16 @@ class TrainConfig:
     # Resume even when a key that breaks the exact continuation (data, model, mixture,
     # batch size, seed, ...) differs from the checkpoint's configuration.
     allow_config_change: bool = False
+
+    @property
+    def resolved_data_seed(self) -> int:
+        """The seed of the batch order and the probes: `data_seed`, or `seed` when it is -1."""
+        return resolve_data_seed(self.seed, self.data_seed)
+
+
+def resolve_data_seed(seed: int, data_seed: int) -> int:
+    """`data_seed`, or `seed` when `data_seed` is -1 (for configurations read as dicts)."""
+    return seed if data_seed == -1 else data_seed
 
 
 @dataclass

@@ -71,6 +71,7 @@ RULES: dict[str, Rule] = {
                                     "keep_checkpoints", "max_nonfinite_steps")},
     **{f"train.{k}": _NONNEG for k in ("warmup_steps", "weight_decay", "seed")},
     "train.grad_clip": Rule(0, note="0 = no clipping"),
+    "train.data_seed": Rule(0, special=(-1,), note="-1 = train.seed"),
     "eval.every": Rule(0, note="0 = no periodic evaluation"),
     **{f"eval.{k}": _POS for k in ("periodic_max_per_subset", "max_new_tokens")},
     "eval.exact_match_max_chars": _NONNEG,

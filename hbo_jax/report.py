@@ -7,8 +7,9 @@ mixing overhead). A figure whose data the run did not log (rewards of a fixed sc
 
 Several run directories -> each one's report, plus a comparison in `--out`
 (default `report_compare/`): compare.md, compare.json and compare.png. Runs whose
-config.yaml are equal except `run_dir` and `train.seed` form one group, shown as
-mean ± std over its seeds (std with ddof=1; 0 for a single run) with n.
+config.yaml are equal except `run_dir`, `train.seed` and `train.data_seed` form one
+group (seed replicas, or data-order replicas), shown as mean ± std over its runs (std
+with ddof=1; 0 for a single run) with n.
 
 `train.py` calls `write_report(run_dir)` at the end of a run (process 0 only).
 """
@@ -32,11 +33,11 @@ log = logging.getLogger("hbo_jax.report")
 
 TASK_METRICS = ("acc", "acc_norm", "exact_match")
 FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
-# Config keys that do not make runs different experiments: the seed (groups are seeds)
+# Config keys that do not make runs different experiments: the seeds (groups are replicas)
 # and bookkeeping (where and how often things are logged, evaluated, checkpointed).
-GROUP_IGNORE = ("run_dir", "train.seed", "eval.", "tracking.", "distributed.", "data.cache_dir", "data.embedded_archives",
-                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
-                "train.allow_config_change", "train.max_nonfinite_steps")
+GROUP_IGNORE = ("run_dir", "train.seed", "train.data_seed", "eval.", "tracking.", "distributed.", "data.cache_dir",
+                "data.embedded_archives", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                "train.async_checkpoint", "train.allow_config_change", "train.max_nonfinite_steps")
 
 
 def _ignored(key: str) -> bool:
@@ -120,6 +121,17 @@ class Run:
     @property
     def seed(self):
         return self.config.get("train", {}).get("seed")
+
+    @property
+    def data_seed(self):
+        """`train.data_seed` when the run sets one (not -1), else None."""
+        value = self.config.get("train", {}).get("data_seed", -1)
+        return None if value == -1 else value
+
+    @property
+    def seed_label(self) -> str:
+        """`train.seed`, or `seed/data_seed` (e.g. `0/2`) when the run sets a data seed."""
+        return str(self.seed) if self.data_seed is None else f"{self.seed}/{self.data_seed}"
 
     @property
     def strategy(self) -> str:
@@ -211,7 +223,7 @@ def write_report(run_dir: str | Path) -> dict:
 
     cfg, names = run.config, run.names
     facts = [("run directory", str(run.path)), ("strategy", run.strategy), ("steps", run.total_steps),
-             ("seed", run.seed), ("subsets", f"{len(names)} ({', '.join(names)})"),
+             ("seed", run.seed), ("data seed", run.data_seed), ("subsets", f"{len(names)} ({', '.join(names)})"),
              ("buckets (K)", cfg.get("data", {}).get("num_buckets")),
              ("difficulty", cfg.get("data", {}).get("difficulty")), ("model init", cfg.get("model", {}).get("init")),
              ("actor updates", _updates(run)),
@@ -250,7 +262,7 @@ def write_report(run_dir: str | Path) -> dict:
 
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
-    """Runs with equal config.yaml up to `run_dir` and `train.seed`, in first-seen order."""
+    """Runs with equal config.yaml up to `run_dir` and the seeds, in first-seen order."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         key = json.dumps({k: v for k, v in _flatten(r.config).items() if not _ignored(k)},
@@ -311,17 +323,19 @@ def compare(runs: list[Run], out: str | Path, metric: str = "loss") -> dict:
             vals = [v for v in (metric_value(r, s, metric) for r in g) if v is not None]
             if vals:
                 stats[s] = _stats(vals)
-        groups.append({"label": label, "n": len(g), "seeds": [r.seed for r in g], "runs": [str(r.path) for r in g],
+        groups.append({"label": label, "n": len(g), "seeds": [r.seed for r in g],
+                       "data_seeds": [r.data_seed for r in g], "runs": [str(r.path) for r in g],
                        "stats": stats, "curve": _macro_curve(g)})
     if not any(g["stats"] for g in groups):
         log.warning("report: no run has %r after training (eval.json); the comparison is empty", metric)
     header = ["group", "n", "seeds", *subsets, "macro"]
-    rows = [[g["label"], str(g["n"]), ",".join(map(str, g["seeds"]))]
+    rows = [[g["label"], str(g["n"]), ",".join(r.seed_label for r in members)]
             + [f"{_fmt(g['stats'][s]['mean'])} ± {_fmt(g['stats'][s]['std'])}" if s in g["stats"] else "—"
-               for s in [*subsets, "macro"]] for g in groups]
+               for s in [*subsets, "macro"]] for g, members in zip(groups, grouped)]
     md = [f"# Comparison: {metric} after training", "",
           "Mean ± std (ddof=1) over the seeds of each group; n = runs in the group. "
-          "Groups = equal config.yaml except run_dir, train.seed and bookkeeping keys "
+          "Seeds: train.seed, or train.seed/train.data_seed where a data seed is set. "
+          "Groups = equal config.yaml except run_dir, train.seed, train.data_seed and bookkeeping keys "
           "(eval.*, tracking.*, distributed.*, logging and checkpoint cadence).", ""]
     md += _table(header, rows) + ["", "## Groups", ""]
     md += [f"- **{g['label']}**: " + ", ".join(g["runs"]) for g in groups] + ["", "![compare](compare.png)", ""]

@@ -118,7 +118,8 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
     data, pack_rows = _prepare(cfg, mesh)
     graphdef, params, _ = base_model(cfg, mesh, data)
     algo = algorithm_class(cfg.algorithm)(RunContext(cfg, mesh, data, graphdef, params, pack_rows))
-    sampler = HierarchicalSampler(data.leaves(), tc.batch_size, tc.seed, algo.schedule)
+    # The data seed, not train.seed: data-order replicas share the prepared data and starting model.
+    sampler = HierarchicalSampler(data.leaves(), tc.batch_size, tc.resolved_data_seed, algo.schedule)
     logs = RunLogs(cfg, data, graphdef, mesh, make_example_nll_fn(graphdef, mesh))
     start = found[0] if found else 0
     bar = ProgressBar(start, tc.steps, algo.label)

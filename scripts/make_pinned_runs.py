@@ -56,11 +56,15 @@ def _strip(obj):
     return obj
 
 
-def pinned_outputs(name: str, run_dir: Path, cache: Path) -> dict[str, str | None]:
-    """Runs one pinned configuration; returns {file: text without wall-clock fields, or None if absent}."""
+def pinned_outputs(name: str, run_dir: Path, cache: Path, extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Runs one pinned configuration; returns {file: text without wall-clock fields, or None if absent}.
+
+    `extra` overrides come last (tests: a setting that must not change the pinned logs).
+    """
     from hbo_jax.train import main
 
-    overrides = [f"run_dir={run_dir}", f"data.source_dir={MIXTURE}", f"data.cache_dir={cache}", *BASE, *RUNS[name]]
+    overrides = [f"run_dir={run_dir}", f"data.source_dir={MIXTURE}", f"data.cache_dir={cache}", *BASE, *RUNS[name],
+                 *extra]
     if main(overrides) != 0:
         raise RuntimeError(f"pinned run {name} failed")
     out = {}

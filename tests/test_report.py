@@ -166,3 +166,26 @@ def test_bookkeeping_keys_do_not_split_a_group(tmp_path):
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
         runs.append(load_run(run_dir))
     assert [[r.path.name for r in g] for g in group_runs(runs)] == [["s0", "s1"], ["s2"]]
+
+
+def _replica(tmp_path, name, seed, data_seed, lr=1e-3):
+    run_dir = write_run(tmp_path / name, seed=seed, lr=lr)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["train"]["data_seed"] = data_seed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run_dir
+
+
+def test_seed_and_data_seed_replicas_form_one_group(tmp_path):
+    from hbo_jax.report import group_runs, load_run
+
+    runs = [load_run(_replica(tmp_path, n, s, d, lr)) for n, s, d, lr in
+            (("d0", 0, 0, 1e-3), ("d1", 0, 1, 1e-3), ("s1", 1, -1, 1e-3), ("lr", 0, 2, 3e-3))]
+    assert [[r.path.name for r in g] for g in group_runs(runs)] == [["d0", "d1", "s1"], ["lr"]]
+
+
+def test_compare_names_each_runs_seed_and_data_seed(tmp_path):
+    dirs = [str(_replica(tmp_path, n, s, d)) for n, s, d in (("d0", 0, 0), ("d1", 0, 1), ("s1", 1, -1))]
+    assert main([*dirs, "--out", str(tmp_path / "cmp")]) == 0
+    rows = md_table((tmp_path / "cmp" / "compare.md").read_text(), "group")
+    assert [r["seeds"] for r in rows] == ["0/0,0/1,1"]

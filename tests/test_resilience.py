@@ -226,10 +226,10 @@ def test_checkpoints_from_before_manifests_are_trusted(reference, tmp_path):
 
 # --- configuration changes on resume ----------------------------------------------------
 
-NEVER = ("train.seed=3", "data.num_buckets=3", "model.hidden_size=64")  # refused even when allowed
+NEVER = ("train.seed=3", "train.data_seed=3", "data.num_buckets=3", "model.hidden_size=64")  # refused even when allowed
 
 
-@pytest.mark.parametrize("change", ["data.seq_len=64", "train.batch_size=16", "train.seed=3",
+@pytest.mark.parametrize("change", ["data.seq_len=64", "train.batch_size=16", "train.seed=3", "train.data_seed=3",
                                     "mixing.strategy=uniform", "data.num_buckets=3", "model.hidden_size=64"])
 def test_resume_refuses_a_config_change_that_breaks_exactness(reference, tmp_path, capsys, change):
     ref_dir, ref_over = reference
@@ -278,6 +278,28 @@ def test_check_resume_config_names_nested_keys():
         check_resume_config(to_dict(a), to_dict(b), allow=False, where="here")
     c = load_config(None, ["data.source_dir=/x", "run_dir=elsewhere", "mesh.data=2", "eval.every=5"])
     assert check_resume_config(to_dict(a), to_dict(c), allow=False, where="here") == []
+
+
+def test_resume_compares_the_resolved_data_seed():
+    from hbo_jax.config import to_dict
+
+    unset = to_dict(load_config(None, ["train.seed=2"]))
+    before_the_key = to_dict(load_config(None, ["train.seed=2"]))
+    del before_the_key["train"]["data_seed"]  # a checkpoint from before train.data_seed: train.seed drew
+    spelled_out = to_dict(load_config(None, ["train.seed=2", "train.data_seed=2"]))
+    for saved in (unset, before_the_key):
+        assert check_resume_config(saved, spelled_out, allow=False, where="here") == []
+        with pytest.raises(ConfigError, match=r"train.data_seed changed from 2 to 0 .*Use a new run_dir"):
+            check_resume_config(saved, to_dict(load_config(None, ["train.seed=2", "train.data_seed=0"])),
+                                allow=True, where="here")
+
+
+def test_a_changed_train_seed_is_named_even_when_it_moves_the_data_seed():
+    from hbo_jax.config import to_dict
+
+    with pytest.raises(ConfigError, match="train.seed changed from 0 to 3"):
+        check_resume_config(to_dict(load_config(None, [])), to_dict(load_config(None, ["train.seed=3"])),
+                            allow=True, where="here")
 
 
 # --- resharding -------------------------------------------------------------------------

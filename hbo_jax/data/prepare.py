@@ -138,7 +138,7 @@ def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
     inputs = [(s.name, s.digests()) for s in tqdm(subsets, desc="hashing inputs", leave=False)]
     settings = {"v": PREPARE_VERSION, "data": dataclasses.asdict(cfg.data),
                 "scorer": dataclasses.asdict(cfg.scorer), "model": dataclasses.asdict(cfg.model),
-                "seed": cfg.train.seed, "inputs": inputs}
+                "seed": cfg.train.seed, "inputs": inputs}  # train.data_seed stays out: replicas share this
     for k in ("cache_dir", "source_dir", "max_eval_per_subset", "subsets", "embedded_archives"):
         settings["data"].pop(k)
     if settings["data"]["too_long"] == "truncate":  # the behaviour before the key existed: same key
@@ -326,6 +326,7 @@ def _warm_up_scorer(cfg: Config, stores, pad_id: int, vocab: int, mesh):
     d = len(stores)
     step = make_train_step(graphdef, tx, mesh, d, state_shardings(state))
     leaves = [[np.arange(len(s))] for s in stores]
+    # train.seed, never the data seed: the scorer decides the buckets (and the prepared key).
     sampler = HierarchicalSampler(leaves, sc.batch_size, cfg.train.seed + 1,
                                   ProbabilitySchedule(np.ones(d), np.ones((d, 1))))
     it = batch_iterator(sampler, stores, cfg.data.seq_len, pad_id, host_slice(sc.batch_size))
@@ -344,6 +345,7 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     mix = mixture(cfg)
     root = cache_root(cfg) / "prepared" / _key(cfg, mix)
     if (root / "manifest.json").is_file():
+        log.info("prepared data found in %s: no tokenizing, scorer warm-up or scoring", root)
         return load(root, cfg)
     t0 = time.perf_counter()
     report = SkipReport()

@@ -1,10 +1,11 @@
 """Hierarchical sampler: dataset ~ p_global, bucket ~ p_local[dataset], example w/o replacement.
 
 Every global batch slot draws its (dataset, bucket) leaf with counter-based randomness
-(`default_rng([seed, step])`), so the plan for step s depends only on the seed, s, the
-probability in force at s, and the leaf cursors. Each leaf is walked through a
-permutation seeded by (seed, leaf, leaf epoch) and reshuffled when exhausted. All hosts
-compute the same global plan and load only their rows.
+(`hbo_jax.rng.generator(seed, Stream.SAMPLER, step)`), so the plan for step s depends
+only on the seed, s, the probability in force at s, and the leaf cursors. Each leaf is
+walked through a permutation drawn from `Stream.LEAF_PERMUTATION` keyed by (leaf, leaf
+epoch) and reshuffled when exhausted. All hosts compute the same global plan and load
+only their rows. A training run's seed is its data seed (`train.data_seed`).
 
 Probabilities live in a `ProbabilitySchedule` (the history of `(from_step, p_global,
 p_local)`), part of the sampler's JSON state, so a restored sampler replays the stream.
@@ -18,6 +19,8 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+
+from hbo_jax.rng import Stream, generator
 
 
 class ProbabilitySchedule:
@@ -85,7 +88,7 @@ class HierarchicalSampler:
             if len(self._perms) > 4 * self.sizes.size:
                 self._perms.clear()
             n = self.sizes.flat[leaf]
-            self._perms[key] = np.random.default_rng([self.seed, 1, leaf, epoch]).permutation(n)
+            self._perms[key] = generator(self.seed, Stream.LEAF_PERMUTATION, leaf, epoch).permutation(n)
         return self._perms[key]
 
     def draw_groups(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +96,7 @@ class HierarchicalSampler:
         pg, pl = self.schedule.at(step)
         pl = pl * (self.sizes > 0)  # never draw from an empty leaf
         pg = pg * (pl.sum(1) > 0)
-        rng = np.random.default_rng([self.seed, 0, step])
+        rng = generator(self.seed, Stream.SAMPLER, step)
         u = rng.random((self.batch_size, 2))
         cum_g = np.cumsum(pg)
         dataset = np.minimum(np.searchsorted(cum_g, u[:, 0] * cum_g[-1], side="right"), len(pg) - 1)

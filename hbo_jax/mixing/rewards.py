@@ -20,6 +20,7 @@ import numpy as np
 
 from hbo_jax.data.store import collate
 from hbo_jax.parallel import batch_divisor, batch_sharding
+from hbo_jax.rng import Stream, generator
 
 
 def relative(rewards: jax.Array | np.ndarray) -> np.ndarray:
@@ -62,7 +63,7 @@ def train_ppl_ratio(ratio_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
 
 def draw_global_probes(leaves, per_bucket: int, seed: int, update_index: int) -> list[tuple[int, int]]:
     """(dataset, example index) pairs: per dataset, `per_bucket` examples from every bucket."""
-    rng = np.random.default_rng([seed, 2, update_index])
+    rng = generator(seed, Stream.GLOBAL_PROBES, update_index)
     picks = []
     for i, row in enumerate(leaves):
         for leaf in row:
@@ -78,7 +79,7 @@ def dev_probes(dev_stores: Sequence, per_dataset: int, seed: int) -> list[tuple[
     """A fixed dev set for MultiDDS: up to `per_dataset` eval examples of every dataset."""
     picks = []
     for i, store in enumerate(dev_stores):
-        rng = np.random.default_rng([seed, 4, i])
+        rng = generator(seed, Stream.DEV_PROBES, i)
         picks += [(i, int(x)) for x in rng.permutation(len(store))[:per_dataset]]
     return picks
 
@@ -88,7 +89,7 @@ def fixed_local_probes(leaves, per_group: int, seed: int) -> list[tuple[int, int
     picks = []
     for i, row in enumerate(leaves):
         for j, leaf in enumerate(row):
-            rng = np.random.default_rng([seed, 3, i, j])
+            rng = generator(seed, Stream.LOCAL_PROBES, i, j)
             pool = leaf if len(leaf) else np.concatenate([l for l in row if len(l)])
             picks += [(i, int(x)) for x in rng.choice(pool, per_group, replace=len(pool) < per_group)]
     return picks

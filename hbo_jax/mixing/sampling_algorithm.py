@@ -32,7 +32,7 @@ class SamplingAlgorithm(Algorithm):
         tx = _optimizer(tc)
         self.train_state = init_train_state(ctx.params, tx, mesh)
         self.mixer = Mixer(self.strategy, cfg.mixing, data.sizes, data.leaves(), data.train, ctx.graphdef, mesh,
-                           cfg.data.seq_len, data.pad_id, tc.seed, dev_stores=data.eval,
+                           cfg.data.seq_len, data.pad_id, tc.resolved_data_seed, dev_stores=data.eval,
                            train_batch=tc.batch_size)
         # The train step returns what the train-sourced rewards need, and nothing more: each
         # row's reference NLL (batches carry it), each example's gradient norm (only in the
