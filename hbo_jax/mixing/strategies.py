@@ -114,11 +114,11 @@ class Mixer:
     """
 
     def __init__(self, strategy: Strategy, cfg: MixingConfig, sizes, leaves, stores, graphdef,
-                 mesh, seq_len: int, pad_id: int, seed: int, dev_stores: Sequence | None = None,
+                 mesh, seq_len: int, pad_id: int, data_seed: int, dev_stores: Sequence | None = None,
                  train_batch: int = 0):
         self.strategy = strategy
         self.leaves, self.stores, self.mesh = leaves, stores, mesh
-        self.seq_len, self.pad_id, self.seed = seq_len, pad_id, seed
+        self.seq_len, self.pad_id, self.data_seed = seq_len, pad_id, data_seed  # probes draw from the data seed
         self.num_datasets, self.num_buckets = len(leaves), len(leaves[0])
         self.train_gradnorm = strategy.train_gradnorm
         global_probes = strategy.global_probes
@@ -155,12 +155,12 @@ class Mixer:
             if not dev_stores or not any(len(s) for s in dev_stores):
                 raise ConfigError(f"mixing.strategy={strategy.name}: the dev-gradient reward needs eval "
                                   "examples (<subset>.eval.jsonl files)")
-            picks = rewards.dev_probes(dev_stores, cfg.global_probes_per_bucket * self.num_buckets, seed)
+            picks = rewards.dev_probes(dev_stores, cfg.global_probes_per_bucket * self.num_buckets, data_seed)
             self._dev_batch = rewards.probe_batch(dev_stores, picks, seq_len, pad_id)
         self._nll = make_example_nll_fn(graphdef, mesh) if strategy.progress_ratio else None
         self._local_batch = self._local_alone = None
         if local_probes:
-            picks = rewards.fixed_local_probes(leaves, cfg.local_probes_per_group, seed)
+            picks = rewards.fixed_local_probes(leaves, cfg.local_probes_per_group, data_seed)
             self._local_batch = rewards.probe_batch(stores, picks, seq_len, pad_id)
             if cfg.local_reward == "ifd_ratio":
                 self._local_alone = rewards.probe_batch(stores, picks, seq_len, pad_id, response_alone=True)
@@ -307,7 +307,7 @@ class Mixer:
             if self.train_gradnorm:
                 r = jax.device_put(self._train_gradnorm(train_stats).astype(np.float32), replicated(self.mesh))
             elif self._global_fn is not None:
-                picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.seed, step)
+                picks = rewards.draw_global_probes(self.leaves, c.global_probes_per_bucket, self.data_seed, step)
                 batch = rewards.probe_batch(self.stores, picks, self.seq_len, self.pad_id)
                 batch = rewards.pad_per_dataset(batch, self.num_datasets, self.mesh)
                 args = rewards.to_device(batch, self.mesh)
