@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from hbo_jax.config import ConfigError
+from hbo_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

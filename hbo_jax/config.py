@@ -24,12 +24,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hbo_jax.config_rules import RULES
+from hbo_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key."""
 
 
 @dataclass

@@ -16,11 +16,9 @@ from typing import Callable
 
 import jax
 
+from hbo_jax.errors import NonFiniteError
+
 log = logging.getLogger("hbo_jax")
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive updates had a non-finite loss or gradients; the run stopped."""
 
 
 class NonFiniteGuard:

@@ -24,11 +24,12 @@ import numpy as np
 from hbo_jax.algorithm import Algorithm, RunContext, algorithm_class
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
-from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
+from hbo_jax.config import Config, load_config, to_dict, to_yaml
 from hbo_jax.data.packing import default_pack_rows
 from hbo_jax.data.prepare import PreparedData, data_notes, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
+from hbo_jax.errors import ConfigError
 from hbo_jax.evaluate import format_table
 from hbo_jax.hooks import Checkpointing, MetricsLog, MixingLog, ProgressBar, RunLogs
 from hbo_jax.mixing.strategies import save_schedule

@@ -43,16 +43,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterable
 
-from hbo_jax.data.formats import DataError
+from hbo_jax.errors import FetchError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 _CHUNK = 1 << 20
-
-
-class FetchError(DataError):
-    """An archive could not be found, downloaded or verified; the message says where it looked."""
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from hbo_jax.errors import DataError
+
 Conversation = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant"}
 _ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
 
 
 @dataclass(frozen=True)

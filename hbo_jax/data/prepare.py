@@ -28,10 +28,11 @@ from hbo_jax.config import Config, cache_root
 from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
-from hbo_jax.data.formats import DataError, SkipReport, iter_conversations, read_conversations
+from hbo_jax.data.formats import SkipReport, iter_conversations, read_conversations
 from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reason, use_hash_store
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
+from hbo_jax.errors import DataError
 from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
 
 log = logging.getLogger(__name__)

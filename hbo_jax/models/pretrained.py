@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hbo_jax.config import ConfigError, ModelConfig
+from hbo_jax.config import ModelConfig
+from hbo_jax.errors import ConfigError
 
 BUILTIN = ("scorer", "random")
 

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from hbo_jax.models.loading import CheckpointMismatch
+from hbo_jax.errors import CheckpointMismatch
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
