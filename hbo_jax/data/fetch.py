@@ -61,6 +61,16 @@ class Archive:
     size: int
 
 
+# The embedded mixture's sources (hbo_jax.data.embedded reads them, `main` downloads them):
+# the exact files, pinned by size and SHA-256 as PyPI lists them. They are here, not with
+# the recipe, so that this module needs nothing beyond the standard library.
+BIGBENCH_SDIST = Archive("bigbench", "bigbench-1.0.0.tar.gz",
+                         "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", 358249635)
+EVALS_WHEEL = Archive("evals", "evals-3.0.1.post1-py3-none-any.whl",
+                      "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78", 46322659)
+ARCHIVES = (BIGBENCH_SDIST, EVALS_WHEEL)
+
+
 @dataclass
 class IndexSettings:
     """What pip would use to reach its indexes (the subset that matters for a download)."""
@@ -376,8 +386,6 @@ def fetch(archive: Archive, dest_dir: Path, settings: IndexSettings | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hbo_jax.data.embedded import ARCHIVES  # the pins live with the recipe
-
     parser = argparse.ArgumentParser(prog="python -m hbo_jax.data.fetch",
                                      description="Download and verify the embedded mixture's source archives.")
     parser.add_argument("--dest", default=".", help="directory to put the archives in (default: .)")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from hbo_jax.data import sources
+from hbo_jax.data.sources import BadRow
 from hbo_jax.errors import DataError
 
 Conversation = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
@@ -29,14 +31,6 @@ FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant"}
 _ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A row that could not even be parsed (yielded by `iter_rows` in place of the row)."""
-
-    reason: str
-    detail: str = ""
 
 
 FIRST_POSITIONS = 3  # positions kept per skip reason: enough to find the rows, short enough to log
@@ -182,8 +176,6 @@ def iter_rows(source, kind: str | None = None) -> Iterator[tuple[str, dict | Bad
 
     `where` names the file and line (JSONL, `file:12`) or row index (`file[11]`).
     """
-    from hbo_jax.data import sources  # lazy: sources imports this module
-
     src = source if isinstance(source, sources.Source) else sources.Source.parse(str(source), kind=kind)
     if src.kind == "jsonl":
         if not src.path.is_file():
