@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hbo_jax.config_rules import RULES
 from hbo_jax.errors import ConfigError
+from hbo_jax.model_init import parse_init
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class ModelConfig:
     loss_chunk: int = 0
     # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
     # also scored difficulty (the demo's stand-in for a pretrained base), "random",
-    # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/models/pretrained.py). A
+    # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/model_init.py). A
     # pretrained model brings its own shape, tokenizer and chat template, and scores
     # difficulty itself; the shape fields above are then ignored.
     init: str = "scorer"
@@ -362,8 +363,6 @@ def validate(cfg: Config) -> Config:
     if (cfg.mixing.strategy == "replay") != bool(cfg.mixing.replay_from):
         raise ConfigError("mixing.replay_from must be set exactly when mixing.strategy=replay "
                           f"(strategy={cfg.mixing.strategy!r}, replay_from={cfg.mixing.replay_from!r})")
-    from hbo_jax.models.pretrained import parse_init
-
     parse_init(cfg.model.init)
     if cfg.mixing.local_source == "train" and cfg.model.init == "random":
         raise ConfigError("mixing.local_source=train needs the scoring model to be the starting "

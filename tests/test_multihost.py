@@ -211,12 +211,12 @@ def test_two_processes_export_the_same_hugging_face_directory_as_one(runs, tmp_p
 
 
 def test_the_two_process_checkpoint_reads_by_name_as_export_writes_it(runs, tmp_path):
-    """`tensor_io.RunReader` on the pair's per-process OCDBT files, one tensor at a time on
+    """`readers.RunReader` on the pair's per-process OCDBT files, one tensor at a time on
     the host, gives the tensors `python -m hbo_jax.export` writes."""
     from safetensors.numpy import load_file
 
     from hbo_jax.export import main as export_main
-    from hbo_jax.models.tensor_io import RunReader
+    from hbo_jax.models.readers import RunReader
 
     _, multi = runs
     assert export_main([str(multi), str(tmp_path / "hf")]) == 0

@@ -33,7 +33,8 @@ from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reaso
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.errors import DataError
-from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
+from hbo_jax.model_init import is_pretrained
+from hbo_jax.models.pretrained import fingerprint, load_pretrained, pretrained_tokenizer
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = "4"  # 3: eval examples carry difficulty buckets; 4: declared subsets, row formats

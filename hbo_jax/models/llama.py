@@ -19,6 +19,7 @@ from flax import nnx
 from hbo_jax.config import ModelConfig
 from hbo_jax.models import ghost as ghost_ops
 from hbo_jax.models.ghost import Ghost
+from hbo_jax.parallel import tree_shardings
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What the backward pass may keep from the forward of a rematerialised block: nothing
@@ -356,8 +357,6 @@ def abstract_model(spec: LlamaSpec):
 
 def init_params(spec: LlamaSpec, mesh, seed: int):
     """(graphdef, params) with parameters created directly in their shardings."""
-    from hbo_jax.parallel import tree_shardings
-
     graphdef, abstract = abstract_model(spec)
     shardings = tree_shardings(abstract, mesh)
 
