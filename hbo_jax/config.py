@@ -306,41 +306,16 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def num_subsets(cfg: Config) -> int | None:
-    """How many subsets the mixture has, found without reading any data (None: not known yet).
-
-    The embedded mixture's recipe, the `<subset>.train.jsonl*` files of data.source_dir
-    (the discovery data preparation uses) and the declared data.subsets.
-    """
-    from hbo_jax.data import embedded
-    from hbo_jax.data.formats import DataError
-    from hbo_jax.data.prepare import subset_files
-
-    n = len(cfg.data.subsets)
-    if cfg.data.source_dir:
-        src = Path(cfg.data.source_dir).expanduser()
-        try:
-            n += len(subset_files(src)) if src.is_dir() else 0
-        except DataError:  # no subset files: data preparation says so, naming the key
-            return None
-    elif not cfg.data.subsets:
-        n = len(embedded.RECIPE)
-    return n
-
-
 def _validate_min_prob(cfg: Config) -> None:
-    """min_prob * n < 1 for the n datasets and the K buckets, so the floor leaves room for the actors."""
+    """min_prob * K < 1 for the K buckets, so the floor leaves room for the actors.
+
+    The same bound for the datasets needs the mixture's size: `hbo_jax.data.prepare.check_min_prob`.
+    """
     floor = cfg.mixing.min_prob
-    if floor <= 0:
-        return
     k = cfg.data.num_buckets
-    if floor * k >= 1:
+    if floor > 0 and floor * k >= 1:
         raise ConfigError(f"mixing.min_prob={floor} times data.num_buckets={k} is {floor * k:g}: must be < 1 "
                           f"(min_prob < 1/{k}, the uniform probability of a bucket)")
-    d = num_subsets(cfg)
-    if d is not None and floor * d >= 1:
-        raise ConfigError(f"mixing.min_prob={floor} times the {d} subsets of the mixture is {floor * d:g}: must "
-                          f"be < 1 (min_prob < 1/{d}, the uniform probability of a subset)")
 
 
 def validate(cfg: Config) -> Config:

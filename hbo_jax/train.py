@@ -26,7 +26,7 @@ from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, load_config, to_dict, to_yaml
 from hbo_jax.data.packing import default_pack_rows
-from hbo_jax.data.prepare import PreparedData, data_notes, prepare
+from hbo_jax.data.prepare import PreparedData, check_min_prob, data_notes, prepare
 from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.errors import ConfigError
@@ -109,6 +109,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     raises `RunLocked` before any other work.
     """
     t_start = time.perf_counter()
+    check_min_prob(cfg)  # needs the mixture's size, so not in load_config; reads no data
     with hold_run_dir(cfg.run_dir):
         return _run(cfg, stop or StopRequest(), t_start)
 

@@ -32,7 +32,7 @@ from hbo_jax.data.formats import SkipReport, iter_conversations, read_conversati
 from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reason, use_hash_store
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
-from hbo_jax.errors import DataError
+from hbo_jax.errors import ConfigError, DataError
 from hbo_jax.model_init import is_pretrained
 from hbo_jax.models.pretrained import fingerprint, load_pretrained, pretrained_tokenizer
 
@@ -100,6 +100,37 @@ def subset_files(src: Path) -> list[tuple[str, Path, Path | None]]:
         order = list(json.loads(manifest.read_text()).get("subsets", {}))
         out.sort(key=lambda t: order.index(t[0]) if t[0] in order else len(order))
     return out
+
+
+def count_subsets(cfg: Config) -> int:
+    """Subsets in the config's mixture, as `mixture` lists them, reading no data.
+
+    Raises:
+        DataError: data.source_dir is not a directory or has no subset files.
+    """
+    n = len(cfg.data.subsets)
+    if cfg.data.source_dir:
+        n += len(subset_files(source_dir(cfg)))
+    elif not cfg.data.subsets:
+        n += len(embedded.RECIPE)  # the embedded mixture, without building it
+    return n
+
+
+def check_min_prob(cfg: Config) -> None:
+    """min_prob * D < 1 for the D subsets, so the floor leaves room for the global actor.
+
+    Reads no data: a run calls it before anything else (`config.validate` checks the buckets).
+    """
+    floor = cfg.mixing.min_prob
+    if floor <= 0:
+        return
+    try:
+        d = count_subsets(cfg)
+    except DataError:  # no source directory or no subset files: data preparation says so, naming the key
+        return
+    if floor * d >= 1:
+        raise ConfigError(f"mixing.min_prob={floor} times the {d} subsets of the mixture is {floor * d:g}: must "
+                          f"be < 1 (min_prob < 1/{d}, the uniform probability of a subset)")
 
 
 def mixture(cfg: Config) -> list[Subset]:
