@@ -13,7 +13,7 @@ Measured in one process on synthetic token stores (random ids, random lengths up
             smaller batch than the sampler (the attention scores of 64 x 2048 tokens do
             not fit this machine's memory comfortably); examples/s is per example, so the
             two compare directly.
-  score     `hbo_jax.data.prepare.score_examples` (length-sorted, padded to power-of-two
+  score     `hbo_jax.data.scoring.score_examples` (length-sorted, padded to power-of-two
             widths, jitted per-example NLL, results read back) against a plain jitted
             forward (logits, nothing read back) over the very same padded batches, already
             on the device: score throughput as a fraction of the plain forward's.
@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from hbo_jax.config import MeshConfig, ModelConfig
-from hbo_jax.data.prepare import score_examples
+from hbo_jax.data.scoring import score_examples
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.models.llama import LlamaSpec, init_params

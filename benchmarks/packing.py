@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hbo_jax.config import load_config
 from hbo_jax.data.packing import default_pack_rows, first_fit_rows, packed_length
-from hbo_jax.data.prepare import prepare
+from hbo_jax.scorer import prepare
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.models.llama import LlamaSpec, init_params
 from hbo_jax.parallel import make_mesh, global_batch_from_host

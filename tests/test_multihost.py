@@ -140,7 +140,7 @@ def test_the_two_process_checkpoint_restores_into_one_process_on_one_device(runs
         np.testing.assert_allclose(a["p_local"], b["p_local"], rtol=1e-5)
         np.testing.assert_allclose(a["p_global"], b["p_global"], rtol=1e-5)
     # The evaluation path: parameters by logical axis names onto a 1-device mesh.
-    from hbo_jax.data.prepare import prepare
+    from hbo_jax.scorer import prepare
     from hbo_jax.models.llama import LlamaSpec, abstract_model
 
     cfg = load_config(None, tiny_overrides(multi, Path(json.loads(
