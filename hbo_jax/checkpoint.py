@@ -40,6 +40,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from hbo_jax.errors import ConfigError
+from hbo_jax.parallel import tree_shardings
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +272,6 @@ class Checkpointer:
                 structure, shapes and dtypes.
             mesh: Mesh the parameters are placed on (by their logical axis names).
         """
-        from hbo_jax.parallel import tree_shardings
-
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               params_like, tree_shardings(params_like, mesh))
         item = {"params": target}

@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hbo_jax import algorithm
 from hbo_jax.config_rules import RULES
 from hbo_jax.errors import ConfigError
 from hbo_jax.model_init import parse_init
@@ -323,8 +324,6 @@ def validate(cfg: Config) -> Config:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
-    from hbo_jax import algorithm
-
     if cfg.algorithm not in algorithm.names():
         raise ConfigError(f"algorithm={cfg.algorithm!r} is not one of {algorithm.names()}")
     for key, rule in RULES.items():
