@@ -66,10 +66,12 @@ def bench_sampler(args, mesh, root: Path) -> dict:
     rng = np.random.default_rng(0)
     stores, leaves = [], []
     for d in range(args.datasets):
-        stores.append(TokenStore.write(root / f"d{d}", synthetic_examples(args.examples, args.seq + 1, args.vocab, rng)))
+        examples = synthetic_examples(args.examples, args.seq + 1, args.vocab, rng)
+        stores.append(TokenStore.write(root / f"d{d}", examples))
         bucket = rng.integers(0, args.buckets, args.examples)
         leaves.append([np.flatnonzero(bucket == j) for j in range(args.buckets)])
-    sched = ProbabilitySchedule(rng.dirichlet(np.ones(args.datasets)), rng.dirichlet(np.ones(args.buckets), args.datasets))
+    sched = ProbabilitySchedule(rng.dirichlet(np.ones(args.datasets)),
+                                rng.dirichlet(np.ones(args.buckets), args.datasets))
     plan_only = HierarchicalSampler(leaves, args.batch, 0, sched)
     plans, _ = _rate(plan_only.next_plan, args.seconds)
     it = batch_iterator(HierarchicalSampler(leaves, args.batch, 0, sched), stores, args.seq, 0, slice(None))

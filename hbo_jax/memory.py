@@ -131,7 +131,8 @@ def format_plan(spec: LlamaSpec, programs: list[ProgramMemory], mesh, limit: int
     else:
         lines.append(f"{head} (this backend reports no memory limit)")
     if spec.remat and jax.devices()[0].platform == "cpu":
-        lines.append("note: XLA:CPU does not schedule the backward for memory, so remat shows little of its saving here")
+        lines.append("note: XLA:CPU does not schedule the backward for memory, "
+                     "so remat shows little of its saving here")
     return "\n".join(lines)
 
 

@@ -200,8 +200,9 @@ def test_two_processes_export_the_same_hugging_face_directory_as_one(runs, tmp_p
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
     port, pair = _free_port(), tmp_path / "pair"
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "hbo_jax.export", str(multi), str(pair), f"distributed.coordinator_address=127.0.0.1:{port}",
-         "distributed.num_processes=2", f"distributed.process_id={i}", "distributed.initialization_timeout=120"],
+        [sys.executable, "-m", "hbo_jax.export", str(multi), str(pair),
+         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+         f"distributed.process_id={i}", "distributed.initialization_timeout=120"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)

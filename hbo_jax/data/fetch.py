@@ -380,8 +380,8 @@ def fetch(archive: Archive, dest_dir: Path, settings: IndexSettings | None = Non
     raise FetchError(
         f"could not get {archive.filename} (SHA-256 {archive.sha256}); index settings from {settings.source}. "
         "Tried:\n  " + "\n  ".join(tried or ["no index configured (pip's no-index is set)"]) +
-        f"\nOn a machine without access to a package index, download it elsewhere (`python -m "
-        f"hbo_jax.data.fetch --dest DIR`) and name it with data.embedded_archives=[DIR], or set "
+        "\nOn a machine without access to a package index, download it elsewhere (`python -m "
+        "hbo_jax.data.fetch --dest DIR`) and name it with data.embedded_archives=[DIR], or set "
         "data.source_dir to your own data.")
 
 

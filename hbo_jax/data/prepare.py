@@ -1,6 +1,7 @@
 """Prepare a mixture once: tokenize, mask, truncate, score difficulty, bucket, store.
 
-    subsets (JSONL, Parquet, `datasets` dirs, TFDS; see sources.py) -> chat template -> ids + assistant loss mask -> truncate
+    subsets (JSONL, Parquet, `datasets` dirs, TFDS; see sources.py) -> chat template
+      -> ids + assistant loss mask -> truncate
       -> token stores per (subset, split); too long: cut or dropped (data.too_long), counted
       -> scorer (hbo_jax.scorer): the pretrained model, or a tiny model warmed up on the uniform mixture
       -> difficulty per example (ppl | loss | ifd | length), one jitted batched pass

@@ -53,7 +53,7 @@ _PRE_TOKENIZERS = ("smollm", "qwen2", "llama-bpe")
 _ARCHS = ("llama", "qwen2")
 # Split rules of the Qwen2 and Llama-3 tokenizers (their tokenizer.json; applied before
 # the byte-level mapping). They differ in digits: one at a time, or up to three.
-_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (one regex)
 _SPLITS = {"qwen2": _SPLIT % "", "llama-bpe": _SPLIT % "{1,3}"}
 _CONTROL = 3  # llama.cpp token type of special (control) tokens
 
