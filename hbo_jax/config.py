@@ -131,7 +131,7 @@ class ScorerConfig:
 
 @dataclass
 class MixingConfig:
-    """Sampling strategy and the HBO actors (see docs and hbo.md for the knobs)."""
+    """Sampling strategy and the HBO actors (docs/hbo_settings.md: which defaults follow the paper or the code)."""
 
     strategy: str = "hbo"  # hbo | hbo_global | hbo_local | mos | mos_plus | proportional | temperature | uniform
     temperature: float = 0.0  # prior p_i ~ |D_i|^(1/T); inf = uniform; 0 = the strategy default
@@ -158,7 +158,7 @@ class MixingConfig:
     # Guardrail: every dataset and every bucket keeps at least this sampling probability
     # (p' = (1 - n * floor) * p + floor, so the actors' logits are untouched); 0 = off.
     min_prob: float = 0.0
-    # Reward variants (hbo.md §1, paper Tab. 7). Global: "auto" = the strategy's own;
+    # Reward variants (paper Tab. 7). Global: "auto" = the strategy's own;
     # gradnorm = norm of the probe batch gradient (paper Eq. 7); gradnorm_per_example =
     # mean per-example gradient norm (reference code); cossim = mean cosine of the dataset's
     # mean hidden state to the other datasets' (MoS transferability); dev_cosine = cosine
