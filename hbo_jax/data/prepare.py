@@ -319,9 +319,10 @@ ScoringModel = Callable[[list[TokenStore], int, int], tuple]
 
 
 def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
-    """Prepares (or reuses) the mixture described by `cfg.data` (`hbo_jax.scorer.prepare`: with the run's scorer).
+    """Prepares (or reuses) the mixture described by `cfg.data`.
 
-    `scoring_model` is called only when the prepared data is not cached.
+    `scoring_model` builds the model that scores difficulty; it is called only when the
+    prepared data is not cached. `hbo_jax.scorer.prepare` passes the run's.
     """
     mix = mixture(cfg)
     root = cache_root(cfg) / "prepared" / _key(cfg, mix)
