@@ -13,7 +13,7 @@ Measured in one process on synthetic token stores (random ids, random lengths up
             smaller batch than the sampler (the attention scores of 64 x 2048 tokens do
             not fit this machine's memory comfortably); examples/s is per example, so the
             two compare directly.
-  score     `hbo_jax.data.prepare.score_examples` (length-sorted, padded to power-of-two
+  score     `hbo_jax.data.scoring.score_examples` (length-sorted, padded to power-of-two
             widths, jitted per-example NLL, results read back) against a plain jitted
             forward (logits, nothing read back) over the very same padded batches, already
             on the device: score throughput as a fraction of the plain forward's.
@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from hbo_jax.config import MeshConfig, ModelConfig
-from hbo_jax.data.prepare import score_examples
+from hbo_jax.data.scoring import score_examples
 from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
 from hbo_jax.data.store import TokenStore, collate
 from hbo_jax.models.llama import LlamaSpec, init_params
@@ -66,10 +66,12 @@ def bench_sampler(args, mesh, root: Path) -> dict:
     rng = np.random.default_rng(0)
     stores, leaves = [], []
     for d in range(args.datasets):
-        stores.append(TokenStore.write(root / f"d{d}", synthetic_examples(args.examples, args.seq + 1, args.vocab, rng)))
+        examples = synthetic_examples(args.examples, args.seq + 1, args.vocab, rng)
+        stores.append(TokenStore.write(root / f"d{d}", examples))
         bucket = rng.integers(0, args.buckets, args.examples)
         leaves.append([np.flatnonzero(bucket == j) for j in range(args.buckets)])
-    sched = ProbabilitySchedule(rng.dirichlet(np.ones(args.datasets)), rng.dirichlet(np.ones(args.buckets), args.datasets))
+    sched = ProbabilitySchedule(rng.dirichlet(np.ones(args.datasets)),
+                                rng.dirichlet(np.ones(args.buckets), args.datasets))
     plan_only = HierarchicalSampler(leaves, args.batch, 0, sched)
     plans, _ = _rate(plan_only.next_plan, args.seconds)
     it = batch_iterator(HierarchicalSampler(leaves, args.batch, 0, sched), stores, args.seq, 0, slice(None))

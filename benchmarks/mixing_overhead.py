@@ -1,7 +1,7 @@
 """Mixing overhead of HBO: probe and actor-update cost against the train step, one process.
 
 Measures on random-token data with the demo model (or --hidden/--layers), at the
-reference code's probe counts (hbo.md section 1: global 8 examples per (dataset, bucket)
+reference code's probe counts (global 8 examples per (dataset, bucket)
 with a backward pass, local 16 per (dataset, bucket) forward only):
 
   step      one train step at --batch x --seq (the static-sampling run's cost per step)

@@ -212,11 +212,12 @@ def main() -> None:
     result = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
               "model_gflop_per_step": flops / 1e9}
     if peak:
-        result["peak_tflops"] = {"value": peak, "source": "measured matmul" if args.peak_tflops == "measure" else "given"}
+        result["peak_tflops"] = {"value": peak,
+                                 "source": "measured matmul" if args.peak_tflops == "measure" else "given"}
     for impl, ts in times.items():
         med = statistics.median(ts)
-        result[impl] = {"median_s_per_step": med, "tokens_per_s": tokens / med, "model_tflops_per_s": flops / med / 1e12,
-                        "steps_timed": len(ts)}
+        result[impl] = {"median_s_per_step": med, "tokens_per_s": tokens / med,
+                        "model_tflops_per_s": flops / med / 1e12, "steps_timed": len(ts)}
         if peak:
             result[impl]["mfu"] = flops / med / 1e12 / peak
     if len(times) == 2:

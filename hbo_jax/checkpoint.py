@@ -39,35 +39,17 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from hbo_jax.config import ConfigError, resolve_data_seed
+from hbo_jax.config import resolve_data_seed
+from hbo_jax.config_keys import RESUME_FREE, RESUME_NEVER, RESUME_SECTIONS, RESUME_WARN, flatten, matches
+from hbo_jax.errors import ConfigError
+from hbo_jax.parallel import tree_shardings
+
+_DATA_SEED = "train.data_seed"  # compared by its resolved value (check_resume_config)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "hbo_manifest.json"
 _CRC_MAX_BYTES = 64 << 20  # larger files: size only
-
-# Keys whose change breaks an exact continuation. Everything under these sections counts,
-# except the keys in _FREE (bookkeeping, evaluation caps, paths of caches).
-_EXACT_SECTIONS = ("model.", "data.", "scorer.", "mixing.", "train.")
-_FREE = {"data.cache_dir", "data.embedded_archives", "data.max_eval_per_subset", "train.log_every",
-         "train.checkpoint_every", "train.keep_checkpoints", "train.allow_config_change", "train.async_checkpoint",
-         "train.max_nonfinite_steps"}
-# Refused even with train.allow_config_change: the checkpoint cannot be read into the new
-# shapes, or the sampler's stream is keyed by the value (train.data_seed: compared by its
-# resolved value, see check_resume_config).
-_DATA_SEED = "train.data_seed"
-_NEVER = {"train.seed", _DATA_SEED, "data.num_buckets", *(f"model.{k}" for k in (
-    "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-    "tie_embeddings", "qkv_bias", "param_dtype", "vocab_multiple"))}
-# Allowed with a warning: extending a run is the common reason to change it.
-_WARN = {"train.steps": "the learning-rate schedule spans train.steps, so the continuation differs "
-                        "from a run started with the new value"}
-# Memory and layout knobs (e.g. remat after an out-of-memory): the same examples, the
-# same loss and gradients up to float rounding (tested), so accepted with a note.
-_LAYOUT = "the same examples and the same loss up to float rounding"
-_WARN.update({k: _LAYOUT for k in ("data.packing", "data.pack_rows", "model.remat", "model.remat_policy",
-                                   "model.attention", "model.loss_chunk")})
-
 
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -273,8 +255,6 @@ class Checkpointer:
                 structure, shapes and dtypes.
             mesh: Mesh the parameters are placed on (by their logical axis names).
         """
-        from hbo_jax.parallel import tree_shardings
-
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               params_like, tree_shardings(params_like, mesh))
         item = {"params": target}
@@ -285,16 +265,6 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> list[str]:
@@ -317,22 +287,22 @@ def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> 
     Raises:
         ConfigError: naming the first key whose change breaks exactness.
     """
-    old, new = _flatten(saved), _flatten(current)
-    for flat in (old, new):
+    old, new = flatten(saved), flatten(current)
+    for flat in (old, new):  # the sampler's stream uses the resolved data seed
         if "train.seed" in flat:
             flat[_DATA_SEED] = resolve_data_seed(flat["train.seed"], flat.get(_DATA_SEED, -1))
     notes = []
     # A key only one side knows is a version change. The data seed comes last, so a changed
     # train.seed (which moves a resolved -1 too) is named as itself.
     for key in sorted(old.keys() & new.keys(), key=lambda k: (k == _DATA_SEED, k)):
-        if old[key] == new[key] or key in _FREE or not key.startswith(_EXACT_SECTIONS):
+        if old[key] == new[key] or matches(key, RESUME_FREE) or not key.startswith(RESUME_SECTIONS):
             continue
         change = f"{key} changed from {old[key]!r} to {new[key]!r} since {where}"
         if key == _DATA_SEED:
             change += " (values resolved: -1 = train.seed)"
-        if key in _WARN:
-            notes.append(f"{change}: {_WARN[key]}")
-        elif key in _NEVER:
+        if key in RESUME_WARN:
+            notes.append(f"{change}: {RESUME_WARN[key]}")
+        elif key in RESUME_NEVER:
             raise ConfigError(f"{change}; the checkpoint cannot continue with a different {key} "
                               "(state shapes or the batch stream depend on it). Use a new run_dir")
         elif allow:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from hbo_jax.config import ConfigError
-from hbo_jax.data.formats import DataError
-from hbo_jax.models.loading import CheckpointMismatch
-from hbo_jax.nonfinite import NonFiniteError
+from hbo_jax.errors import CheckpointMismatch, ConfigError, DataError, NonFiniteError
 
 # Bad input (config, data, weights) or a run that diverged: printed as `error: ...` with
 # exit status 2, no traceback.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,13 +22,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hbo_jax import algorithm
 from hbo_jax.config_rules import RULES
+from hbo_jax.errors import ConfigError
+from hbo_jax.model_init import parse_init
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key."""
 
 
 @dataclass
@@ -67,7 +65,7 @@ class ModelConfig:
     loss_chunk: int = 0
     # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
     # also scored difficulty (the demo's stand-in for a pretrained base), "random",
-    # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/models/pretrained.py). A
+    # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/model_init.py). A
     # pretrained model brings its own shape, tokenizer and chat template, and scores
     # difficulty itself; the shape fields above are then ignored.
     init: str = "scorer"
@@ -133,7 +131,7 @@ class ScorerConfig:
 
 @dataclass
 class MixingConfig:
-    """Sampling strategy and the HBO actors (see docs and hbo.md for the knobs)."""
+    """Sampling strategy and the HBO actors (docs/hbo_settings.md: which defaults follow the paper or the code)."""
 
     strategy: str = "hbo"  # hbo | hbo_global | hbo_local | mos | mos_plus | proportional | temperature | uniform
     temperature: float = 0.0  # prior p_i ~ |D_i|^(1/T); inf = uniform; 0 = the strategy default
@@ -160,7 +158,7 @@ class MixingConfig:
     # Guardrail: every dataset and every bucket keeps at least this sampling probability
     # (p' = (1 - n * floor) * p + floor, so the actors' logits are untouched); 0 = off.
     min_prob: float = 0.0
-    # Reward variants (hbo.md §1, paper Tab. 7). Global: "auto" = the strategy's own;
+    # Reward variants (paper Tab. 7). Global: "auto" = the strategy's own;
     # gradnorm = norm of the probe batch gradient (paper Eq. 7); gradnorm_per_example =
     # mean per-example gradient norm (reference code); cossim = mean cosine of the dataset's
     # mean hidden state to the other datasets' (MoS transferability); dev_cosine = cosine
@@ -322,41 +320,16 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def num_subsets(cfg: Config) -> int | None:
-    """How many subsets the mixture has, found without reading any data (None: not known yet).
-
-    The embedded mixture's recipe, the `<subset>.train.jsonl*` files of data.source_dir
-    (the discovery data preparation uses) and the declared data.subsets.
-    """
-    from hbo_jax.data import embedded
-    from hbo_jax.data.formats import DataError
-    from hbo_jax.data.prepare import subset_files
-
-    n = len(cfg.data.subsets)
-    if cfg.data.source_dir:
-        src = Path(cfg.data.source_dir).expanduser()
-        try:
-            n += len(subset_files(src)) if src.is_dir() else 0
-        except DataError:  # no subset files: data preparation says so, naming the key
-            return None
-    elif not cfg.data.subsets:
-        n = len(embedded.RECIPE)
-    return n
-
-
 def _validate_min_prob(cfg: Config) -> None:
-    """min_prob * n < 1 for the n datasets and the K buckets, so the floor leaves room for the actors."""
+    """min_prob * K < 1 for the K buckets, so the floor leaves room for the actors.
+
+    The same bound for the datasets needs the mixture's size: `hbo_jax.data.prepare.check_min_prob`.
+    """
     floor = cfg.mixing.min_prob
-    if floor <= 0:
-        return
     k = cfg.data.num_buckets
-    if floor * k >= 1:
+    if floor > 0 and floor * k >= 1:
         raise ConfigError(f"mixing.min_prob={floor} times data.num_buckets={k} is {floor * k:g}: must be < 1 "
                           f"(min_prob < 1/{k}, the uniform probability of a bucket)")
-    d = num_subsets(cfg)
-    if d is not None and floor * d >= 1:
-        raise ConfigError(f"mixing.min_prob={floor} times the {d} subsets of the mixture is {floor * d:g}: must "
-                          f"be < 1 (min_prob < 1/{d}, the uniform probability of a subset)")
 
 
 def validate(cfg: Config) -> Config:
@@ -364,8 +337,6 @@ def validate(cfg: Config) -> Config:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
-    from hbo_jax import algorithm
-
     if cfg.algorithm not in algorithm.names():
         raise ConfigError(f"algorithm={cfg.algorithm!r} is not one of {algorithm.names()}")
     for key, rule in RULES.items():
@@ -379,8 +350,6 @@ def validate(cfg: Config) -> Config:
     if (cfg.mixing.strategy == "replay") != bool(cfg.mixing.replay_from):
         raise ConfigError("mixing.replay_from must be set exactly when mixing.strategy=replay "
                           f"(strategy={cfg.mixing.strategy!r}, replay_from={cfg.mixing.replay_from!r})")
-    from hbo_jax.models.pretrained import parse_init
-
     parse_init(cfg.model.init)
     if cfg.mixing.local_source == "train" and cfg.model.init == "random":
         raise ConfigError("mixing.local_source=train needs the scoring model to be the starting "

@@ -22,7 +22,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hbo_jax.config import ConfigError, DistributedConfig
+from hbo_jax.config import DistributedConfig
+from hbo_jax.errors import ConfigError
 from hbo_jax.records import dumps
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from hbo_jax import tasks
-from hbo_jax.data.prepare import score_examples
+from hbo_jax.data.scoring import score_examples
 from hbo_jax.records import dumps
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def format_table(before: dict, after: dict) -> str:
 def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | None):
     """(graphdef, params) for `--model`: checkpoint | base | hf:<dir> | gguf:<file> | smollm2."""
     from hbo_jax.checkpoint import Checkpointer
-    from hbo_jax.config import ConfigError
+    from hbo_jax.errors import ConfigError
     from hbo_jax.models.base import base_model
     from hbo_jax.models.pretrained import load_pretrained
 
@@ -201,9 +201,10 @@ def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | Non
 
 def main(argv: list[str] | None = None) -> int:
     from hbo_jax.cli import USER_ERRORS, setup_logging
-    from hbo_jax.config import ConfigError, load_config
-    from hbo_jax.data.prepare import prepare
+    from hbo_jax.config import load_config
+    from hbo_jax.errors import ConfigError
     from hbo_jax.parallel import make_mesh
+    from hbo_jax.scorer import prepare
     from hbo_jax.step import make_example_nll_fn
 
     ap = argparse.ArgumentParser(prog="python -m hbo_jax.evaluate", description=__doc__.split("\n\n")[0])

@@ -21,12 +21,13 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str
     auto-detected cluster): the gathers are collective and process 0 writes.
     `max_shard_bytes` and `overwrite` are `export_hf`'s.
     """
-    from hbo_jax.config import ConfigError, load_config
-    from hbo_jax.data.prepare import prepare
+    from hbo_jax.config import load_config
     from hbo_jax.distributed import FRESH_LAUNCH, initialize
+    from hbo_jax.errors import ConfigError
     from hbo_jax.evaluate import load_model
     from hbo_jax.models.tensor_io import check_output_dir
     from hbo_jax.parallel import make_mesh
+    from hbo_jax.scorer import prepare
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")

@@ -28,6 +28,7 @@ import numpy as np
 from hbo_jax.algorithm import PlanContext, algorithm_class
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, load_config
+from hbo_jax.data.prepare import count_subsets
 from hbo_jax.distributed import initialize as init_distributed
 from hbo_jax.models.llama import LlamaSpec, abstract_model
 from hbo_jax.models.base import base_spec
@@ -73,19 +74,6 @@ def _rows(n: int, seq: int, mesh, *, ref_nll: bool = False, packing: bool = Fals
     if ref_nll:
         batch["ref_nll"] = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=b1)
     return batch
-
-
-def count_subsets(cfg: Config) -> int:
-    """Subsets in the config's mixture, as `prepare.mixture` lists them, reading no data."""
-    from hbo_jax.data import embedded
-    from hbo_jax.data.prepare import source_dir, subset_files
-
-    n = len(cfg.data.subsets)
-    if cfg.data.source_dir:
-        n += len(subset_files(source_dir(cfg)))
-    elif not cfg.data.subsets:
-        n += len(embedded.RECIPE)  # the embedded mixture, without building it
-    return n
 
 
 def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[LlamaSpec, list[ProgramMemory]]:
@@ -143,7 +131,8 @@ def format_plan(spec: LlamaSpec, programs: list[ProgramMemory], mesh, limit: int
     else:
         lines.append(f"{head} (this backend reports no memory limit)")
     if spec.remat and jax.devices()[0].platform == "cpu":
-        lines.append("note: XLA:CPU does not schedule the backward for memory, so remat shows little of its saving here")
+        lines.append("note: XLA:CPU does not schedule the backward for memory, "
+                     "so remat shows little of its saving here")
     return "\n".join(lines)
 
 

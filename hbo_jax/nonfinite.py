@@ -16,11 +16,9 @@ from typing import Callable
 
 import jax
 
+from hbo_jax.errors import NonFiniteError
+
 log = logging.getLogger("hbo_jax")
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive updates had a non-finite loss or gradients; the run stopped."""
 
 
 class NonFiniteGuard:
@@ -65,4 +63,5 @@ class NonFiniteGuard:
                 f"stopped at step {step}: {worst} updates in a row had a non-finite loss or gradients "
                 f"(train.max_nonfinite_steps={self.limit}). Each was skipped, so the parameters are those of the "
                 f"last finite step; no checkpoint is written once the limit is reached, and the newest one in "
-                f"{self.checkpoints} is kept. Lower train.learning_rate or check the data, then run again (it resumes from there)")
+                f"{self.checkpoints} is kept. Lower train.learning_rate or check the data, then run again "
+                "(it resumes from there)")

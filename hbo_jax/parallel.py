@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from hbo_jax.config import ConfigError, MeshConfig
+from hbo_jax.config import MeshConfig
+from hbo_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -27,21 +27,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hbo_jax.config_keys import GROUP_IGNORE, flatten, matches
 from hbo_jax.records import dumps
 
 log = logging.getLogger("hbo_jax.report")
 
 TASK_METRICS = ("acc", "acc_norm", "exact_match")
 FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
-# Config keys that do not make runs different experiments: the seeds (groups are replicas)
-# and bookkeeping (where and how often things are logged, evaluated, checkpointed).
-GROUP_IGNORE = ("run_dir", "train.seed", "train.data_seed", "eval.", "tracking.", "distributed.", "data.cache_dir",
-                "data.embedded_archives", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                "train.async_checkpoint", "train.allow_config_change", "train.max_nonfinite_steps")
 
 
 def _ignored(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in GROUP_IGNORE)
+    return matches(key, GROUP_IGNORE)  # the seed and bookkeeping do not make runs different experiments
 _MARKERS = ("summary.json", "metrics.jsonl", "eval.json", "probabilities_start.json", "mixing.jsonl")
 
 
@@ -69,14 +65,6 @@ def _read_json(path: Path) -> dict:
     except json.JSONDecodeError:
         log.warning("%s: not valid JSON, ignored", path)
         return {}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
-    return out
 
 
 @dataclass
@@ -265,14 +253,14 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     """Runs with equal config.yaml up to `run_dir` and the seeds, in first-seen order."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        key = json.dumps({k: v for k, v in _flatten(r.config).items() if not _ignored(k)},
+        key = json.dumps({k: v for k, v in flatten(r.config).items() if not _ignored(k)},
                          sort_keys=True, default=str)
         groups.setdefault(key, []).append(r)
     return list(groups.values())
 
 
 def _labels(groups: list[list[Run]]) -> list[str]:
-    flat = [{k: v for k, v in _flatten(g[0].config).items() if not _ignored(k)} for g in groups]
+    flat = [{k: v for k, v in flatten(g[0].config).items() if not _ignored(k)} for g in groups]
     keys = sorted({k for f in flat for k in f if len({json.dumps(x.get(k), default=str) for x in flat}) > 1})
     if not keys:
         return [g[0].strategy for g in groups]

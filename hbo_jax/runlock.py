@@ -35,8 +35,8 @@ from pathlib import Path
 
 import jax
 
-from hbo_jax.config import ConfigError
 from hbo_jax.distributed import any_process
+from hbo_jax.errors import RunLocked
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0  # ten missed heartbeats: generous for clock skew between NFS client and server
 # flock on a filesystem that does not implement it
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-
-
-class RunLocked(ConfigError):
-    """Another run holds the run directory; the message names it."""
 
 
 def _pid_alive(pid) -> bool:

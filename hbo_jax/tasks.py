@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hbo_jax.data import tokenizer as tok_lib
-from hbo_jax.data.formats import to_conversation
+from hbo_jax.data.formats import BadRow, iter_rows, to_conversation
 
 _LETTER = re.compile(r"^(?:answer\s*[:：]?\s*)?[\[(]?\s*([A-J])\s*[\])]?[.:)]?$", re.IGNORECASE)
 _NUMBER = re.compile(r"^[-+]?[$€£¥]?\s*[-+]?\d[\d,]*(?:\.\d+)?\s*%?$|^[-+]?\.\d+\s*%?$")
@@ -48,8 +48,6 @@ def read_eval_items(path, fmt: str = "auto") -> list[EvalItem]:
     Rows the data pipeline skips are skipped here too; `fmt` forces the row format as
     `data.subsets.<name>.format` does.
     """
-    from hbo_jax.data.formats import BadRow, iter_rows
-
     items = []
     for spec in ([path] if isinstance(path, (str, Path)) else path):
         for _, row in iter_rows(spec):

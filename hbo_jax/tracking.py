@@ -113,10 +113,6 @@ class Tracker:
         if self._wandb is not None and clean:
             self._wandb.log({k: (v if math.isfinite(v) else None) for k, v in clean.items()}, step=int(step))
 
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -124,12 +120,6 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-    def __enter__(self) -> "Tracker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _start_wandb(cfg, run_dir: Path, config: dict | None):

@@ -24,11 +24,12 @@ import numpy as np
 from hbo_jax.algorithm import Algorithm, RunContext, algorithm_class
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
-from hbo_jax.config import Config, ConfigError, load_config, to_dict, to_yaml
+from hbo_jax.config import Config, load_config, to_dict, to_yaml
 from hbo_jax.data.packing import default_pack_rows
-from hbo_jax.data.prepare import PreparedData, data_notes, prepare
+from hbo_jax.data.prepare import PreparedData, check_min_prob, data_notes
 from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
+from hbo_jax.errors import ConfigError
 from hbo_jax.evaluate import format_table
 from hbo_jax.hooks import Checkpointing, MetricsLog, MixingLog, ProgressBar, RunLogs
 from hbo_jax.mixing.strategies import save_schedule
@@ -38,6 +39,7 @@ from hbo_jax.parallel import batch_divisor, check_batch_size, global_batch_from_
 from hbo_jax.records import dumps
 from hbo_jax.report import write_report
 from hbo_jax.runlock import hold as hold_run_dir
+from hbo_jax.scorer import prepare
 from hbo_jax.step import make_example_nll_fn, total_nonfinite
 from hbo_jax.trainer import Trainer
 
@@ -108,6 +110,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> dict:
     raises `RunLocked` before any other work.
     """
     t_start = time.perf_counter()
+    check_min_prob(cfg)  # needs the mixture's size, so not in load_config; reads no data
     with hold_run_dir(cfg.run_dir):
         return _run(cfg, stop or StopRequest(), t_start)
 

@@ -1,4 +1,4 @@
-"""HBO actor updates: direction, invariance and fixed point (hbo.md section 1)."""
+"""HBO actor updates: direction, invariance and the fixed point p = R / sum R."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,7 @@
 import pytest
 
 from hbo_jax.config import ConfigError, load_config
+from hbo_jax.data.prepare import check_min_prob
 from hbo_jax.mixing.strategy import resolve
 
 
@@ -140,11 +141,12 @@ def test_the_documented_special_values_are_accepted(override):
 
 
 # --- mixing.min_prob against the number of subsets and buckets, before any data work ------
+# The buckets are checked by load_config; the subsets by check_min_prob, which a run calls first.
 
 def test_min_prob_is_checked_against_the_embedded_mixtures_nine_subsets():
-    load_config(overrides=["mixing.min_prob=0.11"])  # 0.99
+    check_min_prob(load_config(overrides=["mixing.min_prob=0.11"]))  # 0.99
     with pytest.raises(ConfigError, match="mixing.min_prob=0.12 times the 9 subsets"):
-        load_config(overrides=["mixing.min_prob=0.12"])
+        check_min_prob(load_config(overrides=["mixing.min_prob=0.12"]))
 
 
 def test_min_prob_is_checked_against_the_subset_files_of_a_source_dir():
@@ -152,15 +154,26 @@ def test_min_prob_is_checked_against_the_subset_files_of_a_source_dir():
 
     n = len(list(FIXTURE.glob("*.train.jsonl*")))
     with pytest.raises(ConfigError, match=f"times the {n} subsets"):
-        load_config(overrides=[f"data.source_dir={FIXTURE}", f"mixing.min_prob={1 / n}", "data.num_buckets=2"])
+        check_min_prob(load_config(overrides=[f"data.source_dir={FIXTURE}", f"mixing.min_prob={1 / n}",
+                                              "data.num_buckets=2"]))
 
 
 def test_min_prob_is_checked_against_the_declared_subsets(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  subsets:\n" + "".join(f"    s{i}:\n      train: [x{i}.jsonl]\n" for i in range(3)))
-    load_config(path, ["mixing.min_prob=0.3", "data.num_buckets=2"])
+    check_min_prob(load_config(path, ["mixing.min_prob=0.3", "data.num_buckets=2"]))
     with pytest.raises(ConfigError, match="times the 3 subsets"):
-        load_config(path, ["mixing.min_prob=0.34", "data.num_buckets=2"])
+        check_min_prob(load_config(path, ["mixing.min_prob=0.34", "data.num_buckets=2"]))
+
+
+def test_a_run_checks_min_prob_against_the_subsets_before_anything_else(tmp_path, monkeypatch, capsys):
+    from hbo_jax import train
+
+    monkeypatch.setattr(train, "prepare", lambda *a: pytest.fail("the data was prepared"))
+    run_dir = tmp_path / "run"
+    assert train.main([f"run_dir={run_dir}", "mixing.min_prob=0.12"]) == 2
+    assert "mixing.min_prob=0.12 times the 9 subsets" in capsys.readouterr().err
+    assert not run_dir.exists()
 
 
 def test_min_prob_is_checked_against_the_buckets():

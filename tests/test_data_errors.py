@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hbo_jax.data.formats import DataError, SkipReport, read_jsonl, to_conversation
+from hbo_jax.data.formats import DataError, SkipReport, read_conversations, to_conversation
 from hbo_jax.train import main
 
 from conftest import tiny_overrides
@@ -20,26 +20,26 @@ def _write(path, rows):
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl: file not found"):
-        read_jsonl(tmp_path / "nope.jsonl", "error", SkipReport())
+        read_conversations(tmp_path / "nope.jsonl", "error", SkipReport())
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
     path = _write(tmp_path / "a.train.jsonl", [GOOD, '{"messages": [', GOOD])
     with pytest.raises(DataError, match=r"a\.train\.jsonl:2: .*"):
-        read_jsonl(path, "error", SkipReport())
+        read_conversations(path, "error", SkipReport())
 
 
 def test_no_assistant_turn_names_file_and_line(tmp_path):
     path = _write(tmp_path / "a.train.jsonl", [GOOD, GOOD, NO_ASSISTANT])
     with pytest.raises(DataError, match=r"a\.train\.jsonl:3: no assistant turn"):
-        read_jsonl(path, "error", SkipReport())
+        read_conversations(path, "error", SkipReport())
 
 
 def test_skip_policy_counts_every_bad_row(tmp_path):
     path = _write(tmp_path / "a.train.jsonl", [GOOD, "not json", NO_ASSISTANT, GOOD, b"\xff".decode("latin-1")])
     path.write_bytes(path.read_bytes().replace("ÿ".encode(), b"\xff"))
     report = SkipReport()
-    rows = read_jsonl(path, "skip", report)
+    rows = read_conversations(path, "skip", report)
     assert len(rows) == 2 and report.total == 3
     assert set(report.counts) == {"malformed JSON", "no assistant turn to train on", "non-UTF-8 bytes"}
 

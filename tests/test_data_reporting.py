@@ -15,8 +15,9 @@ import pytest
 
 from hbo_jax.config import ConfigError, load_config
 from hbo_jax.data.formats import DataError, SkipReport, iter_conversations
-from hbo_jax.data.prepare import TOO_LONG, _key, _key_settings, data_notes, mixture, prepare
+from hbo_jax.data.prepare import TOO_LONG, _key, _key_settings, data_notes, mixture
 from hbo_jax.parallel import make_mesh
+from hbo_jax.scorer import prepare
 from hbo_jax.train import main
 
 from conftest import tiny_overrides

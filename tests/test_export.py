@@ -105,7 +105,7 @@ def test_smollm2_fine_tune_declares_the_gguf_context_length(tmp_path):
     (data.seq_len 512): the export declares 8192 and the file's RoPE base."""
     from gguf import GGUFReader
 
-    from hbo_jax.models.gguf import smollm2_path
+    from hbo_jax.model_init import smollm2_path
     from hbo_jax.models.pretrained import pretrained_tokenizer
 
     path = smollm2_path()

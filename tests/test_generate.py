@@ -120,7 +120,8 @@ def test_bad_arguments_are_refused(tiny):
 
 
 def test_smollm2_answers_capital_of_france():
-    from hbo_jax.models.gguf import gguf_tokenizer, load_gguf, smollm2_path
+    from hbo_jax.model_init import smollm2_path
+    from hbo_jax.models.gguf import gguf_tokenizer, load_gguf
 
     path = smollm2_path()
     if path is None:

@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from hbo_jax.config import MeshConfig
-from hbo_jax.models.gguf import gguf_tokenizer, load_gguf, smollm2_path, unpermute_qk
+from hbo_jax.model_init import smollm2_path
+from hbo_jax.models.gguf import gguf_tokenizer, load_gguf, unpermute_qk
 from hbo_jax.models.loading import CheckpointMismatch
 from hbo_jax.parallel import make_mesh
 

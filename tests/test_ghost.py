@@ -78,7 +78,8 @@ def test_ghost_norms_on_packed_rows_equal_per_example_backward():
     # Two examples per packed row of 2T tokens: example 2r at the start, 2r+1 after it.
     rows, width = B // 2, 2 * T
     p_ids, p_tg = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
-    p_mask, pos, seg = np.zeros((rows, width), np.float32), np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+    p_mask = np.zeros((rows, width), np.float32)
+    pos, seg = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
     for e in range(B):
         r, n = e // 2, int(lengths[e])
         start = 0 if e % 2 == 0 else int(lengths[e - 1])

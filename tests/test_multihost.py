@@ -140,7 +140,7 @@ def test_the_two_process_checkpoint_restores_into_one_process_on_one_device(runs
         np.testing.assert_allclose(a["p_local"], b["p_local"], rtol=1e-5)
         np.testing.assert_allclose(a["p_global"], b["p_global"], rtol=1e-5)
     # The evaluation path: parameters by logical axis names onto a 1-device mesh.
-    from hbo_jax.data.prepare import prepare
+    from hbo_jax.scorer import prepare
     from hbo_jax.models.llama import LlamaSpec, abstract_model
 
     cfg = load_config(None, tiny_overrides(multi, Path(json.loads(
@@ -200,8 +200,9 @@ def test_two_processes_export_the_same_hugging_face_directory_as_one(runs, tmp_p
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
     port, pair = _free_port(), tmp_path / "pair"
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "hbo_jax.export", str(multi), str(pair), f"distributed.coordinator_address=127.0.0.1:{port}",
-         "distributed.num_processes=2", f"distributed.process_id={i}", "distributed.initialization_timeout=120"],
+        [sys.executable, "-m", "hbo_jax.export", str(multi), str(pair),
+         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+         f"distributed.process_id={i}", "distributed.initialization_timeout=120"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
@@ -211,12 +212,12 @@ def test_two_processes_export_the_same_hugging_face_directory_as_one(runs, tmp_p
 
 
 def test_the_two_process_checkpoint_reads_by_name_as_export_writes_it(runs, tmp_path):
-    """`tensor_io.RunReader` on the pair's per-process OCDBT files, one tensor at a time on
+    """`readers.RunReader` on the pair's per-process OCDBT files, one tensor at a time on
     the host, gives the tensors `python -m hbo_jax.export` writes."""
     from safetensors.numpy import load_file
 
     from hbo_jax.export import main as export_main
-    from hbo_jax.models.tensor_io import RunReader
+    from hbo_jax.models.readers import RunReader
 
     _, multi = runs
     assert export_main([str(multi), str(tmp_path / "hf")]) == 0

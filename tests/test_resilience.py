@@ -311,7 +311,7 @@ def test_a_checkpoint_from_8_devices_restores_onto_other_meshes(reference, tmp_p
     ckpt = Checkpointer(ref_dir / "checkpoints", 3)
     for shape in ((1, 1, 1), (2, 2, 2)):
         mesh = make_mesh(MeshConfig(*shape), jax.devices()[:int(np.prod(shape))])
-        from hbo_jax.data.prepare import prepare
+        from hbo_jax.scorer import prepare
         from hbo_jax.models.llama import LlamaSpec, abstract_model
 
         cfg = load_config(None, ref_over)

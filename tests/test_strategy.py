@@ -15,7 +15,8 @@ def _strategy(*overrides):
     (["mixing.strategy=hbo"], set()),
     (["mixing.strategy=hbo", "mixing.local_source=train"], {"ref_nll"}),
     (["mixing.strategy=hbo", "mixing.global_source=train"], {"example_gradnorm"}),
-    (["mixing.strategy=hbo", "mixing.global_source=train", "mixing.local_source=train"], {"ref_nll", "example_gradnorm"}),
+    (["mixing.strategy=hbo", "mixing.global_source=train", "mixing.local_source=train"],
+     {"ref_nll", "example_gradnorm"}),
     (["mixing.strategy=mos", "mixing.local_source=train"], {"ref_nll"}),  # MoS's global ratio from training
     (["mixing.strategy=hbo_global", "mixing.local_source=train"], set()),  # no ratio reward: nothing to carry
     (["mixing.strategy=uniform"], set()),

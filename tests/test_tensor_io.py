@@ -17,8 +17,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from hbo_jax.models.gguf import GgufReader
-from hbo_jax.models.tensor_io import (INDEX_FILE, RunReader, SafetensorsReader, SafetensorsWriter, TensorInfo,
-                                      open_reader)
+from hbo_jax.models.readers import RunReader, open_reader
+from hbo_jax.models.tensor_io import INDEX_FILE, SafetensorsReader, SafetensorsWriter
 
 from conftest import tiny_overrides
 

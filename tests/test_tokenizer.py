@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from hbo_jax.data.formats import SkipReport, read_jsonl
+from hbo_jax.data.formats import SkipReport, read_conversations
 from hbo_jax.data.tokenizer import conversation_texts, encode, train_bpe, truncate
 
 from conftest import FIXTURE
@@ -14,7 +14,7 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    texts = [conversation_texts(c) for c in read_jsonl(FIXTURE / "chat.train.jsonl", "error", SkipReport())]
+    texts = [conversation_texts(c) for c in read_conversations(FIXTURE / "chat.train.jsonl", "error", SkipReport())]
     out = tmp_path_factory.mktemp("tok") / "bpe"
     train_bpe(texts, 400, out)
     return AutoTokenizer.from_pretrained(str(out))  # what a user of the saved directory does

@@ -38,15 +38,17 @@ def test_tensorboard_events_hold_logged_tags_and_values(tmp_path):
 
 
 def test_non_numeric_values_are_not_logged(tmp_path):
-    with Tracker(TrackingConfig(), tmp_path) as tracker:
-        tracker.log(3, {"loss": 1.5, "note": "text", "drawn": [[1, 2]], "flag": True, "none": None})
+    tracker = Tracker(TrackingConfig(), tmp_path)
+    tracker.log(3, {"loss": 1.5, "note": "text", "drawn": [[1, 2]], "flag": True, "none": None})
+    tracker.close()
     assert set(read_events(tmp_path / "tb")) == {("loss", 3)}
 
 
 def test_tensorboard_off_writes_no_events(tmp_path):
-    with Tracker(TrackingConfig(tensorboard=False), tmp_path) as tracker:
-        tracker.log(1, {"loss": 1.0})
-        assert not tracker.active
+    tracker = Tracker(TrackingConfig(tensorboard=False), tmp_path)
+    tracker.log(1, {"loss": 1.0})
+    assert not tracker.active
+    tracker.close()
     assert not (tmp_path / "tb").exists()
 
 
@@ -92,9 +94,10 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
 def test_wandb_offline_run_logs(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    with Tracker(TrackingConfig(tensorboard=False, wandb_project="hbo", wandb_mode="offline"), tmp_path,
-                 config={"train": {"steps": 2}}) as tracker:
-        tracker.log(1, {"loss": 2.0})
-        tracker.log(2, {"loss": 1.0, "eval/loss/chat": 1.5})
+    tracker = Tracker(TrackingConfig(tensorboard=False, wandb_project="hbo", wandb_mode="offline"), tmp_path,
+                      config={"train": {"steps": 2}})
+    tracker.log(1, {"loss": 2.0})
+    tracker.log(2, {"loss": 1.0, "eval/loss/chat": 1.5})
+    tracker.close()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (tmp_path / "wandb_run_id.txt").read_text()

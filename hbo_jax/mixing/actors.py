@@ -3,7 +3,7 @@
 HBO's actors are softmax policies whose parameters are the logits themselves (reference
 code `BaseActor`). The update takes `inner_steps` Adam steps on
     loss(w) = -sum_k R_k * log_softmax(w)_k,
-whose gradient is -(R - p * sum R): the fixed point is p = R / sum R (hbo.md §1).
+whose gradient is -(R - p * sum R): the fixed point is p = R / sum R.
 An optional guardrail adds kl * KL(p || prior) to the loss (off in the paper and code).
 One Adam over the stacked local logits [D, K] equals D independent actors because Adam
 is elementwise and the loss separates by row. Non-finite rewards never reach the logits:

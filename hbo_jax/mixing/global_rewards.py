@@ -6,7 +6,7 @@ a time.
 
   gradnorm              ||grad L(B_i)||, the probe batch's gradient norm (paper Eq. 7)
   gradnorm_per_example  mean over B_i of ||grad L(x)|| (the reference code's value; it
-                        favours short examples, hbo.md §1)
+                        favours short examples)
   cossim                mean over j != i of cos(h_i, h_j), h_i the mean final hidden state
                         over B_i's response positions (MoS transferability)
   dev_cosine            cos(grad L(B_i), grad L(B_dev)) against a dev-set batch (MultiDDS)

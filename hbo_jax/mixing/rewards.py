@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from hbo_jax.data.scoring import response_only, to_device
 from hbo_jax.data.store import collate
-from hbo_jax.parallel import batch_divisor, batch_sharding
+from hbo_jax.parallel import batch_divisor
 from hbo_jax.rng import Stream, generator
 
 
@@ -101,8 +102,6 @@ def probe_batch(stores: Sequence, picks: list[tuple[int, int]], seq_len: int, pa
 
     With `response_alone`, each example is its response without the prompt (for IFD).
     """
-    from hbo_jax.data.prepare import response_only
-
     exs = [stores[i][x] for i, x in picks]
     return collate([response_only(*e) for e in exs] if response_alone else exs, seq_len, pad_id)
 
@@ -130,11 +129,6 @@ def pad_per_dataset(batch: dict, num_datasets: int, mesh) -> dict:
         pad = np.zeros((num_datasets, per - rows) + v.shape[2:], v.dtype)
         out[k] = np.concatenate([v, pad], axis=1).reshape((num_datasets * per,) + v.shape[2:])
     return out
-
-
-def to_device(batch: dict, mesh, keys=("input_ids", "targets", "loss_mask")) -> tuple[jax.Array, ...]:
-    sh = batch_sharding(mesh)
-    return tuple(jax.device_put(batch[k], sh) for k in keys)
 
 
 def batched_example_nll(nll_fn: Callable, params, batch: dict, chunk: int, mesh) -> np.ndarray:

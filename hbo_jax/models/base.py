@@ -13,9 +13,14 @@ compiles against its shapes:
 
 from __future__ import annotations
 
+from flax import nnx
+
 from hbo_jax.config import Config
+from hbo_jax.model_init import is_pretrained
+from hbo_jax.models.hf import load_hf_tokenizer
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
-from hbo_jax.models.pretrained import is_pretrained, load_pretrained, pretrained_spec
+from hbo_jax.models.loading import load_params
+from hbo_jax.models.pretrained import load_pretrained, pretrained_spec
 
 
 def base_spec(cfg: Config, vocab_size: int | None = None) -> LlamaSpec:
@@ -38,8 +43,6 @@ def base_spec(cfg: Config, vocab_size: int | None = None) -> LlamaSpec:
     if vocab_size is None:
         vocab_size = cfg.data.vocab_size
         if cfg.data.tokenizer != "train":
-            from hbo_jax.models.hf import load_hf_tokenizer
-
             vocab_size = len(load_hf_tokenizer(cfg.data.tokenizer))
     return LlamaSpec.from_config(m, vocab_size=vocab_size)
 
@@ -69,8 +72,6 @@ def base_model(cfg: Config, mesh, data=None, abstract: bool = False):
         graphdef, params = abstract_model(spec)
         return graphdef, params, spec
     if init != "random" and data is not None and data.scorer_model is not None:
-        from flax import nnx
-
         (graphdef, params), data.scorer_model = data.scorer_model, None
         return graphdef, params, nnx.merge(graphdef, params).spec
     if is_pretrained(init):
@@ -79,8 +80,6 @@ def base_model(cfg: Config, mesh, data=None, abstract: bool = False):
         raise ValueError(f"model.init={init}: the base model needs the run's prepared data")
     spec = base_spec(cfg, len(data.tokenizer))
     if init == "scorer":
-        from hbo_jax.models.loading import load_params
-
         graphdef, params = abstract_model(spec)
         return graphdef, load_params(data.scorer_params, params, mesh), spec
     graphdef, params = init_params(spec, mesh, cfg.train.seed)

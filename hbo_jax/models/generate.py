@@ -26,11 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from hbo_jax.models.llama import DTYPES
 from hbo_jax.parallel import batch_sharding, logical_to_spec, replicated, round_up_rows
 
 _MIN_PROMPT_BUCKET = 32
 _NEW_TOKENS_BUCKET = 32
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _pow2_at_least(n: int, minimum: int = 1) -> int:
@@ -97,7 +97,7 @@ def _generate_batch(graphdef, params, tokens, pads, row_ids, eos, budget, pad_id
         tok = jnp.where(done, pad_id, tok)
         return tok, done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
-    zeros = jnp.zeros(cache_shape, _DTYPES[spec.dtype])
+    zeros = jnp.zeros(cache_shape, DTYPES[spec.dtype])
     cache = [(shard_cache(zeros), shard_cache(zeros)) for _ in range(spec.num_layers)]
     positions = jnp.maximum(jnp.arange(t)[None, :] - pads[:, None], 0)
     h, cache = model.hidden_cached(tokens, positions, cache, 0, mask(jnp.arange(t)))

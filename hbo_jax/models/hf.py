@@ -24,8 +24,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
-from hbo_jax.models.loading import VOCAB_AXES, CheckpointMismatch, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.loading import VOCAB_AXES, flat_params, params_from_flat, place_tensor
 from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter, TensorInfo
 from hbo_jax.parallel import tree_shardings
 

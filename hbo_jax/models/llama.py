@@ -19,8 +19,9 @@ from flax import nnx
 from hbo_jax.config import ModelConfig
 from hbo_jax.models import ghost as ghost_ops
 from hbo_jax.models.ghost import Ghost
+from hbo_jax.parallel import tree_shardings
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What the backward pass may keep from the forward of a rematerialised block: nothing
 # (recompute the whole block), every matmul output, or the matmul outputs without a
 # batch dimension (weights-side products; the MaxText-style middle ground).
@@ -117,10 +118,10 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] with logical axis names."""
 
     def __init__(self, d_in, d_out, names, spec: LlamaSpec, rngs, bias=False):
-        pdt = _DTYPES[spec.param_dtype]
+        pdt = DTYPES[spec.param_dtype]
         self.kernel = _param(nnx.initializers.normal(d_in ** -0.5), rngs, (d_in, d_out), pdt, names)
         self.bias = _param(nnx.initializers.zeros, rngs, (d_out,), pdt, names[1:]) if bias else None
-        self.dtype = _DTYPES[spec.dtype]
+        self.dtype = DTYPES[spec.dtype]
 
     def __call__(self, x, ghost: Ghost | None = None):
         if ghost is not None:
@@ -134,7 +135,7 @@ class Linear(nnx.Module):
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, spec: LlamaSpec, rngs):
-        self.weight = _param(nnx.initializers.ones, rngs, (dim,), _DTYPES[spec.param_dtype], ("norm",))
+        self.weight = _param(nnx.initializers.ones, rngs, (dim,), DTYPES[spec.param_dtype], ("norm",))
         self.eps = spec.rms_norm_eps
 
     def __call__(self, x, ghost: Ghost | None = None):
@@ -257,7 +258,7 @@ class LlamaLM(nnx.Module):
 
     def __init__(self, spec: LlamaSpec, rngs: nnx.Rngs):
         self.spec = spec
-        pdt = _DTYPES[spec.param_dtype]
+        pdt = DTYPES[spec.param_dtype]
         self.embed = _param(nnx.initializers.normal(0.02), rngs, (spec.padded_vocab, spec.hidden_size),
                             pdt, ("vocab_table", "embed_table"))
         self.layers = nnx.List([Block(spec, rngs) for _ in range(spec.num_layers)])
@@ -291,7 +292,7 @@ class LlamaLM(nnx.Module):
             x, aux = jnp.take(self.embed[...], tokens, axis=0), None
         else:
             x, aux = ghost_ops.embed(self.embed[...], tokens, ghost)
-        x = x.astype(_DTYPES[spec.dtype])
+        x = x.astype(DTYPES[spec.dtype])
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling,
                                spec.rope_freq_factors)
         for layer in self.layers:
@@ -317,7 +318,7 @@ class LlamaLM(nnx.Module):
             (hidden states, updated per-layer cache).
         """
         spec = self.spec
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[spec.dtype])
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[spec.dtype])
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling,
                                spec.rope_freq_factors)
         new_cache = []
@@ -356,8 +357,6 @@ def abstract_model(spec: LlamaSpec):
 
 def init_params(spec: LlamaSpec, mesh, seed: int):
     """(graphdef, params) with parameters created directly in their shardings."""
-    from hbo_jax.parallel import tree_shardings
-
     graphdef, abstract = abstract_model(spec)
     shardings = tree_shardings(abstract, mesh)
 

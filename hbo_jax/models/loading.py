@@ -14,11 +14,8 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
+from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.parallel import tree_shardings
-
-
-class CheckpointMismatch(ValueError):
-    """A weights file does not fit the model; the message names the tensor."""
 
 
 def flat_params(state) -> dict:

@@ -1,0 +1,54 @@
+"""Mean response NLL of host examples under a model, batched over the mesh.
+
+Data preparation scores difficulty with it, evaluation the held-out loss, the HBO
+probes (`hbo_jax.mixing.rewards`) their progress; `nll_fn` is a jitted per-example NLL
+(`hbo_jax.step.make_example_nll_fn`).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from hbo_jax.data.store import collate
+from hbo_jax.parallel import batch_sharding, round_up_rows
+
+
+def response_only(ids: np.ndarray, mask: np.ndarray):
+    """The response tokens alone, preceded by the token before the response (for IFD)."""
+    pos = np.flatnonzero(mask)
+    lead = ids[pos[0] - 1 : pos[0]] if pos[0] > 0 else ids[:0]
+    r_ids = np.concatenate([lead, ids[pos]])
+    r_mask = np.concatenate([np.zeros(len(lead), np.uint8), np.ones(len(pos), np.uint8)])
+    r_mask[0] = 0
+    return r_ids, r_mask
+
+
+def to_device(batch: dict, mesh, keys=("input_ids", "targets", "loss_mask")) -> tuple[jax.Array, ...]:
+    sh = batch_sharding(mesh)
+    return tuple(jax.device_put(batch[k], sh) for k in keys)
+
+
+def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: int,
+                   batch_size: int, desc: str = "") -> np.ndarray:
+    """Mean response NLL per example in one batched pass, padded per length bucket."""
+    batch_size = round_up_rows(batch_size, mesh)
+    lengths = np.array([len(ids) for ids, _ in examples])
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros(len(examples), np.float64)
+    pending: list = []
+    for a in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not desc):
+        idx = order[a:a + batch_size]
+        width = int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(lengths[idx].max() - 1, 1)))))))
+        chunk = [examples[i] for i in idx] + [examples[idx[0]]] * (batch_size - len(idx))
+        batch = collate(chunk, width, pad_id)
+        pending.append((idx, nll_fn(params, *to_device(batch, mesh))[0]))
+        # Read results back two batches late: the host pads the next batch while the
+        # device runs this one, and at most a few batches wait in memory.
+        while len(pending) > 2:
+            i, nll = pending.pop(0)
+            out[i] = np.asarray(nll)[: len(i)]
+    for i, nll in pending:
+        out[i] = np.asarray(nll)[: len(i)]
+    return out
