@@ -51,7 +51,7 @@ def test_the_prepared_key_holds_train_seed_but_not_data_seed(tmp_path):
 
 def test_data_seeds_start_from_bitwise_equal_parameters(tmp_path):
     """data_seed=0 prepares (scorer kept in memory); data_seed=1 finds it and reads the scorer file."""
-    from hbo_jax.data.prepare import prepare
+    from hbo_jax.scorer import prepare
     from hbo_jax.models.base import base_model
     from hbo_jax.parallel import make_mesh
 
