@@ -11,30 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from hbo_jax.algorithm import Algorithm
 from hbo_jax.config import to_dict
 from hbo_jax.evaluate import evaluate_model
-from hbo_jax.parallel import replicated
+from hbo_jax.parallel import sums_from_json, sums_to_json
 from hbo_jax.records import JsonlWriter
 from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
 from hbo_jax.trainer import StepInfo
-
-
-def to_host(tree: dict | None) -> dict | None:
-    """Device sums -> JSON (value and dtype), so a checkpoint carries them exactly."""
-    if tree is None:
-        return None
-    return {k: {"value": np.asarray(jax.device_get(v)).tolist(), "dtype": str(np.asarray(v).dtype)}
-            for k, v in tree.items()}
-
-
-def from_host(saved: dict | None, mesh) -> dict | None:
-    if not saved:
-        return None
-    return jax.device_put({k: np.asarray(v["value"], v["dtype"]) for k, v in saved.items()}, replicated(mesh))
 
 
 class ProgressBar:
@@ -99,10 +84,10 @@ class MetricsLog:
         self.restart_clock()
 
     def state(self) -> dict | None:
-        return to_host(self.acc)
+        return sums_to_json(self.acc)
 
     def load_state(self, saved: dict | None, mesh) -> None:
-        self.acc = from_host(saved, mesh)
+        self.acc = sums_from_json(saved, mesh)
 
 
 class MixingLog:

@@ -105,6 +105,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def sums_to_json(tree: dict | None) -> dict | None:
+    """Device arrays by name -> JSON (value and dtype), so a checkpoint's metadata carries them exactly."""
+    if tree is None:
+        return None
+    return {k: {"value": np.asarray(jax.device_get(v)).tolist(), "dtype": str(np.asarray(v).dtype)}
+            for k, v in tree.items()}
+
+
+def sums_from_json(saved: dict | None, mesh: Mesh) -> dict | None:
+    """`sums_to_json`'s output back on the mesh, replicated (an older plain list reads as float32)."""
+    if not saved:
+        return None
+    arrays = {k: np.asarray(v["value"], v["dtype"]) if isinstance(v, dict) else np.asarray(v, np.float32)
+              for k, v in saved.items()}
+    return jax.device_put(arrays, replicated(mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch) dimension over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

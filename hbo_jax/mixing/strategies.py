@@ -23,7 +23,7 @@ from hbo_jax.config import ConfigError, MixingConfig
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.mixing import actors, global_rewards, rewards
 from hbo_jax.mixing.strategy import Strategy, prior
-from hbo_jax.parallel import replicated, round_up_rows
+from hbo_jax.parallel import replicated, round_up_rows, sums_from_json, sums_to_json
 from hbo_jax.records import dumps
 from hbo_jax.step import make_example_nll_fn
 
@@ -255,19 +255,11 @@ class Mixer:
 
     def saved_statistics(self) -> dict | None:
         """The partial sums as JSON (values and dtypes), so a checkpoint carries them exactly."""
-        if self._stats is None:
-            return None
-        return {k: {"value": np.asarray(jax.device_get(v)).tolist(), "dtype": str(np.asarray(v).dtype)}
-                for k, v in self._stats.items()}
+        return sums_to_json(self._stats)
 
     def load_statistics(self, saved: dict | None) -> None:
         """Restores `saved_statistics()` (also the older form: plain float32 lists)."""
-        if not saved:
-            self._stats = None
-            return
-        arrays = {k: np.asarray(v["value"], v["dtype"]) if isinstance(v, dict) else np.asarray(v, np.float32)
-                  for k, v in saved.items()}
-        self._stats = jax.device_put(arrays, replicated(self.mesh))
+        self._stats = sums_from_json(saved, self.mesh)
 
     def _local_ratio(self, params, train_stats) -> tuple[np.ndarray, np.ndarray]:
         """(per-group [D, K], per-dataset [D]) progress ratio to theta0 (`mixing.local_reward`),
