@@ -202,3 +202,35 @@ def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
     n = np.asarray(sizes, np.float64)
     p = np.ones_like(n) if math.isinf(temperature) else n ** (1.0 / temperature)
     return p / p.sum()
+
+
+def settings_that_matter(cfg: MixingConfig) -> dict:
+    """The `mixing.*` settings this strategy reads, resolved (e.g. temperature 0 -> its default).
+
+    Two runs whose settings here are equal sample the same way, whatever their other
+    `mixing.*` keys say: the report groups and labels runs by these.
+    """
+    s = resolve(cfg)
+    out: dict = {"strategy": cfg.strategy}
+    if cfg.strategy == "replay":  # the recorded schedule, step for step
+        return {**out, "replay_from": cfg.replay_from}
+    if cfg.strategy not in ("uniform", "proportional"):  # their name fixes the prior
+        out["temperature"] = s.temperature
+    out["min_prob"] = cfg.min_prob
+    if s.dynamic:
+        out.update(actor_lr=cfg.actor_lr, inner_steps=cfg.inner_steps, kl_to_prior=cfg.kl_to_prior)
+    g, local = s.actor("global"), s.actor("local", "flat")
+    if g is not None:
+        out.update(global_reward=g.reward, global_source=g.source, global_every=g.every, ema=cfg.ema)
+        if s.train_gradnorm:
+            out["global_train_steps"] = cfg.global_train_steps
+    if local is not None:
+        out.update(local_reward=local.reward, local_source=local.source, local_every=local.every)
+    global_probes, local_probes = s.global_probes, s.progress_ratio and not s.ratio_from_train  # as the Mixer
+    if global_probes:
+        out["global_probes_per_bucket"] = cfg.global_probes_per_bucket
+    if local_probes:
+        out["local_probes_per_group"] = cfg.local_probes_per_group
+    if global_probes or local_probes:
+        out["probe_budget"] = cfg.probe_budget
+    return out
