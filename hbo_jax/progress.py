@@ -2,10 +2,11 @@
 
 A bar redraws itself with carriage returns; written to a redirected log, a few minutes of
 training become hundreds of segments of one line. So `progress` gives a tqdm bar only
-when stderr is a terminal; otherwise the same calls (iteration, `update`, `set_postfix`,
-`close`) log one line every `LINE_EVERY_S` seconds, and a last line when a loop that
-logged before ends (or when `leave`). A loop that ends sooner logs nothing: there was
-nothing to wait for (e.g. inputs whose digests are remembered, so nothing is hashed).
+when stderr is a terminal (or a notebook's); otherwise the same calls (iteration,
+`update`, `set_postfix`, `close`) log one line every `LINE_EVERY_S` seconds, and a last
+line when a loop that logged before ends (or when `leave`). A loop that ends sooner logs
+nothing: there was nothing to wait for (e.g. inputs whose digests are remembered, so
+nothing is hashed).
 
 Only the standard library and, when present, tqdm: `hbo_jax.data.fetch` runs without
 anything installed.
@@ -31,9 +32,9 @@ _FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"
 
 
 def on_terminal() -> bool:
-    """Whether stderr (where a bar draws) is a terminal."""
+    """Whether stderr (where a bar draws) is a terminal, or a notebook's (a widget there)."""
     isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty and isatty())
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
 
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, initial: int = 0,
