@@ -85,7 +85,8 @@ class ValidationBatches:
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, pad_id: int, seed: int):
-        self.examples, self.batch_size, self.seq_len, self.pad_id, self.seed = examples, batch_size, seq_len, pad_id, seed
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.seq_len, self.pad_id = seq_len, pad_id
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
