@@ -26,7 +26,9 @@ from conftest import FIXTURE, tiny_overrides
 from test_algorithm_seam import _StopAfter
 from test_resilience import rows, saved
 
-EXTRA = ("algorithm=scalebio", "scalebio.validation_subsets=[arithmetic]", "train.steps=4",
+# sampling=weights: the sampler follows p, so a resume must restore the schedule too (the
+# reference's uniform batches run in tests/test_multihost.py and tests/test_scalebio_step.py).
+EXTRA = ("algorithm=scalebio", "scalebio.validation_subsets=[arithmetic]", "scalebio.sampling=weights", "train.steps=4",
          "train.checkpoint_every=2", "eval.every=0", "eval.tasks=false", "tracking.tensorboard=false",
          "distributed.trace=true")
 ITEMS = ("train", "u", "lambda")
@@ -63,6 +65,11 @@ def test_a_run_writes_the_usual_outputs_and_the_learned_weights(whole):
     for f in ("eval.json", "report/report.md", "report/p_global.png", "schedule.json"):
         assert (whole / f).is_file(), f
     assert set(ITEMS) <= {p.name for p in (whole / "checkpoints" / "4").iterdir()}
+    # sampling=weights: the batch of step s + 1 was drawn with the p that step s left.
+    entries = json.loads((whole / "schedule.json").read_text())["entries"]
+    assert [e["from_step"] for e in entries] == [0, 1, 2, 3]
+    for e, r in zip(entries[1:], mixing):
+        np.testing.assert_allclose(e["p_global"], r["p_global"], rtol=1e-12)
     # The weights as a static mixture that a later run replays (mixing.replay_from).
     sched = load_schedule(summary["scalebio_weights_file"], summary["subsets"], 2)
     assert sched.at(0)[0].tolist() == mixing[-1]["p_global"] and len(sched.entries) == 1
