@@ -12,6 +12,7 @@ import pytest
 from hbo_jax.config import MeshConfig, load_config
 from hbo_jax.data import prepare as prepare_lib
 from hbo_jax.data.store import collate
+from hbo_jax.data.validation import validation_examples
 from hbo_jax.distributed import _digest
 from hbo_jax.errors import ConfigError
 from hbo_jax.memory import model_spec, plan
@@ -104,6 +105,20 @@ def test_every_training_row_is_a_training_example_and_none_a_validation_example(
     assert val and not val & train
     drawn = {d for r in _lines(whole, "trace/process_0.jsonl") if r["kind"] == "batch" for d in r["digest"]}
     assert len(drawn) > 8 and drawn <= train
+
+
+def test_validation_files_are_tokenized_like_the_mixture(whole, shared_cache):
+    """A file of its own gives the same examples as the subset whose eval split it is."""
+    eval_file = FIXTURE / "arithmetic.eval.jsonl"
+    cfg = load_config(None, _overrides(whole, shared_cache, "scalebio.validation_subsets=[]",
+                                       f"scalebio.validation_files=[{eval_file}]"))
+    data = prepare_lib.load(Path(json.loads((whole / "summary.json").read_text())["prepared"]), cfg)
+    got = validation_examples(cfg, data)
+    ev = data.eval[data.names.index("arithmetic")]
+    assert len(got) == len(ev) > 0
+    for (ids, mask), i in zip(got, range(len(ev))):
+        np.testing.assert_array_equal(ids, ev[i][0])
+        np.testing.assert_array_equal(mask, ev[i][1])
 
 
 def test_draw_takes_floor_n_p_rows_per_subset_and_the_validation_set_only_when_asked(whole, tmp_path):
