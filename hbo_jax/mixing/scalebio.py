@@ -29,7 +29,7 @@ import numpy as np
 from hbo_jax.algorithm import Algorithm, PlanContext, RunContext
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.data.validation import ValidationBatches, training_duplicates, validation_examples
-from hbo_jax.mixing.scalebio_step import (LambdaState, init_lambda, make_optimizers, make_scalebio_step)
+from hbo_jax.mixing.scalebio_step import LambdaState, init_lambda, make_optimizers, make_scalebio_step
 from hbo_jax.mixing.strategies import save_schedule
 from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, replicated
 from hbo_jax.step import abstract_train_state, init_train_state, state_shardings
@@ -64,6 +64,7 @@ class ScaleBiO(Algorithm):
     def __init__(self, ctx: RunContext):
         cfg, data, mesh, tc, sc = ctx.cfg, ctx.data, ctx.mesh, ctx.cfg.train, ctx.cfg.scalebio
         self.cfg, self.names, self.k, self.total_steps = cfg, list(data.names), data.num_buckets, tc.steps
+        self.mesh, self.run_dir = mesh, Path(cfg.run_dir)
         self.uniform = sc.sampling == "uniform"
         self.val_rows = sc.val_batch_size or tc.batch_size
         check_batch_size("scalebio.val_batch_size", self.val_rows, mesh)
@@ -79,7 +80,6 @@ class ScaleBiO(Algorithm):
         self.w = init_train_state(_copy(ctx.params), self.txs.w, mesh)
         self.u = init_train_state(ctx.params, self.txs.u, mesh)
         self.lam = init_lambda(len(self.names), self.txs.lam, mesh)
-        self.mesh = mesh
         shardings = (state_shardings(self.u), state_shardings(self.w), _lambda_shardings(self.lam, mesh))
         self._step = make_scalebio_step(ctx.graphdef, self.txs, mesh, len(self.names), self.k, sc, tc.steps,
                                         shardings, self.uniform)
@@ -87,7 +87,6 @@ class ScaleBiO(Algorithm):
         self.p_local = sizes / sizes.sum(1, keepdims=True)  # uniform over a subset's examples
         p0 = sizes.sum(1) / sizes.sum() if self.uniform else softmax(np.zeros(len(self.names)))
         self.schedule = ProbabilitySchedule(p0, self.p_local)
-        self.run_dir = Path(cfg.run_dir)
 
     def state(self) -> dict:
         return {"train": self.w, "u": self.u, "lambda": self.lam}

@@ -50,6 +50,8 @@ class LambdaState:
 
 
 class Optimizers(NamedTuple):
+    """The optimizers of u, w (`SkipNonFinite`: a non-finite update is skipped) and lambda."""
+
     u: Any
     w: Any
     lam: Any
