@@ -1,6 +1,6 @@
 """The seam between the training loop and a training method.
 
-A training method (HBO and every sampling strategy; later ScaleBiO) is an `Algorithm`:
+A training method (HBO and every sampling strategy; ScaleBiO) is an `Algorithm`:
 it owns its state as named PyTrees (what a checkpoint saves), its jitted step(s), what
 happens after a step (actor updates, records for `mixing.jsonl`), the parameters that
 are evaluated and exported, and the programs the memory planner compiles. The loop in
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 # name -> "module:attribute" (imported on use) or the class itself (tests, plug-ins).
-_REGISTRY: dict[str, str | type] = {"sampling": "hbo_jax.mixing.sampling_algorithm:SamplingAlgorithm"}
+_REGISTRY: dict[str, str | type] = {"sampling": "hbo_jax.mixing.sampling_algorithm:SamplingAlgorithm",
+                                     "scalebio": "hbo_jax.mixing.scalebio:ScaleBiO"}
 
 
 def register(name: str, algorithm: str | type) -> None:
@@ -102,12 +103,15 @@ class Algorithm(abc.ABC):
         batch_fields: Extra per-row batch fields the step needs (e.g. `ref_nll`).
         mixing_seconds: Wall-clock spent on work other than the train step proper
             (rewards, actor updates), for the logged mixing share.
+        mean_metrics: Further scalar metrics of `step` that `metrics.jsonl` gets as their
+            mean over the log interval.
     """
 
     label: str = ""
     schedule: Any
     batch_fields: frozenset[str] = frozenset()
     mixing_seconds: float = 0.0
+    mean_metrics: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def state(self) -> dict[str, Any]:
@@ -132,6 +136,14 @@ class Algorithm(abc.ABC):
     def params(self):
         """The parameters to evaluate and export."""
         return self.state()["train"].params
+
+    def start_probabilities(self) -> tuple:
+        """(p_global, p_local) the run starts with, for `probabilities_start.json` and the plots."""
+        return self.schedule.at(0)
+
+    def traced_state(self) -> dict[str, Any]:
+        """The replicated state every process must hold identically (`distributed.trace` digests it)."""
+        return {k: v for k, v in self.state().items() if k != "train"}
 
     def start(self) -> None:
         """A fresh run, after the starting model was evaluated and before step 1."""

@@ -176,6 +176,39 @@ class MixingConfig:
 
 
 @dataclass
+class ScaleBiOConfig:
+    """ScaleBiO (`algorithm=scalebio`): per-subset weights learned against a validation set.
+
+    docs/scalebio_settings.md says which defaults reproduce the reference code and where the
+    paper and the code differ. The defaults are the reference's v2 (math) scripts.
+    """
+
+    alpha: float = 100.0  # penalty coefficient of the minimax form: L1(w) + alpha (L2(w) - L2(u))
+    lr_u: float = 1e-5  # peak learning rates; each follows one cosine-with-warm-up to 0
+    lr_w: float = 1e-5
+    lr_lambda: float = 1e-2
+    wd_uw: float = 5e-4  # AdamW weight decay of u and w
+    wd_lambda: float = 0.01  # of the logits (torch AdamW's default: the reference never sets it)
+    warmup_ratio: float = 0.03  # linear warm-up over int(ratio * train.steps) steps
+    # Clip the gradient norm of u and of w at this, in units of the gradient of L2 (the
+    # reference clips the alpha-scaled gradients at alpha: the same); 0 = no clipping.
+    clip: float = 1.0
+    # Growing alpha (off in every released script): train.steps split into outer_iters
+    # iterations; in iteration i alpha is alpha * tau^(i+1) and the learning rates * tau^-i.
+    tau: float = 1.0
+    outer_iters: int = 1
+    # The validation set: the eval files of these subsets of the mixture, or these files
+    # (any format data.subsets reads; `validation_format` as a subset's `format`). One of the two.
+    validation_subsets: list[str] = field(default_factory=list)
+    validation_files: list[str] = field(default_factory=list)
+    validation_format: str = "auto"
+    val_batch_size: int = 0  # validation examples per step; 0 = train.batch_size (the reference)
+    # uniform: batches uniform over the pooled training examples, p reweights the loss (the
+    # reference); weights: the sampler draws subsets with p_global = p, the loss is the plain mean.
+    sampling: str = "uniform"
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300
     batch_size: int = 16
@@ -278,12 +311,13 @@ class DistributedConfig:
 class Config:
     run_dir: str = "runs/demo"
     # The training method (`hbo_jax.algorithm`): "sampling" = fine-tuning on batches drawn
-    # by `mixing.strategy` (HBO, the baselines, replay).
+    # by `mixing.strategy` (HBO, the baselines, replay); "scalebio" = ScaleBiO (`scalebio.*`).
     algorithm: str = "sampling"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
+    scalebio: ScaleBiOConfig = field(default_factory=ScaleBiOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -307,6 +341,7 @@ _CHOICES = {
     "mixing.global_source": ("probes", "train"),
     "mixing.global_reward": ("auto", "gradnorm", "gradnorm_per_example", "cossim", "dev_cosine", "ppl_ratio"),
     "mixing.local_reward": ("ppl_ratio", "loss_ratio", "ifd_ratio"),
+    "scalebio.sampling": ("uniform", "weights"),
     "tracking.wandb_mode": ("online", "offline", "disabled"),
     "distributed.mode": ("auto", "on", "off"),
 }
@@ -368,7 +403,21 @@ def validate(cfg: Config) -> Config:
         log.warning("train.warmup_steps=%d > train.steps=%d: the learning rate never reaches "
                     "train.learning_rate", cfg.train.warmup_steps, cfg.train.steps)
     _validate_min_prob(cfg)
+    if cfg.algorithm == "scalebio":
+        _validate_scalebio(cfg)
     return cfg
+
+
+def _validate_scalebio(cfg: Config) -> None:
+    sc = cfg.scalebio
+    if bool(sc.validation_subsets) == bool(sc.validation_files):
+        raise ConfigError("algorithm=scalebio needs a validation set: set exactly one of scalebio.validation_subsets "
+                          "(eval files of named subsets) and scalebio.validation_files "
+                          f"(got {list(sc.validation_subsets)} and {list(sc.validation_files)})")
+    if sc.validation_format not in DATA_FORMATS:
+        raise ConfigError(f"scalebio.validation_format={sc.validation_format!r} is not one of {list(DATA_FORMATS)}")
+    if cfg.data.packing:
+        raise ConfigError("algorithm=scalebio does not pack batches yet: set data.packing=false")
 
 
 _SUBSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -22,7 +22,7 @@ GROUP_IGNORE = (*BOOKKEEPING, "train.seed", "train.data_seed")
 
 # A resume: a change to a key in these sections breaks the exact continuation, except for
 # the keys of RESUME_FREE (bookkeeping and the final evaluation's cap).
-RESUME_SECTIONS = ("model.", "data.", "scorer.", "mixing.", "train.")
+RESUME_SECTIONS = ("model.", "data.", "scorer.", "mixing.", "scalebio.", "train.")
 RESUME_FREE = (*BOOKKEEPING, "data.max_eval_per_subset")
 # Refused even with train.allow_config_change: the checkpoint cannot be read into the new
 # shapes, or the sampler's stream is keyed by the value (train.data_seed by its resolved

@@ -77,6 +77,7 @@ class MetricsLog:
         tok = host["group_token_nll"].reshape(d, self.k).sum(1)
         cnt = host["group_tokens"].reshape(d, self.k).sum(1)
         line.update({f"loss/{n}": float(t / c) for n, t, c in zip(self.names, tok, cnt) if c > 0})
+        line.update({k: float(host[k] / nsteps) for k in self.algorithm.mean_metrics if k in host})
         line["drawn"] = host["group_examples"].reshape(d, self.k).astype(int).tolist()
         self.writer.write(line)
         self.last_line, self.last_span = line, f"steps {done - nsteps + 1}-{done}"
@@ -100,8 +101,7 @@ class MixingLog:
     def __call__(self, info: StepInfo) -> None:
         for record in info.records:
             self.writer.write(record)
-            state = {k: v for k, v in self.algorithm.state().items() if k != "train"}
-            self.trace.mixer(info.step, state, self.algorithm.schedule.at(info.step))
+            self.trace.mixer(info.step, self.algorithm.traced_state(), self.algorithm.schedule.at(info.step))
             self.on_record(info.step, record)
 
 

@@ -160,7 +160,11 @@ def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, clip
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr * 0.1)
     adamw = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay)
     # identity keeps the state's tree the same either way, so a resume may change `clip`
-    inner = optax.chain(clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
+    return skip_nonfinite(optax.chain(clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw))
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> SkipNonFinite:
+    """`inner` wrapped so that an update with non-finite gradients is skipped and counted (`apply_update`)."""
     tx = optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
     return SkipNonFinite(tx.init, tx.update, inner)
 

@@ -6,8 +6,9 @@ scalars to W&B (imported lazily: `pip install wandb`). Only process 0 writes.
 
 Metric names (buckets are 1-based, `b1` = easiest, as in the report's figures):
   training (metrics.jsonl)  loss, grad_norm, loss_tokens_per_s, examples, mixing_share,
-                            loss/<subset>, drawn/<subset> (examples drawn this interval)
-  mixing (mixing.jsonl)     p_global/<subset>, p_local/<subset>/b<j>, reward/global/<subset>,
+                            loss/<subset>, drawn/<subset> (examples drawn this interval),
+                            an algorithm's `mean_metrics` (ScaleBiO: L1, L2_w, L2_u, gap, grad_norm_u)
+  mixing (mixing.jsonl)     p_global/<subset>, p_local/<subset>/b<j>, reward/global/<subset>, lambda/<subset>,
                             reward/local/<subset>/b<j>, ppl_ratio/<subset>/b<j>, mixing/seconds
   evaluation                <prefix>/<key>/<subset> for key in loss, ppl, acc, acc_norm,
                             exact_match; <prefix>/bucket_loss/<subset>/b<j>; subset
@@ -45,7 +46,7 @@ def _bucket(j: int) -> str:
 def mixing_scalars(record: dict, names: Sequence[str]) -> dict[str, float]:
     """Scalars of one mixing.jsonl record (an actor update or a replayed schedule entry)."""
     out: dict[str, float] = {}
-    for key, prefix in (("p_global", "p_global"), ("reward_global", "reward/global")):
+    for key, prefix in (("p_global", "p_global"), ("reward_global", "reward/global"), ("lambda", "lambda")):
         for n, v in zip(names, record.get(key) or []):
             out[f"{prefix}/{n}"] = float(v)
     for key, prefix in (("p_local", "p_local"), ("reward_local", "reward/local"), ("ppl_ratio", "ppl_ratio")):

@@ -148,7 +148,7 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
             logs.periodic_eval(0, algo.params)
         algo.start()
         _write_json(run_dir / "probabilities_start.json",
-                    dict(zip(("step", "p_global", "p_local"), (0, *(p.tolist() for p in algo.schedule.at(0))))))
+                    dict(zip(("step", "p_global", "p_local"), (0, *(p.tolist() for p in algo.start_probabilities())))))
     for record in algo.resumed(start):
         logs.writers["mixing.jsonl"].write(record)
 
@@ -243,7 +243,7 @@ def _finish(cfg: Config, data: PreparedData, algo: Algorithm, checkpoints: Check
         write_report(run_dir)  # reads the logs and summary.json written above
         print("\nHeld-out response loss / perplexity and task metric per subset:")
         print(format_table(before, after))
-        print("\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(data.names, pg)))
+        print("\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in summary["p_global_final"].items()))
         print(f"mixing overhead: {100 * summary['mixing_share']:.1f}% of the training loop "
               f"({algo.mixing_seconds:.1f}s of {loop_seconds:.1f}s)")
         print(f"time: data preparation {times['prepare']:.1f}s, training loop {loop_seconds:.1f}s, "

@@ -35,11 +35,11 @@ def rows(run_dir: Path, name: str) -> list[dict]:
             for l in (run_dir / name).read_text().splitlines()]
 
 
-def saved(run_dir: Path, step: int) -> dict:
-    """A checkpoint's train/mixer arrays (as numpy) and sampler state, restored replicated."""
+def saved(run_dir: Path, step: int, items: tuple[str, ...] = ("train", "mixer")) -> dict:
+    """A checkpoint's arrays of `items` (as numpy) and sampler state, restored replicated."""
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     out = {}
-    for item in ("train", "mixer"):
+    for item in items:
         path = run_dir / "checkpoints" / str(step) / item
         meta = ocp.StandardCheckpointer().metadata(path).item_metadata
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(mesh, P())),

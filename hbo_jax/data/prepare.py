@@ -210,7 +210,7 @@ def _tokenizer(cfg: Config, subsets: list[Subset]):
 TOO_LONG = "longer than data.seq_len (data.too_long=drop)"  # the skip reason of a dropped example
 
 
-def _encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> tuple[list, int]:
+def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> tuple[list, int]:
     """(ids, mask) of every usable row of the inputs, in order, and how many of them were cut.
 
     Bad rows go by `data.bad_input`; rows longer than data.seq_len by `data.too_long`. This is
@@ -338,10 +338,10 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     encoded, counts = {}, {}
     for s in progress(mix, desc="tokenizing"):
         tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
-        tr, tr_cut = _encode(tokenizer, s.train, s.format, cfg, tr_report)
+        tr, tr_cut = encode(tokenizer, s.train, s.format, cfg, tr_report)
         if len(tr) < cfg.data.num_buckets:
             raise DataError(_too_few(s, len(tr), tr_report, cfg.data.num_buckets))
-        ev, ev_cut = _encode(tokenizer, s.eval, s.format, cfg, ev_report)
+        ev, ev_cut = encode(tokenizer, s.eval, s.format, cfg, ev_report)
         report.merge(tr_report)
         report.merge(ev_report)
         encoded[s.name] = (tr, ev)

@@ -1,0 +1,156 @@
+"""ScaleBiO as a training method (`algorithm=scalebio`): data weights learned against a validation set.
+
+An auxiliary model u and the main model w start from the same base; the logits lambda of
+the data weights p = softmax(lambda) start at 0 (uniform). Each step updates all three
+on one training batch and one validation batch (`hbo_jax.mixing.scalebio_step`); w is
+the model that is evaluated, exported and checkpointed as `train`.
+
+Batches (`scalebio.sampling`): `uniform` draws them uniformly over the pooled training
+examples and p reweights the loss, as the reference does; `weights` has the hierarchical
+sampler draw subsets with p_global = p (refreshed after every step) and examples
+uniformly within a subset, and the loss is the plain mean.
+
+Outputs: p and lambda in `mixing.jsonl` every `train.log_every` steps and at the end
+(as `p_global`, with the sampler's `p_local`, so the plots and the report read them),
+L1, L2_w, L2_u and their gap in `metrics.jsonl`, and the learned weights as a static
+schedule in `scalebio_weights.json` (`mixing.strategy=replay mixing.replay_from=<that
+file>` trains on them; `python -m hbo_jax.mixing.draw` draws a fixed-size set from them).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hbo_jax.algorithm import Algorithm, PlanContext, RunContext
+from hbo_jax.data.sampler import ProbabilitySchedule
+from hbo_jax.data.validation import ValidationBatches, training_duplicates, validation_examples
+from hbo_jax.mixing.scalebio_step import LambdaState, init_lambda, make_optimizers, make_scalebio_step
+from hbo_jax.mixing.strategies import save_schedule
+from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, replicated
+from hbo_jax.step import abstract_train_state, init_train_state, state_shardings
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "scalebio_weights.json"
+
+
+def softmax(logits) -> np.ndarray:
+    """p = softmax(lambda) on the host, in float64."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def _copy(tree):
+    """A second copy of the parameters on the same devices and shardings (u and w start equal)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
+
+
+def _lambda_shardings(lam, mesh):
+    return jax.tree.map(lambda _: replicated(mesh), lam)
+
+
+class ScaleBiO(Algorithm):
+    """u, w and the data-weight logits, trained together (module docstring)."""
+
+    label = "scalebio"
+    mean_metrics = ("L1", "L2_w", "L2_u", "gap", "grad_norm_u")
+
+    def __init__(self, ctx: RunContext):
+        cfg, data, mesh, tc, sc = ctx.cfg, ctx.data, ctx.mesh, ctx.cfg.train, ctx.cfg.scalebio
+        self.cfg, self.names, self.k, self.total_steps = cfg, list(data.names), data.num_buckets, tc.steps
+        self.mesh, self.run_dir = mesh, Path(cfg.run_dir)
+        self.uniform = sc.sampling == "uniform"
+        self.val_rows = sc.val_batch_size or tc.batch_size
+        check_batch_size("scalebio.val_batch_size", self.val_rows, mesh)
+        examples = validation_examples(cfg, data)
+        dup = training_duplicates(examples, data.train)
+        if dup:
+            log.warning("scalebio: %d of the %d validation examples have the same tokens as a training example",
+                        dup, len(examples))
+        log.info("scalebio: %d validation examples, %d a step; sampling=%s", len(examples), self.val_rows,
+                 sc.sampling)
+        self.val = ValidationBatches(examples, self.val_rows, cfg.data.seq_len, data.pad_id, tc.resolved_data_seed)
+        self.txs = make_optimizers(sc, tc.steps)
+        self.w = init_train_state(_copy(ctx.params), self.txs.w, mesh)
+        self.u = init_train_state(ctx.params, self.txs.u, mesh)
+        self.lam = init_lambda(len(self.names), self.txs.lam, mesh)
+        shardings = (state_shardings(self.u), state_shardings(self.w), _lambda_shardings(self.lam, mesh))
+        self._step = make_scalebio_step(ctx.graphdef, self.txs, mesh, len(self.names), self.k, sc, tc.steps,
+                                        shardings, self.uniform)
+        sizes = np.array([[len(leaf) for leaf in row] for row in data.leaves()], np.float64)
+        self.p_local = sizes / sizes.sum(1, keepdims=True)  # uniform over a subset's examples
+        p0 = sizes.sum(1) / sizes.sum() if self.uniform else softmax(np.zeros(len(self.names)))
+        self.schedule = ProbabilitySchedule(p0, self.p_local)
+
+    def state(self) -> dict:
+        return {"train": self.w, "u": self.u, "lambda": self.lam}
+
+    def load_state(self, trees: dict, meta: dict) -> None:
+        self.w, self.u, self.lam = trees["train"], trees["u"], trees["lambda"]
+
+    def start_probabilities(self) -> tuple:
+        return softmax(np.zeros(len(self.names))), self.p_local  # lambda starts at 0
+
+    def traced_state(self) -> dict:
+        return {"lambda": self.lam}
+
+    def p(self) -> np.ndarray:
+        """The current data weights p = softmax(lambda) (identical on every process: lambda is replicated)."""
+        return softmax(jax.device_get(self.lam.logits))
+
+    def step(self, done: int, batch) -> tuple[dict, list[dict]]:
+        val = global_batch_from_host(self.val.host_batch(done - 1, host_slice(self.val_rows)), self.mesh)
+        self.u, self.w, self.lam, metrics = self._step(self.u, self.w, self.lam, batch, val)
+        log_now = done % self.cfg.train.log_every == 0 or done == self.total_steps
+        if self.uniform and not log_now:
+            return metrics, []
+        p = self.p()
+        if not self.uniform and done < self.total_steps:  # the next batch is drawn with the new p
+            self.schedule.set(done, p, self.p_local)
+        if not log_now:
+            return metrics, []
+        host = jax.device_get({k: metrics[k] for k in self.mean_metrics})
+        record = {"step": done, "p_global": p.tolist(), "p_local": self.p_local.tolist(),
+                  "lambda": np.asarray(jax.device_get(self.lam.logits), np.float64).tolist(),
+                  **{k: float(v) for k, v in host.items()}}
+        self.save_weights(p)
+        return metrics, [record]
+
+    def save_weights(self, p: np.ndarray) -> None:
+        """The learned weights as a one-entry schedule (`mixing.replay_from` reads it)."""
+        if jax.process_index() == 0:
+            save_schedule(self.run_dir / WEIGHTS_FILE, ProbabilitySchedule(p, self.p_local), self.names)
+
+    def summary(self) -> dict:
+        p = self.p()
+        weights = dict(zip(self.names, p.tolist()))
+        return {"strategy": "scalebio", "sampling": self.cfg.scalebio.sampling,
+                "scalebio_weights": weights, "scalebio_lambda": jax.device_get(self.lam.logits).tolist(),
+                "scalebio_weights_file": str(self.run_dir / WEIGHTS_FILE),
+                # What the report shows as the final mixture: the learned weights, whichever batches were drawn.
+                "p_global_final": weights,
+                "sampled_p_global_final": dict(zip(self.names, self.schedule.at(self.total_steps)[0].tolist()))}
+
+    @classmethod
+    def programs(cls, plan: PlanContext) -> list[tuple[str, object]]:
+        cfg, mesh, sc = plan.cfg, plan.mesh, plan.cfg.scalebio
+        txs = make_optimizers(sc, cfg.train.steps)
+        u = abstract_train_state(plan.params, txs.u, mesh)
+        w = abstract_train_state(plan.params, txs.w, mesh)
+        rep = replicated(mesh)
+        logits = jax.ShapeDtypeStruct((plan.num_datasets,), jnp.float32, sharding=rep)
+        lam = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                           jax.eval_shape(lambda x: LambdaState(x, txs.lam.init(x)), logits))
+        shardings = (state_shardings(u), state_shardings(w), _lambda_shardings(lam, mesh))
+        step = make_scalebio_step(plan.graphdef, txs, mesh, plan.num_datasets, cfg.data.num_buckets, sc,
+                                  cfg.train.steps, shardings, sc.sampling == "uniform")
+        val = {k: v for k, v in plan.batch(sc.val_batch_size or cfg.train.batch_size).items()
+               if k in ("input_ids", "targets", "loss_mask")}
+        compiled = step.lower(u, w, lam, plan.batch(cfg.train.batch_size), val).compile()
+        return [("scalebio step (u, w, lambda)", compiled)]

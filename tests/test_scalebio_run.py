@@ -1,0 +1,169 @@
+"""`algorithm=scalebio` from the command line: the usual outputs, exact resume, a validation
+set that never reaches training, the draw command, the memory planner and config errors."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from hbo_jax.config import MeshConfig, load_config
+from hbo_jax.data import prepare as prepare_lib
+from hbo_jax.data.store import collate
+from hbo_jax.data.validation import validation_examples
+from hbo_jax.distributed import _digest
+from hbo_jax.errors import ConfigError
+from hbo_jax.memory import model_spec, plan
+from hbo_jax.mixing.scalebio_step import make_optimizers
+from hbo_jax.models.llama import abstract_model
+from hbo_jax.mixing.draw import main as draw_main
+from hbo_jax.mixing.strategies import load_schedule
+from hbo_jax.parallel import make_mesh
+from hbo_jax.train import main, run
+
+from conftest import FIXTURE, tiny_overrides
+from test_algorithm_seam import _StopAfter
+from test_resilience import rows, saved
+
+# sampling=weights: the sampler follows p, so a resume must restore the schedule too (the
+# reference's uniform batches run in tests/test_multihost.py and tests/test_scalebio_step.py).
+EXTRA = ("algorithm=scalebio", "scalebio.validation_subsets=[arithmetic]", "scalebio.sampling=weights", "train.steps=4",
+         "train.checkpoint_every=2", "eval.every=0", "eval.tasks=false", "tracking.tensorboard=false",
+         "distributed.trace=true")
+ITEMS = ("train", "u", "lambda")
+
+
+def _overrides(run_dir, cache, *extra):
+    return tiny_overrides(run_dir, cache, *EXTRA, *extra)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, shared_cache):
+    run_dir = tmp_path_factory.mktemp("scalebio") / "whole"
+    assert main(_overrides(run_dir, shared_cache)) == 0
+    return run_dir
+
+
+def _lines(run_dir, name):
+    return [json.loads(l) for l in (run_dir / name).read_text().splitlines()]
+
+
+def test_a_run_writes_the_usual_outputs_and_the_learned_weights(whole):
+    metrics, mixing = _lines(whole, "metrics.jsonl"), _lines(whole, "mixing.jsonl")
+    assert [m["step"] for m in metrics] == [r["step"] for r in mixing] == [1, 2, 3, 4]
+    for m in metrics:
+        assert {"L1", "L2_w", "L2_u", "gap", "grad_norm_u", "loss"} <= m.keys()
+    for r in mixing:
+        assert math.isclose(sum(r["p_global"]), 1.0) and len(r["lambda"]) == 5 and len(r["p_local"][0]) == 2
+    assert mixing[-1]["lambda"] != [0.0] * 5
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["strategy"] == "scalebio" and summary["p_global_final"] == summary["scalebio_weights"]
+    assert list(summary["scalebio_weights"].values()) == mixing[-1]["p_global"]
+    start = json.loads((whole / "probabilities_start.json").read_text())
+    assert start["p_global"] == [0.2] * 5  # lambda = 0
+    for f in ("eval.json", "report/report.md", "report/p_global.png", "schedule.json"):
+        assert (whole / f).is_file(), f
+    assert set(ITEMS) <= {p.name for p in (whole / "checkpoints" / "4").iterdir()}
+    # sampling=weights: the batch of step s + 1 was drawn with the p that step s left.
+    entries = json.loads((whole / "schedule.json").read_text())["entries"]
+    assert [e["from_step"] for e in entries] == [0, 1, 2, 3]
+    for e, r in zip(entries[1:], mixing):
+        np.testing.assert_allclose(e["p_global"], r["p_global"], rtol=1e-12)
+    # The weights as a static mixture that a later run replays (mixing.replay_from).
+    sched = load_schedule(summary["scalebio_weights_file"], summary["subsets"], 2)
+    assert sched.at(0)[0].tolist() == mixing[-1]["p_global"] and len(sched.entries) == 1
+
+
+def test_resume_after_a_stop_is_exact(whole, tmp_path, shared_cache):
+    split = tmp_path / "split"
+    cfg = load_config(None, _overrides(split, shared_cache))
+    out = run(cfg, _StopAfter(3))  # the first check is before training; stops after step 2
+    assert out["stopped"] and out["step"] == 2
+    run(cfg)
+    a, b = saved(whole, 4, ITEMS), saved(split, 4, ITEMS)
+    for item in ITEMS:
+        for x, y in zip(jax.tree.leaves(a[item]), jax.tree.leaves(b[item]), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert rows(whole, "mixing.jsonl") == rows(split, "mixing.jsonl")
+    assert rows(whole, "metrics.jsonl") == rows(split, "metrics.jsonl")
+
+
+def _digests(examples, seq_len, pad_id):
+    batch = collate(examples, seq_len, pad_id)
+    return {_digest(i, m) for i, m in zip(batch["input_ids"], batch["loss_mask"])}
+
+
+def test_every_training_row_is_a_training_example_and_none_a_validation_example(whole, shared_cache):
+    cfg = load_config(None, _overrides(whole, shared_cache))
+    data = prepare_lib.load(Path(json.loads((whole / "summary.json").read_text())["prepared"]), cfg)
+    seq, pad = cfg.data.seq_len, data.pad_id
+    train = _digests([s[i] for s in data.train for i in range(len(s))], seq, pad)
+    ev = data.eval[data.names.index("arithmetic")]
+    val = _digests([ev[i] for i in range(len(ev))], seq, pad)
+    assert val and not val & train
+    drawn = {d for r in _lines(whole, "trace/process_0.jsonl") if r["kind"] == "batch" for d in r["digest"]}
+    assert len(drawn) > 8 and drawn <= train
+
+
+def test_validation_files_are_tokenized_like_the_mixture(whole, shared_cache):
+    """A file of its own gives the same examples as the subset whose eval split it is."""
+    eval_file = FIXTURE / "arithmetic.eval.jsonl"
+    cfg = load_config(None, _overrides(whole, shared_cache, "scalebio.validation_subsets=[]",
+                                       f"scalebio.validation_files=[{eval_file}]"))
+    data = prepare_lib.load(Path(json.loads((whole / "summary.json").read_text())["prepared"]), cfg)
+    got = validation_examples(cfg, data)
+    ev = data.eval[data.names.index("arithmetic")]
+    assert len(got) == len(ev) > 0
+    for (ids, mask), i in zip(got, range(len(ev))):
+        np.testing.assert_array_equal(ids, ev[i][0])
+        np.testing.assert_array_equal(mask, ev[i][1])
+
+
+def test_draw_takes_floor_n_p_rows_per_subset_and_the_validation_set_only_when_asked(whole, tmp_path):
+    p = dict(zip(*(lambda s: (s["subsets"], s["entries"][0]["p_global"]))(
+        json.loads((whole / "scalebio_weights.json").read_text()))))
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert draw_main(["--run", str(whole), "--total", "30", "--out", str(a)]) == 0
+    assert draw_main(["--run", str(whole), "--total", "30", "--out", str(b)]) == 0
+    assert draw_main(["--run", str(whole), "--total", "30", "--out", str(c), "--include-validation"]) == 0
+    for name, pi in p.items():
+        got = (a / f"{name}.train.jsonl").read_text().splitlines()
+        source = set((FIXTURE / f"{name}.train.jsonl").read_text().splitlines())
+        assert len(got) == min(math.floor(30 * pi), len(source)) and len(set(got)) == len(got)
+        assert {json.dumps(json.loads(l), ensure_ascii=False) for l in got} <= \
+            {json.dumps(json.loads(l), ensure_ascii=False) for l in source}
+        assert got == (b / f"{name}.train.jsonl").read_text().splitlines()  # seeded
+    assert not (a / "validation.train.jsonl").exists()
+    val = (c / "validation.train.jsonl").read_text().splitlines()
+    assert len(val) == len((FIXTURE / "arithmetic.eval.jsonl").read_text().splitlines())
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def test_the_memory_planner_compiles_the_scalebio_step_on_two_models_and_three_optimizers(tmp_path):
+    cfg = load_config(None, _overrides(tmp_path / "r", tmp_path / "cache", "scalebio.val_batch_size=16"))
+    (ours,) = [p for p in plan(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), num_datasets=3)[1]
+               if p.name == "scalebio step (u, w, lambda)"]
+    _, params = abstract_model(model_spec(cfg))
+    txs = make_optimizers(cfg.scalebio, cfg.train.steps)
+    state = lambda tx: 4 + _nbytes(params) + _nbytes(jax.eval_shape(tx.init, params))  # step, params, moments
+    logits = jax.ShapeDtypeStruct((3,), np.float32)
+    lam = _nbytes(logits) + _nbytes(jax.eval_shape(txs.lam.init, logits))
+    rows, val_rows, seq = cfg.train.batch_size, 16, cfg.data.seq_len
+    batches = rows * seq * 4 * 3 + rows * 4 + val_rows * seq * 4 * 3  # ids, targets, mask (+ group ids)
+    assert ours.arguments == state(txs.u) + state(txs.w) + lam + batches
+
+
+@pytest.mark.parametrize("extra,message", [
+    ((), "needs a validation set"),
+    (("scalebio.validation_subsets=[a]", "scalebio.validation_files=[x.jsonl]"), "exactly one"),
+    (("scalebio.validation_subsets=[a]", "data.packing=true"), "data.packing=false"),
+    (("scalebio.validation_subsets=[a]", "scalebio.sampling=p"), "scalebio.sampling"),
+])
+def test_config_errors_name_the_key(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"run_dir={tmp_path}", "algorithm=scalebio", *extra])
