@@ -49,6 +49,10 @@ EVAL_SETS = {"full": ("data", "max_eval_per_subset"), "periodic": ("eval", "peri
 FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
 
 
+# algorithm -> the config section it reads
+_ALGORITHM_SECTIONS = {"sampling": "mixing", "scalebio": "scalebio"}
+
+
 def _ignored(key: str) -> bool:
     return matches(key, GROUP_IGNORE)  # the seed and bookkeeping do not make runs different experiments
 _MARKERS = ("summary.json", "metrics.jsonl", "eval.json", "probabilities_start.json", "mixing.jsonl")
@@ -151,7 +155,13 @@ class Run:
     @property
     def experiment(self) -> dict:
         """The flat config keys that make it a different experiment (`group_runs`)."""
-        flat = {k: v for k, v in flatten(self.config).items() if not _ignored(k)}
+        algorithm = self.config.get("algorithm", "sampling")
+        # Each algorithm reads only its own section: a ScaleBiO run's `mixing.*` keys (and
+        # a sampling run's `scalebio.*` keys) are defaults nobody used.
+        unread = tuple(f"{s}." for a, s in _ALGORITHM_SECTIONS.items() if a != algorithm)
+        flat = {k: v for k, v in flatten(self.config).items() if not _ignored(k) and not k.startswith(unread)}
+        if algorithm != "sampling":
+            return flat
         mixing = mixing_settings(self.config.get("mixing"))
         if mixing is None:  # not a config this version reads: every key as written
             return flat

@@ -314,3 +314,22 @@ def test_local_heatmap_scale_is_centred_on_uniform_and_spans_the_data(hbo_report
     norm = figs[0].axes[0].collections[0].norm
     assert float(norm(1 / K)) == pytest.approx(0.5)  # the logged p_local: 0.5 (uniform), then 0.4 / 0.6
     assert float(norm(0.4)) == pytest.approx(0.0) and float(norm(0.6)) == pytest.approx(1.0)
+
+
+def test_each_algorithm_is_grouped_by_its_own_section_only(tmp_path):
+    from hbo_jax.report import group_runs, load_run
+
+    def run(name, seed, algorithm, section, values):
+        run_dir = write_run(tmp_path / name, seed=seed)
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg["algorithm"] = algorithm
+        cfg.setdefault(section, {}).update(values)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return load_run(run_dir)
+
+    runs = [run("sb0", 0, "scalebio", "mixing", {"strategy": "uniform"}),  # mixing.* unread by ScaleBiO
+            run("sb1", 1, "scalebio", "mixing", {"strategy": "hbo"}),
+            run("sb_a", 0, "scalebio", "scalebio", {"alpha": 10.0}),
+            run("hbo0", 0, "sampling", "scalebio", {"alpha": 10.0}),  # scalebio.* unread by sampling
+            run("hbo1", 1, "sampling", "scalebio", {"alpha": 1.0})]
+    assert [[r.path.name for r in g] for g in group_runs(runs)] == [["sb0", "sb1"], ["sb_a"], ["hbo0", "hbo1"]]
