@@ -26,6 +26,7 @@ class Stream(IntEnum):
     GLOBAL_PROBES = 2  # global-reward probe batch; keys: update index
     LOCAL_PROBES = 3  # fixed local-reward probe sets; keys: dataset, bucket
     DEV_PROBES = 4  # fixed MultiDDS dev set; keys: dataset
+    EVAL_SAMPLE = 5  # the capped eval rows of a subset (seed 0 for every run); keys: crc32 of the subset name
 
 
 def generator(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -31,6 +31,7 @@ from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import SkipReport, iter_conversations, read_conversations
+from hbo_jax.data.layout import source_dir_subsets
 from hbo_jax.data.scoring import response_only, score_examples
 from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reason, use_hash_store
 from hbo_jax.data.store import TokenStore
@@ -89,31 +90,15 @@ def source_dir(cfg: Config) -> Path:
     return embedded.build(cache_root(cfg), cfg.data.embedded_archives)
 
 
-def subset_files(src: Path) -> list[tuple[str, Path, Path | None]]:
-    """(name, train file, eval file or None) for every `<name>.train.jsonl[.gz]` in src."""
-    out = []
-    for train in sorted(src.glob("*.train.jsonl*")):
-        name = train.name.split(".train.jsonl")[0]
-        ev = next(iter(sorted(src.glob(f"{name}.eval.jsonl*"))), None)
-        out.append((name, train, ev))
-    if not out:
-        raise DataError(f"{src}: no <subset>.train.jsonl files found")
-    manifest = src / "manifest.json"
-    if manifest.is_file():  # keep the recipe's order (largest first)
-        order = list(json.loads(manifest.read_text()).get("subsets", {}))
-        out.sort(key=lambda t: order.index(t[0]) if t[0] in order else len(order))
-    return out
-
-
 def count_subsets(cfg: Config) -> int:
     """Subsets in the config's mixture, as `mixture` lists them, reading no data.
 
     Raises:
-        DataError: data.source_dir is not a directory or has no subset files.
+        DataError: data.source_dir is not a directory or has no subsets.
     """
     n = len(cfg.data.subsets)
     if cfg.data.source_dir:
-        n += len(subset_files(source_dir(cfg)))
+        n += len(source_dir_subsets(source_dir(cfg), f"data.source_dir={cfg.data.source_dir}"))
     elif not cfg.data.subsets:
         n += len(embedded.RECIPE)  # the embedded mixture, without building it
     return n
@@ -147,12 +132,7 @@ def mixture(cfg: Config) -> list[Subset]:
     if cfg.data.source_dir or not cfg.data.subsets:
         src = source_dir(cfg)
         key = f"data.source_dir={src}" if cfg.data.source_dir else "embedded mixture"
-        files = subset_files(src)
-        unreadable = [p for _, t, e in files for p in (t, e) if p and not p.is_file()]
-        if unreadable:  # the glob matches a dangling link or a symlink loop too
-            raise DataError(f"{key}: {unreadable[0]}: {missing_reason(unreadable[0])}")
-        out = [Subset(n, [Source(t, "jsonl")], [Source(e, "jsonl")] if e else [], "auto", key)
-               for n, t, e in files]
+        out = source_dir_subsets(src, key)
     for sub in declared_subsets(cfg.data.subsets):
         clash = next((s for s in out if s.name.lower() == sub.name.lower()), None)
         if clash:
