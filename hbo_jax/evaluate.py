@@ -173,6 +173,18 @@ def _task_items(data, src: dict, cap: int) -> list:
     return [items[int(j)] for j in eval_sample(strata, cap, src["name"])]
 
 
+def merge_task_result(entry: dict, res: dict) -> None:
+    """Adds a task metric's result to a subset's entry; its row count goes to `task_examples`.
+
+    `examples` stays the held-out loss's count: the two may differ (rows without a usable
+    answer or options), and a metric that could not be computed must not erase it.
+    """
+    res = dict(res)
+    if "examples" in res:
+        res["task_examples"] = res.pop("examples")
+    entry.update(res)
+
+
 def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset: int,
                    with_tasks: bool, desc: str = "") -> dict[str, dict]:
     """Held-out loss (per subset and bucket) plus, optionally, task metrics; with `macro_avg`."""
@@ -184,10 +196,7 @@ def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset:
                        max_per_subset, cfg.scorer.score_batch_size, data.eval_buckets, data.num_buckets)
     if with_tasks:
         for name, res in task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset).items():
-            res = dict(res)
-            if "examples" in res:  # the task metric's own count, beside the loss's `examples`
-                res["task_examples"] = res.pop("examples")
-            out.setdefault(name, {}).update(res)
+            merge_task_result(out.setdefault(name, {}), res)
     out["macro_avg"] = macro_average(out)
     return out
 

@@ -144,7 +144,23 @@ def mixture(cfg: Config) -> list[Subset]:
 
 def _key(cfg: Config, subsets: list[Subset]) -> str:
     """The prepared directory's name: a hash of `_key_settings`."""
-    return hashlib.sha256(json.dumps(_key_settings(cfg, subsets), sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(_key_settings(cfg, subsets))
+
+
+def _hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _other_seeds(root: Path, seedless: str) -> list[str]:
+    """Prepared directories beside `root` made from the same inputs and settings with another train.seed."""
+    out = []
+    for manifest in sorted(root.parent.glob("*/manifest.json")):
+        try:
+            if manifest.parent != root and json.loads(manifest.read_text()).get("seedless_key") == seedless:
+                out.append(manifest.parent.name)
+        except (OSError, ValueError):
+            continue  # another run's half-written or damaged manifest is no reason to stop
+    return out
 
 
 def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
@@ -165,6 +181,7 @@ def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
         settings.pop("scorer")
         settings["data"].pop("vocab_size")
         settings["data"].pop("tokenizer")
+        settings.pop("seed")  # nothing is warmed up: the seed plays no part in the prepared data
     return settings
 
 
@@ -305,10 +322,18 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     prepared data is not cached. `hbo_jax.scorer.prepare` passes the run's.
     """
     mix = mixture(cfg)
-    root = cache_root(cfg) / "prepared" / _key(cfg, mix)
+    settings = _key_settings(cfg, mix)
+    root = cache_root(cfg) / "prepared" / _hash(settings)
     if (root / "manifest.json").is_file():
         log.info("prepared data found in %s: no tokenizing, scorer warm-up or scoring", root)
         return load(root, cfg)
+    seedless = _hash({k: v for k, v in settings.items() if k != "seed"})
+    others = _other_seeds(root, seedless) if "seed" in settings else []
+    if others:
+        log.info("preparing again for train.seed=%d: the cache holds this mixture prepared with another train.seed "
+                 "(%s), but train.seed initialises the scorer that is warmed up and scores difficulty. To repeat a "
+                 "run over seeds on the same prepared data, keep train.seed and vary train.data_seed",
+                 cfg.train.seed, ", ".join(others[:3]))
     t0 = time.perf_counter()
     report = SkipReport()
     tokenizer = _tokenizer(cfg, mix)
@@ -353,7 +378,8 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
                         "bucket_sizes": np.bincount(bucket, minlength=cfg.data.num_buckets).tolist(),
                         "bucket_edges": edges, **counts[n]})
     manifest = {
-        "key": root.name, "num_buckets": cfg.data.num_buckets, "difficulty": cfg.data.difficulty,
+        "key": root.name, "seedless_key": seedless, "num_buckets": cfg.data.num_buckets,
+        "difficulty": cfg.data.difficulty,
         "seq_len": cfg.data.seq_len, "vocab_size": len(tokenizer),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
         "sources": [{"name": s.name, "format": s.format, "train": [str(t) for t in s.train],
