@@ -91,8 +91,9 @@ class DataConfig:
     """Which mixture, how it is tokenized, scored and bucketed."""
 
     mixture: str = "embedded"
-    # A directory of `<subset>.train.jsonl` / `<subset>.eval.jsonl` files to use instead
-    # of building the embedded mixture from PyPI packages (tests use the fixture).
+    # A directory of `<subset>.train.<ext>` / `<subset>.eval.<ext>` files, or of one folder per
+    # subset (`<subset>/train.<ext>`, `<subset>/eval.<ext>`), to use instead of building the
+    # embedded mixture from PyPI packages (hbo_jax/data/layout.py; tests use the fixture).
     source_dir: str = ""
     # Named subsets declared here (used with, or instead of, source_dir; not with the
     # embedded mixture): name -> SubsetConfig.

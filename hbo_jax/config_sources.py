@@ -7,10 +7,11 @@ run's `config.yaml` and log say which files were merged and what each one set.
 
 Relative input paths written in a YAML file are read from that file's folder, so a
 mixture YAML can sit next to its data and be used from anywhere: `data.source_dir`,
-`data.subsets.*.train` / `.eval`, `data.embedded_archives`, `data.tokenizer`,
-`mixing.replay_from` and the path of an `hf:` / `gguf:` `model.init`. Where a run
-writes (`run_dir`, `data.cache_dir`) stays relative to the current directory, as do all
-paths given as dotted overrides on the command line.
+`data.subsets.*.train` / `.eval`, `data.embedded_archives`, `data.tokenizer` and the
+path of an `hf:` / `gguf:` `model.init`. Where runs live (`run_dir`,
+`mixing.replay_from`: another run's directory) and `data.cache_dir` stay relative to the
+current directory, like the run directories on the command line (`configs/replay.yaml`
+replays `runs/demo`), as do all paths given as dotted overrides.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _from(folder: Path, path: str) -> str:
 
 def _resolve_paths(tree: dict, folder: Path) -> None:
     """Makes the relative input paths of one YAML file's tree absolute, from `folder` (in place)."""
-    data, mixing, model = (tree.get(k) if isinstance(tree.get(k), dict) else {} for k in ("data", "mixing", "model"))
+    data, model = (tree.get(k) if isinstance(tree.get(k), dict) else {} for k in ("data", "model"))
     if isinstance(data.get("source_dir"), str):
         data["source_dir"] = _from(folder, data["source_dir"])
     if isinstance(data.get("tokenizer"), str) and data["tokenizer"] != "train":
@@ -54,8 +55,6 @@ def _resolve_paths(tree: dict, folder: Path) -> None:
         for split in ("train", "eval"):
             if isinstance(sub, dict) and isinstance(sub.get(split), list):
                 sub[split] = [_from(folder, p) if isinstance(p, str) else p for p in sub[split]]
-    if isinstance(mixing.get("replay_from"), str):
-        mixing["replay_from"] = _from(folder, mixing["replay_from"])
     init = model.get("init")
     if isinstance(init, str) and init.startswith(_INIT_PREFIXES):
         prefix, path = init.split(":", 1)

@@ -46,15 +46,15 @@ data:
     code: {train: [code/*.jsonl, /abs/x.jsonl, "~/y.jsonl"], eval: ["tfds:qa#test"]}
   tokenizer: tok
 model: {init: "hf:../models/base"}
-mixing: {strategy: replay, replay_from: ../runs/hbo}
+mixing: {strategy: replay, replay_from: runs/hbo}
 """)
     cfg = load_config(mine)
     conf = tmp_path / "conf"
     assert cfg.data.subsets["code"].train == [f"{conf}/code/*.jsonl", "/abs/x.jsonl", "~/y.jsonl"]
     assert cfg.data.subsets["code"].eval == ["tfds:qa#test"]
     assert cfg.data.tokenizer == f"{conf}/tok" and cfg.model.init == f"hf:{tmp_path}/models/base"
-    assert cfg.mixing.replay_from == f"{tmp_path}/runs/hbo"
-    assert cfg.run_dir == "runs/mine"  # where the run writes stays relative to the current directory
+    # Where runs live stays relative to the current directory, like run directories on the command line.
+    assert cfg.run_dir == "runs/mine" and cfg.mixing.replay_from == "runs/hbo"
 
 
 def test_a_runs_own_config_keeps_its_paths(tmp_path):
