@@ -15,12 +15,16 @@ Results go to `<run_dir>/eval_<model>.json` (or `--out`) and a table is printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import sys
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -199,6 +203,57 @@ def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset:
             merge_task_result(out.setdefault(name, {}), res)
     out["macro_avg"] = macro_average(out)
     return out
+
+
+def _start_eval_key(cfg, mesh) -> str:
+    """What the starting model's evaluation depends on besides the prepared data, hashed.
+
+    The model settings (and train.seed for a randomly initialised model), the evaluation
+    settings, the batch and mesh shapes and the platform (they round differently), and
+    the package's code: an upgrade evaluates afresh. Not the mixing strategy or the data
+    seed, which act only once training starts.
+    """
+    code = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        code.update(f.read_bytes())
+    ev = dataclasses.asdict(cfg.eval)
+    for k in ("every", "periodic_max_per_subset"):
+        ev.pop(k)
+    settings = {"code": code.hexdigest(), "algorithm": cfg.algorithm, "model": dataclasses.asdict(cfg.model),
+                "seed": cfg.train.seed if cfg.model.init == "random" else None, "eval": ev,
+                "cap": cfg.data.max_eval_per_subset, "batch": cfg.scorer.score_batch_size,
+                "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": str(mesh.devices.flat[0].device_kind),
+                "jax": jax.__version__}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def starting_evaluation(cfg, data, mesh, evaluate: Callable[[], dict]) -> tuple[dict, Path | None]:
+    """The starting model's evaluation, computed once per prepared data and settings.
+
+    Runs that start from the same model on the same data (the seeds and strategies of a
+    comparison: a strategy and the data seed act only once training starts) share it, so
+    only the first one evaluates before its first step. Kept in the prepared directory;
+    one process only (another host might not see the cache).
+
+    Args:
+        evaluate: Evaluates the starting model (called on a miss).
+
+    Returns:
+        (the evaluation, the file it was read from or None when it was just computed).
+    """
+    if jax.process_count() > 1:
+        return evaluate(), None
+    path = data.root / "start_eval" / f"{_start_eval_key(cfg, mesh)}.json"
+    try:
+        return json.loads(path.read_text()), path
+    except (OSError, ValueError):
+        pass  # not there yet (or torn by a crash: evaluated again)
+    res = evaluate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(dumps(res))
+    os.replace(tmp, path)  # concurrent runs never read a half-written file
+    return res, None
 
 
 def _cell(res: dict) -> str:

@@ -31,7 +31,7 @@ from hbo_jax.data.prepare import PreparedData, check_min_prob, data_notes
 from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.errors import ConfigError
-from hbo_jax.evaluate import format_table
+from hbo_jax.evaluate import format_table, starting_evaluation
 from hbo_jax.hooks import Checkpointing, MetricsLog, MixingLog, ProgressBar, RunLogs
 from hbo_jax.mixing.strategies import save_schedule
 from hbo_jax.models.base import base_model
@@ -43,6 +43,7 @@ from hbo_jax.rundir import UntilTraining
 from hbo_jax.runlock import hold as hold_run_dir
 from hbo_jax.scorer import prepare
 from hbo_jax.step import make_example_nll_fn, total_nonfinite
+from hbo_jax.tracking import eval_scalars
 from hbo_jax.trainer import Trainer
 
 log = logging.getLogger("hbo_jax")
@@ -148,7 +149,11 @@ def _run(cfg: Config, stop: StopRequest, t_start: float, sources: ConfigSources 
         metrics_log.load_state(restored.get("log_acc"), mesh)  # a stop between log lines
         log.info("resumed from step %d in %s", start, ckpt.directory)
     else:
-        before = logs.evaluate(0, algo.params, "the starting model")
+        before, found_at = starting_evaluation(cfg, data, mesh,
+                                               lambda: logs.evaluate(0, algo.params, "the starting model"))
+        if found_at is not None:
+            log.info("the starting model's evaluation found in %s: not evaluated again", found_at)
+            logs.tracker.log(0, eval_scalars(before, prefix="eval_full"))
         if cfg.eval.every:
             logs.periodic_eval(0, algo.params)
         algo.start()

@@ -39,3 +39,24 @@ def test_a_task_metric_never_overwrites_the_loss_count():
     entry = {"loss": 2.0, "examples": 64, "eval_rows": 200}
     merge_task_result(entry, {"metric": "mc", "examples": 0, "unavailable": "no options"})
     assert entry["examples"] == 64 and entry["task_examples"] == 0 and entry["unavailable"] == "no options"
+
+
+def test_the_starting_models_evaluation_is_shared_by_seeds_and_strategies(tmp_path):
+    from types import SimpleNamespace
+
+    from hbo_jax.config import MeshConfig, load_config
+    from hbo_jax.evaluate import starting_evaluation
+    from hbo_jax.parallel import make_mesh
+
+    mesh, data = make_mesh(MeshConfig()), SimpleNamespace(root=tmp_path)
+    calls = []
+
+    def run(*overrides):
+        return starting_evaluation(load_config(None, list(overrides)), data, mesh,
+                                   lambda: calls.append(1) or {"a": {"loss": 1.5 + len(calls)}})
+
+    first, found = run("train.data_seed=0")
+    assert found is None and first == {"a": {"loss": 2.5}}
+    again, found = run("train.data_seed=1", "mixing.strategy=uniform")
+    assert again == first and found is not None and len(calls) == 1
+    assert run("data.max_eval_per_subset=8")[1] is None and len(calls) == 2  # other settings evaluate afresh
