@@ -1,25 +1,24 @@
 """A run that fails before training leaves its run directory as it found it."""
 
-import json
 import os
 
 import pytest
 
+from hbo_jax import train
+from hbo_jax.errors import DataError
 from hbo_jax.rundir import UntilTraining
 from hbo_jax.runlock import RunLock
-from hbo_jax.train import main
 
 from conftest import tiny_overrides
 
-ROW = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
 
+def test_bad_input_leaves_nothing_behind_and_the_directory_is_fresh_again(tmp_path, monkeypatch):
+    def bad_input(*args, **kwargs):
+        raise DataError("data.source_dir=x: a.jsonl:2: malformed JSON")
 
-def test_bad_input_leaves_nothing_behind_and_the_directory_is_fresh_again(tmp_path):
-    data = tmp_path / "data"
-    (data / "a").mkdir(parents=True)
-    (data / "a" / "train.jsonl").write_text(json.dumps(ROW) + "\n{not json\n")
+    monkeypatch.setattr(train, "prepare", bad_input)  # fails where the data is prepared, after config.yaml
     run_dir = tmp_path / "runs" / "x"
-    assert main(tiny_overrides(run_dir, tmp_path / "cache", f"data.source_dir={data}", "data.bad_input=error")) == 2
+    assert train.main(tiny_overrides(run_dir, tmp_path / "cache")) == 2
     assert os.listdir(run_dir) == [".lock"]  # the lock file is never deleted; it is empty
     lock = RunLock(run_dir)
     assert lock.read_holder() == {}
