@@ -11,23 +11,24 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-from tqdm.auto import tqdm
 
 from hbo_jax.algorithm import Algorithm
 from hbo_jax.config import to_dict
 from hbo_jax.evaluate import evaluate_model
 from hbo_jax.parallel import sums_from_json, sums_to_json
+from hbo_jax.progress import progress
 from hbo_jax.records import JsonlWriter
 from hbo_jax.tracking import Tracker, eval_scalars, metrics_scalars, mixing_scalars
 from hbo_jax.trainer import StepInfo
 
 
 class ProgressBar:
-    """A tqdm bar over the run's steps (process 0); the metrics log shows loss on it."""
+    """The run's steps (process 0): a bar on a terminal, periodic lines in a log; with the
+    metrics log's loss."""
 
     def __init__(self, start: int, total: int, label: str):
-        self.bar = tqdm(range(start, total), initial=start, total=total, desc=f"train [{label}]",
-                        disable=jax.process_index() != 0)
+        self.bar = progress(desc=f"train [{label}]", total=total, initial=start, leave=True,
+                            disable=jax.process_index() != 0)
 
     def __call__(self, info: StepInfo) -> None:
         self.bar.update(1)

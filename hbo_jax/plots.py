@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -82,16 +83,25 @@ def plot_p_local(run, out: Path) -> Result:
     names = run.names_for(d)
     fig = _figure(d, 0)
     _, panels = _grid(fig, d)
-    vmax = max(float(pl.max()), 1e-9)
+    norm = local_norm(pl)
     mesh = None
     for i, ax in enumerate(panels):
-        mesh = ax.pcolormesh(edges, np.arange(k + 1) + 0.5, pl[:, i, :].T, cmap="viridis", vmin=0, vmax=vmax)
+        mesh = ax.pcolormesh(edges, np.arange(k + 1) + 0.5, pl[:, i, :].T, cmap="RdBu_r", norm=norm)
         ax.set_title(names[i], fontsize=9)
         ax.set_yticks(np.arange(1, k + 1), [f"b{j}" for j in range(1, k + 1)])
         ax.tick_params(labelsize=7)
-    fig.colorbar(mesh, ax=panels, label="p_local (b1 = easiest)", shrink=0.8)
-    fig.suptitle(f"{run.name}: local probabilities per subset (bucket x step)")
+    fig.colorbar(mesh, ax=panels, shrink=0.8, label=f"p_local (white: uniform 1/K = {1 / k:.3g})")
+    fig.suptitle(f"{run.name}: local probabilities per subset (bucket x step; b1 = easiest); "
+                 "red: sampled more than uniform, blue: less")
     return _save(fig, out), None
+
+
+def local_norm(pl: np.ndarray) -> mcolors.Normalize:
+    """The heatmaps' colour scale: centred on uniform (1/K), spanning the data's largest
+    deviation from it, so the differences that exist fill the colour range (a 0-max scale
+    paints cells of 0.19-0.33 alike)."""
+    k = pl.shape[-1]
+    return mcolors.CenteredNorm(vcenter=1 / k, halfrange=max(float(np.abs(pl - 1 / k).max()), 1e-6))
 
 
 def _bucket_lines(panels, steps, values: np.ndarray, titles: list[str], **kw) -> None:
@@ -151,6 +161,7 @@ def plot_eval(run, out: Path) -> Result:
         return None, "no eval.jsonl and no eval.json"
     names = [n for n in run.names if n in after or n in before] or [n for n in after if n != "macro_avg"]
     colors = dict(zip(names, _colors(len(names))))
+    sets = {which: run.eval_set(which, sep="\n") for which in ("full", "periodic")}  # one fact a line
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5), constrained_layout=True,
                                  gridspec_kw={"width_ratios": [1.4, 1]})
     if curve:
@@ -159,7 +170,8 @@ def plot_eval(run, out: Path) -> Result:
             y = [r["eval"].get(n, {}).get("loss", np.nan) for r in curve]
             macro = n == "macro_avg"
             ax.plot(steps, y, marker=".", label=n, color="black" if macro else colors[n], lw=2.5 if macro else 1.2)
-        ax.set(xlabel="training step", ylabel="held-out loss", title="periodic evaluation (eval.jsonl)")
+        ax.set(xlabel="training step", ylabel="held-out loss (periodic eval set)",
+               title=f"during training (eval.jsonl):\n{sets['periodic']}")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     else:
         ax.text(0.5, 0.5, "no eval.jsonl (periodic evaluation off or older run)", ha="center", va="center")
@@ -169,49 +181,63 @@ def plot_eval(run, out: Path) -> Result:
     for off, (label, e) in zip((-0.2, 0.2), (("before", before), ("after", after))):
         bx.bar(x + off, [e.get(n, {}).get("loss", np.nan) for n in bar_names], 0.4, label=label)
     bx.set_xticks(x, bar_names, rotation=45, ha="right", fontsize=8)
-    bx.set(ylabel="held-out loss", title="before vs after training (eval.json)")
+    bx.set(ylabel="held-out loss (full eval set)",
+           title=f"before vs after training (eval.json):\n{sets['full']}")
     bx.legend()
-    fig.suptitle(f"{run.name}: held-out evaluation")
+    fig.suptitle(f"{run.name}: held-out evaluation (the curves use a smaller eval set than the bars)")
     return _save(fig, out), None
 
 
-def plot_compare(groups: list[dict], subsets: list[str], metric: str, out: Path) -> Path:
-    """Per subset and macro: the metric's difference to the first group (the baseline) as
-    mean ± std over seeds, so small effects stay visible across subsets of very different
-    scale (one group alone: absolute values); macro eval loss curves below."""
-    cols = [c for c in [*subsets, "macro"] if any(c in g["stats"] for g in groups)] or ["macro"]
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(cols) * max(1, len(groups)) ** 0.5 + 4), 9),
-                                 constrained_layout=True)
-    base = groups[0]
-    relative = len(groups) > 1
-    shown = groups[1:] if relative else groups
-    width = 0.8 / max(1, len(shown))
-    x = np.arange(len(cols))
+def plot_compare(groups: list[dict], subsets: list[str], metrics: list[str], out: Path,
+                 eval_sets: tuple[str, str] = ("", "")) -> Path:
+    """One row of bars per metric (the full eval set): per subset and macro, the difference
+    to the first group (the baseline) as mean ± std over seeds, so small effects stay
+    visible across subsets of very different scale (one group alone: absolute values);
+    macro eval loss curves (the periodic eval set) below. `eval_sets`: what the bars'
+    and the curves' eval sets are, for the titles."""
+    rows = len(metrics) + 1
+    fig, axes = plt.subplots(rows, 1, figsize=(max(8.0, 1.1 * (len(subsets) + 1) * max(1, len(groups)) ** 0.5 + 4),
+                                               4.5 * rows), constrained_layout=True, squeeze=False)
     colors = _colors(len(groups))
+    for metric, ax in zip(metrics, axes[:-1, 0]):
+        _compare_bars(ax, groups, subsets, metric, colors, eval_sets[0])
+    bx = axes[-1, 0]
     for g, c in zip(groups, colors):
         if g.get("curve"):
             steps, m, s = (np.array(v, float) for v in zip(*g["curve"]))
             bx.plot(steps, m, marker=".", color=c, label=f"{g['label']} (n={g['n']})")
             bx.fill_between(steps, m - s, m + s, color=c, alpha=0.2)
-    for gi, (g, c) in enumerate(zip(shown, colors[1:] if relative else colors)):
-        mean = np.array([g["stats"][s]["mean"] if s in g["stats"] else np.nan for s in cols])
-        if relative:
-            mean = mean - np.array([base["stats"][s]["mean"] if s in base["stats"] else np.nan for s in cols])
-        std = [g["stats"][s]["std"] if s in g["stats"] else 0.0 for s in cols]
-        ax.bar(x + (gi - (len(shown) - 1) / 2) * width, mean, width, yerr=std, capsize=3, color=c,
-               label=f"{g['label']} (n={g['n']})")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, cols, rotation=45, ha="right", fontsize=8)
-    if relative:
-        ax.set(ylabel=f"{metric} minus baseline", title=f"{metric} after training relative to {base['label']} "
-               f"(n={base['n']}); error bars: std over seeds")
-    else:
-        ax.set(ylabel=f"{metric} after training", title=f"{metric} per subset, mean ± std over seeds")
-    ax.legend(fontsize=8)
     if any(g.get("curve") for g in groups):
-        bx.set(xlabel="training step", ylabel="macro held-out loss", title="macro eval loss (eval.jsonl), mean ± std")
+        bx.set(xlabel="training step", ylabel="macro held-out loss (periodic eval set)",
+               title="macro eval loss during training, mean ± std\nperiodic eval set (eval.jsonl)"
+               + (f"; {eval_sets[1]}" if eval_sets[1] else ""))
         bx.legend(fontsize=8)
     else:
         bx.text(0.5, 0.5, "no eval.jsonl in these runs", ha="center", va="center")
         bx.set_axis_off()
     return _save(fig, out)
+
+
+def _compare_bars(ax, groups: list[dict], subsets: list[str], metric: str, colors, eval_set: str) -> None:
+    stats = [g["stats"].get(metric, {}) for g in groups]
+    cols = [c for c in [*subsets, "macro"] if any(c in st for st in stats)] or ["macro"]
+    base, relative = stats[0], len(groups) > 1
+    shown = list(zip(groups, stats, colors))[1:] if relative else list(zip(groups, stats, colors))
+    width = 0.8 / max(1, len(shown))
+    x = np.arange(len(cols))
+    for gi, (g, st, c) in enumerate(shown):
+        mean = np.array([st[s]["mean"] if s in st else np.nan for s in cols])
+        if relative:
+            mean = mean - np.array([base[s]["mean"] if s in base else np.nan for s in cols])
+        ax.bar(x + (gi - (len(shown) - 1) / 2) * width, mean, width, yerr=[st[s]["std"] if s in st else 0.0
+                                                                          for s in cols],
+               capsize=3, color=c, label=f"{g['label']} (n={g['n']})")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, cols, rotation=45, ha="right", fontsize=8)
+    where = "full eval set (eval.json)" + (f"; {eval_set}" if eval_set else "")
+    if relative:
+        ax.set(ylabel=f"{metric} minus baseline", title=f"{metric} after training relative to {groups[0]['label']} "
+               f"(n={groups[0]['n']}); error bars: std over seeds\n{where}")
+    else:
+        ax.set(ylabel=f"{metric} after training", title=f"{metric} per subset, mean ± std over seeds\n{where}")
+    ax.legend(fontsize=8)

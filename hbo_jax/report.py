@@ -1,4 +1,4 @@
-"""`python -m hbo_jax.report RUN_DIR [RUN_DIR ...] [--out DIR] [--metric loss]`: reports.
+"""`python -m hbo_jax.report RUN_DIR [RUN_DIR ...] [--out DIR] [--metric M]`: reports.
 
 One run directory -> `<run_dir>/report/`: p_global.png, p_local.png, rewards.png,
 drawn.png, eval.png and report.md (run facts, before/after table, final p_global,
@@ -6,10 +6,18 @@ mixing overhead). A figure whose data the run did not log (rewards of a fixed sc
 `drawn` counts or eval.jsonl of an older run) is skipped, logged and noted in report.md.
 
 Several run directories -> each one's report, plus a comparison in `--out`
-(default `report_compare/`): compare.md, compare.json and compare.png. Runs whose
-config.yaml are equal except `run_dir`, `train.seed` and `train.data_seed` form one
-group (seed replicas, or data-order replicas), shown as mean ± std over its runs (std
-with ddof=1; 0 for a single run) with n.
+(default `report_compare/`): compare.md, compare.json and compare.png, for the loss and
+each task metric the runs have (or `--metric` alone), and the training loop's time.
+Runs that sample alike form one group (seed replicas, or data-order replicas), shown as
+mean ± std over its runs (std with ddof=1; 0 for a single run) with n: their config.yaml
+are equal except `run_dir`, `train.seed`, `train.data_seed` and bookkeeping, with the
+`mixing.*` settings compared as the strategy reads them (`settings_that_matter`: its
+defaults resolved, the keys it never reads left out). A group's label names the keys
+that differ between groups, except those at each strategy's own default.
+
+Two eval sets: the tables (eval.json) use the full one (`data.max_eval_per_subset` rows
+per subset at most), the curves (eval.jsonl) the small periodic one
+(`eval.periodic_max_per_subset`); figures and reports say which they show.
 
 `train.py` calls `write_report(run_dir)` at the end of a run (process 0 only).
 """
@@ -27,12 +35,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hbo_jax.config import MixingConfig
 from hbo_jax.config_keys import GROUP_IGNORE, flatten, matches
+from hbo_jax.errors import ConfigError
+from hbo_jax.mixing.strategy import settings_that_matter
 from hbo_jax.records import dumps
 
 log = logging.getLogger("hbo_jax.report")
 
 TASK_METRICS = ("acc", "acc_norm", "exact_match")
+# Where each eval set's per-subset cap is configured.
+EVAL_SETS = {"full": ("data", "max_eval_per_subset"), "periodic": ("eval", "periodic_max_per_subset")}
 FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
 
 
@@ -125,6 +138,37 @@ class Run:
     def strategy(self) -> str:
         return self.summary.get("strategy") or self.config.get("mixing", {}).get("strategy", "?")
 
+    def eval_set(self, which: str, sep: str = ", ") -> str:
+        """Which eval set the tables ("full", eval.json) or the curves ("periodic", eval.jsonl) show."""
+        section, key = EVAL_SETS[which]
+        cap = self.config.get(section, {}).get(key)
+        last = (self.eval.get("after") or self.eval.get("before") or {}) if which == "full" else (
+            self.eval_log[-1].get("eval", {}) if self.eval_log else {})
+        rows = last.get("macro_avg", {}).get("examples")
+        head = f"the {which} eval set" + (f": {rows} rows" if rows else "")
+        return head + (f"{sep}at most {cap} per subset ({section}.{key})" if cap else "")
+
+    @property
+    def experiment(self) -> dict:
+        """The flat config keys that make it a different experiment (`group_runs`)."""
+        flat = {k: v for k, v in flatten(self.config).items() if not _ignored(k)}
+        mixing = mixing_settings(self.config.get("mixing"))
+        if mixing is None:  # not a config this version reads: every key as written
+            return flat
+        return {**{k: v for k, v in flat.items() if not k.startswith("mixing.")},
+                **{f"mixing.{k}": v for k, v in mixing.items()}}
+
+
+def mixing_settings(mixing) -> dict | None:
+    """`settings_that_matter` of a config.yaml's `mixing` section (None: it cannot be read)."""
+    if not isinstance(mixing, dict):
+        return None
+    known = set(MixingConfig.__dataclass_fields__)
+    try:
+        return settings_that_matter(MixingConfig(**{k: v for k, v in mixing.items() if k in known}))
+    except (ConfigError, KeyError, TypeError, ValueError):  # unknown strategy, contradicting keys
+        return None
+
 
 def load_run(run_dir: str | Path) -> Run:
     """Reads a run directory; raises NotARunDir when it is not one."""
@@ -173,6 +217,10 @@ def eval_table(before: dict, after: dict, names: list[str]) -> list[str]:
     return _table(header, rows)
 
 
+def _seconds(value) -> str | None:
+    return f"{value:.1f}s" if isinstance(value, (int, float)) else None
+
+
 def _overhead(run: Run) -> str:
     s = run.summary
     if "mixing_share" in s:
@@ -215,9 +263,13 @@ def write_report(run_dir: str | Path) -> dict:
              ("buckets (K)", cfg.get("data", {}).get("num_buckets")),
              ("difficulty", cfg.get("data", {}).get("difficulty")), ("model init", cfg.get("model", {}).get("init")),
              ("actor updates", _updates(run)),
-             ("wall time", f"{run.summary['wall_seconds']:.1f}s" if "wall_seconds" in run.summary else None)]
+             ("training loop", _seconds(run.summary.get("train_loop_seconds"))),
+             ("data preparation", _seconds(run.summary.get("prepare_seconds"))),
+             ("wall time", _seconds(run.summary.get("wall_seconds")))]
     md = [f"# Run report: {run.name}", ""] + [f"- **{k}**: {v}" for k, v in facts if v is not None] + [""]
-    md += ["## Held-out evaluation (eval.json)", ""]
+    md += ["## Held-out evaluation (eval.json)", "",
+           f"On {run.eval_set('full')}. The curves of eval.png use {run.eval_set('periodic')}; "
+           "with fewer rows, their values differ from this table's.", ""]
     before, after = run.eval.get("before", {}), run.eval.get("after", {})
     md += eval_table(before, after, names) if (before or after) else ["*No eval.json in this run.*"]
     macro = after.get("macro_avg", {})
@@ -250,22 +302,40 @@ def write_report(run_dir: str | Path) -> dict:
 
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
-    """Runs with equal config.yaml up to `run_dir` and the seeds, in first-seen order."""
+    """Runs of one experiment (`Run.experiment` equal: config.yaml up to `run_dir`, the
+    seeds, bookkeeping and the mixing keys their strategy does not read), in first-seen order."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        key = json.dumps({k: v for k, v in flatten(r.config).items() if not _ignored(k)},
-                         sort_keys=True, default=str)
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(json.dumps(r.experiment, sort_keys=True, default=str), []).append(r)
     return list(groups.values())
 
 
-def _labels(groups: list[list[Run]]) -> list[str]:
-    flat = [{k: v for k, v in flatten(g[0].config).items() if not _ignored(k)} for g in groups]
-    keys = sorted({k for f in flat for k in f if len({json.dumps(x.get(k), default=str) for x in flat}) > 1})
-    if not keys:
-        return [g[0].strategy for g in groups]
-    short = [k.split(".")[-1] if sum(x.split(".")[-1] == k.split(".")[-1] for x in keys) == 1 else k for k in keys]
-    return [", ".join(f"{s}={f.get(k)}" for s, k in zip(short, keys)) for f in flat]
+def group_labels(groups: list[list[Run]]) -> list[str]:
+    """Each group's name: its strategy (when strategies differ, or nothing else does), then
+    the keys that tell the groups apart.
+
+    A key is named when the groups that have it (the strategy reads it) disagree, unless
+    each of them holds its own strategy's default (hbo's temperature 1 vs temperature's
+    10: the strategies' names say it). Strategy-free keys (train.*, data.*) are named
+    whenever they differ.
+    """
+    flat = [g[0].experiment for g in groups]
+    defaults = {f.get("mixing.strategy"): {f"mixing.{k}": v for k, v in (mixing_settings(
+        {"strategy": f.get("mixing.strategy")}) or {}).items()} for f in flat}
+
+    def named(key: str) -> bool:
+        having = [f for f in flat if key in f]
+        if len({json.dumps(f[key], default=str) for f in having}) < 2:
+            return False
+        own = [defaults[f.get("mixing.strategy")] for f in having]
+        return key == "mixing.strategy" or not all(key in d and f[key] == d[key] for f, d in zip(having, own))
+
+    keys = sorted(k for k in {k for f in flat for k in f} if k != "mixing.strategy" and named(k))
+    short = {k: k.split(".")[-1] if sum(x.split(".")[-1] == k.split(".")[-1] for x in keys) == 1 else k
+             for k in keys}
+    show_strategy = named("mixing.strategy") or not keys
+    return [", ".join([str(f.get("mixing.strategy", g[0].strategy))] * show_strategy
+                      + [f"{short[k]}={f[k]}" for k in keys if k in f]) for f, g in zip(flat, groups)]
 
 
 def metric_value(run: Run, subset: str, metric: str) -> float | None:
@@ -297,39 +367,80 @@ def _macro_curve(group: list[Run]) -> list[tuple]:
     return [(s, st["mean"], st["std"]) for s, st in zip(steps, stats)]
 
 
-def compare(runs: list[Run], out: str | Path, metric: str = "loss") -> dict:
-    """Writes compare.md / compare.json / compare.png into `out`; returns the groups' stats."""
+def _metrics(runs: list[Run]) -> list[str]:
+    """The loss, then each task metric some run has after training."""
+    after = [v for r in runs for v in r.eval.get("after", {}).values() if isinstance(v, dict)]
+    return ["loss", *(m for m in TASK_METRICS if any(m in v for v in after))]
+
+
+def _caps(runs: list[Run], which: str) -> str:
+    """The per-subset cap of an eval set over the runs ("16", or "16 or 32" when they differ)."""
+    section, key = EVAL_SETS[which]
+    caps = sorted({str(r.config.get(section, {}).get(key, "?")) for r in runs})
+    return f"at most {section}.{key} = {' or '.join(caps)} rows per subset"
+
+
+def _mean_std(stats: dict | None) -> str:
+    return f"{_fmt(stats['mean'])} ± {_fmt(stats['std'])}" if stats else "—"
+
+
+def compare(runs: list[Run], out: str | Path, metric: str | None = None) -> dict:
+    """Writes compare.md / compare.json / compare.png into `out`; returns the groups' stats.
+
+    `metric`: the one metric compared (default: the loss and each task metric the runs have).
+    """
     from hbo_jax.plots import plot_compare
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     subsets = list(dict.fromkeys(n for r in runs for n in r.names))
+    metrics = [metric] if metric else _metrics(runs)
     groups, grouped = [], group_runs(runs)
-    for label, g in zip(_labels(grouped), grouped):
-        stats = {}
-        for s in [*subsets, "macro"]:
-            vals = [v for v in (metric_value(r, s, metric) for r in g) if v is not None]
-            if vals:
-                stats[s] = _stats(vals)
+    for label, g in zip(group_labels(grouped), grouped):
+        stats: dict = {}
+        for m in metrics:
+            for s in [*subsets, "macro"]:
+                vals = [v for v in (metric_value(r, s, m) for r in g) if v is not None]
+                if vals:
+                    stats.setdefault(m, {})[s] = _stats(vals)
+        times = {k: _stats(v) for k in ("train_loop_seconds", "prepare_seconds")
+                 if (v := [r.summary[k] for r in g if isinstance(r.summary.get(k), (int, float))])}
         groups.append({"label": label, "n": len(g), "seeds": [r.seed for r in g],
                        "data_seeds": [r.data_seed for r in g], "runs": [str(r.path) for r in g],
-                       "stats": stats, "curve": _macro_curve(g)})
-    if not any(g["stats"] for g in groups):
-        log.warning("report: no run has %r after training (eval.json); the comparison is empty", metric)
-    header = ["group", "n", "seeds", *subsets, "macro"]
-    rows = [[g["label"], str(g["n"]), ",".join(r.seed_label for r in members)]
-            + [f"{_fmt(g['stats'][s]['mean'])} ± {_fmt(g['stats'][s]['std'])}" if s in g["stats"] else "—"
-               for s in [*subsets, "macro"]] for g, members in zip(groups, grouped)]
-    md = [f"# Comparison: {metric} after training", "",
+                       "stats": stats, "seconds": times, "curve": _macro_curve(g)})
+    for m in metrics:
+        if not any(m in g["stats"] for g in groups):
+            log.warning("report: no run has %r after training (eval.json); its comparison is empty", m)
+    full, periodic = _caps(runs, "full"), _caps(runs, "periodic")
+    md = ["# Comparison after training", "",
           "Mean ± std (ddof=1) over the seeds of each group; n = runs in the group. "
           "Seeds: train.seed, or train.seed/train.data_seed where a data seed is set. "
           "Groups = equal config.yaml except run_dir, train.seed, train.data_seed and bookkeeping keys "
-          "(eval.*, tracking.*, distributed.*, logging and checkpoint cadence).", ""]
-    md += _table(header, rows) + ["", "## Groups", ""]
+          "(eval.*, tracking.*, distributed.*, logging and checkpoint cadence), with the mixing.* keys as each "
+          "strategy reads them (its defaults resolved, the keys it ignores left out); a label names the keys "
+          "that differ between groups, except those at each strategy's own default.", "",
+          f"Tables and compare.png's bars: the full eval set (eval.json; {full}). compare.png's curves: "
+          f"the periodic eval set (eval.jsonl; {periodic}); with fewer rows, their values differ from the "
+          "tables'.", ""]
+    seeds = {id(g): ",".join(r.seed_label for r in members) for g, members in zip(groups, grouped)}
+    for m in metrics:
+        md += [f"## {m} after training", ""]
+        md += _table(["group", "n", "seeds", *subsets, "macro"],
+                     [[g["label"], str(g["n"]), seeds[id(g)]] + [_mean_std(g["stats"].get(m, {}).get(s))
+                                                                 for s in [*subsets, "macro"]] for g in groups])
+        md.append("")
+    md += ["## Time", "",
+           "The training loop's seconds compare strategies; data preparation (tokenizing, the scorer's "
+           "warm-up and scoring) is shared by runs of one mixture and near zero when it is reused.", ""]
+    md += _table(["group", "n", "training loop s", "data preparation s"],
+                 [[g["label"], str(g["n"]), _mean_std(g["seconds"].get("train_loop_seconds")),
+                   _mean_std(g["seconds"].get("prepare_seconds"))] for g in groups])
+    md += ["", "## Groups", ""]
     md += [f"- **{g['label']}**: " + ", ".join(g["runs"]) for g in groups] + ["", "![compare](compare.png)", ""]
     (out / "compare.md").write_text("\n".join(md))
-    (out / "compare.json").write_text(dumps({"metric": metric, "subsets": subsets, "groups": groups}, indent=1))
-    plot_compare(groups, subsets, metric, out / "compare.png")
+    (out / "compare.json").write_text(dumps({"metrics": metrics, "subsets": subsets, "groups": groups,
+                                             "eval_sets": {"tables": full, "curves": periodic}}, indent=1))
+    plot_compare(groups, subsets, metrics, out / "compare.png", eval_sets=(full, periodic))
     log.info("report: wrote %s", out / "compare.md")
     return {"compare": str(out / "compare.md"), "groups": groups}
 
@@ -338,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hbo_jax.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--out", default="report_compare", help="comparison output directory (several runs)")
-    parser.add_argument("--metric", default="loss", help="metric compared across runs: loss, ppl, acc, exact_match...")
+    parser.add_argument("--metric", default=None,
+                        help="compare only this metric (loss, ppl, acc, acc_norm, exact_match); "
+                             "default: the loss and each task metric the runs have")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:

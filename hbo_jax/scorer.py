@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from hbo_jax.config import Config
 from hbo_jax.data import prepare as prepare_lib
@@ -23,6 +22,7 @@ from hbo_jax.model_init import is_pretrained
 from hbo_jax.models.llama import LlamaSpec, init_params
 from hbo_jax.models.pretrained import load_pretrained
 from hbo_jax.parallel import global_batch_from_host, host_slice
+from hbo_jax.progress import progress
 from hbo_jax.step import init_train_state, make_example_nll_fn, make_optimizer, make_train_step, state_shardings
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def warm_up(cfg: Config, stores, pad_id: int, vocab: int, mesh):
                                   ProbabilitySchedule(np.ones(d), np.ones((d, 1))))
     it = batch_iterator(sampler, stores, cfg.data.seq_len, pad_id, host_slice(sc.batch_size))
     losses = []
-    bar = tqdm(range(sc.warmup_steps), desc="warming up scorer", leave=False)
+    bar = progress(range(sc.warmup_steps), desc="warming up scorer")
     for _ in bar:
         state, m = step(state, global_batch_from_host(next(it), mesh))
         if len(losses) % 10 == 0:

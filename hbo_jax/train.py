@@ -125,14 +125,15 @@ def _run(cfg: Config, stop: StopRequest, t_start: float, sources: ConfigSources 
          until_training: UntilTraining) -> dict:
     tc, run_dir = cfg.train, Path(cfg.run_dir)
     mesh, ckpt, found = _start(cfg, run_dir, sources)
+    t_prepare = time.perf_counter()
     data, pack_rows = _prepare(cfg, mesh)
+    prepare_seconds = time.perf_counter() - t_prepare
     graphdef, params, _ = base_model(cfg, mesh, data)
     algo = algorithm_class(cfg.algorithm)(RunContext(cfg, mesh, data, graphdef, params, pack_rows))
     # The data seed, not train.seed: data-order replicas share the prepared data and starting model.
     sampler = HierarchicalSampler(data.leaves(), tc.batch_size, tc.resolved_data_seed, algo.schedule)
     logs = RunLogs(cfg, data, graphdef, mesh, make_example_nll_fn(graphdef, mesh))
     start = found[0] if found else 0
-    bar = ProgressBar(start, tc.steps, algo.label)
     metrics_log = MetricsLog(logs.writers["metrics.jsonl"], tc.log_every, data.names, data.num_buckets, algo,
                              on_line=lambda line: (logs.metrics_line(line), bar.show(
                                  loss=f"{line['loss']:.3f}", mix=f"{100 * line['mixing_share']:.1f}%")))
@@ -168,6 +169,7 @@ def _run(cfg: Config, stop: StopRequest, t_start: float, sources: ConfigSources 
     # One process: a free check every step; several: a collective every stop_check_every steps.
     every = 1 if jax.process_count() == 1 else cfg.distributed.stop_check_every
     trainer = Trainer(algo, batches, start, tc.steps, should_stop=lambda done: done % every == 0 and stop.should_stop())
+    bar = ProgressBar(start, tc.steps, algo.label)  # here: its clock times the loop alone
     trainer.add_hook(bar)
     trainer.add_hook(lambda info: guard.observe(info.metrics))  # takes out the streak before sums are made
     trainer.add_hook(metrics_log.observe)
@@ -187,8 +189,8 @@ def _run(cfg: Config, stop: StopRequest, t_start: float, sources: ConfigSources 
     bar.close()
     if stopped_at is not None:
         return _stopped(stopped_at, tc.steps, checkpoints, logs, stop)
-    return _finish(cfg, data, algo, checkpoints, logs, sampler, before, pack_rows, pack_stats, loop_seconds,
-                   t_start)
+    return _finish(cfg, data, algo, checkpoints, logs, sampler, before, pack_rows, pack_stats,
+                   {"prepare": prepare_seconds, "loop": loop_seconds, "start": t_start})
 
 
 def _write_json(path: Path, obj) -> None:
@@ -209,8 +211,13 @@ def _stopped(done: int, total: int, checkpoints: Checkpointing, logs: RunLogs, s
 
 
 def _finish(cfg: Config, data: PreparedData, algo: Algorithm, checkpoints: Checkpointing, logs: RunLogs,
-            sampler, before: dict, pack_rows: int, pack_stats: dict, loop_seconds: float, t_start: float) -> dict:
-    """The final checkpoint, evaluation, summary, report and printed table."""
+            sampler, before: dict, pack_rows: int, pack_stats: dict, times: dict) -> dict:
+    """The final checkpoint, evaluation, summary, report and printed table.
+
+    `times`: the seconds of data preparation ("prepare") and of the training loop
+    ("loop"), and the `perf_counter` at the start ("start").
+    """
+    loop_seconds = times["loop"]
     tc, run_dir, ckpt = cfg.train, Path(cfg.run_dir), checkpoints.ckpt
     if ckpt.latest_step() != tc.steps:  # a finished run that is relaunched has it already
         checkpoints.save(tc.steps)
@@ -228,7 +235,10 @@ def _finish(cfg: Config, data: PreparedData, algo: Algorithm, checkpoints: Check
         "nonfinite_skipped": total_nonfinite(algo.state()["train"].opt_state),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
         "data_truncated": {s["name"]: s.get("truncated") for s in m["subsets"]},  # None: not counted
-        "wall_seconds": time.perf_counter() - t_start,
+        # Strategies compare on the loop's time: preparing (tokenizing, the scorer's warm-up,
+        # scoring) happens once per mixture and is near zero when the prepared data is reused.
+        "prepare_seconds": times["prepare"],
+        "wall_seconds": time.perf_counter() - times["start"],  # everything, preparation included
     }
     if pack_rows:  # this host's packing since (re)start: fill and examples cut at seq_len
         summary["packing"] = {"rows": pack_rows, **pack_stats,
@@ -249,6 +259,8 @@ def _finish(cfg: Config, data: PreparedData, algo: Algorithm, checkpoints: Check
         print("\nfinal p_global: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(data.names, pg)))
         print(f"mixing overhead: {100 * summary['mixing_share']:.1f}% of the training loop "
               f"({algo.mixing_seconds:.1f}s of {loop_seconds:.1f}s)")
+        print(f"time: data preparation {times['prepare']:.1f}s, training loop {loop_seconds:.1f}s, "
+              f"wall {summary['wall_seconds']:.1f}s")
         print(f"run directory: {run_dir} (report: {summary['report']})")
     return summary
 

@@ -20,7 +20,8 @@ def write_run(run_dir, strategy="hbo", seed=0, losses=(2.0, 1.0, 3.0), rewards=T
     """A synthetic run directory in the train.py log schema (new_logs: drawn + eval.jsonl)."""
     run_dir.mkdir(parents=True)
     cfg = {"run_dir": str(run_dir), "mixing": {"strategy": strategy, "global_every": 5},
-           "train": {"steps": 20, "seed": seed, "learning_rate": lr}, "data": {"num_buckets": K}}
+           "train": {"steps": 20, "seed": seed, "learning_rate": lr},
+           "data": {"num_buckets": K, "max_eval_per_subset": 4}, "eval": {"periodic_max_per_subset": 2}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     d = len(NAMES)
     pg0, pl0 = [1 / d] * d, [[1 / K] * K] * d
@@ -54,7 +55,8 @@ def write_run(run_dir, strategy="hbo", seed=0, losses=(2.0, 1.0, 3.0), rewards=T
     (run_dir / "eval.json").write_text(json.dumps({"before": ev(1.0), "after": ev(0.8)}))
     (run_dir / "summary.json").write_text(json.dumps({"strategy": strategy, "steps": 20, "subsets": NAMES,
                                                       "mixing_share": 0.1, "mixing_seconds": 1.0,
-                                                      "train_loop_seconds": 10.0}))
+                                                      "train_loop_seconds": 10.0 + seed, "prepare_seconds": 30.0,
+                                                      "wall_seconds": 45.0 + seed}))
     return run_dir
 
 
@@ -185,7 +187,130 @@ def test_seed_and_data_seed_replicas_form_one_group(tmp_path):
 
 
 def test_compare_names_each_runs_seed_and_data_seed(tmp_path):
-    dirs = [str(_replica(tmp_path, n, s, d)) for n, s, d in (("d0", 0, 0), ("d1", 0, 1), ("s1", 1, -1))]
-    assert main([*dirs, "--out", str(tmp_path / "cmp")]) == 0
+    from hbo_jax.report import compare, load_run
+
+    runs = [load_run(_replica(tmp_path, n, s, d)) for n, s, d in (("d0", 0, 0), ("d1", 0, 1), ("s1", 1, -1))]
+    compare(runs, tmp_path / "cmp", "loss")  # without each run's own report: seconds
     rows = md_table((tmp_path / "cmp" / "compare.md").read_text(), "group")
     assert [r["seeds"] for r in rows] == ["0/0,0/1,1"]
+
+
+def _mixing_run(tmp_path, name, seed, **mixing):
+    run_dir = write_run(tmp_path / name, seed=seed, strategy=mixing.get("strategy", "hbo"))
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["mixing"].update(mixing)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """hbo x2 seeds, uniform x2 (one with the key it never reads, one with its raw defaults),
+    hbo with the global reward from training batches; compared as `report` does with no
+    --metric (`compare` alone: the runs' own reports are tested above)."""
+    from hbo_jax.report import compare, load_run
+
+    tmp = tmp_path_factory.mktemp("cmp")
+    dirs = [_mixing_run(tmp, "hbo0", 0), _mixing_run(tmp, "hbo1", 1),
+            _mixing_run(tmp, "uni0", 0, strategy="uniform", ema=0.5),
+            _mixing_run(tmp, "uni1", 1, strategy="uniform", temperature=0.0, global_source="probes"),
+            _mixing_run(tmp, "hbo_tr", 0, global_source="train")]
+    compare([load_run(d) for d in dirs], tmp / "out")
+    return tmp / "out"
+
+
+def test_settings_a_strategy_never_reads_do_not_split_its_group(comparison):
+    groups = json.loads((comparison / "compare.json").read_text())["groups"]
+    assert [[p.rsplit("/", 1)[-1] for p in g["runs"]] for g in groups] == [["hbo0", "hbo1"], ["uni0", "uni1"],
+                                                                          ["hbo_tr"]]
+
+
+def test_labels_name_only_the_keys_that_differ_and_matter(comparison):
+    groups = json.loads((comparison / "compare.json").read_text())["groups"]
+    assert [g["label"] for g in groups] == ["hbo, global_reward=gradnorm, global_source=probes", "uniform",
+                                            "hbo, global_reward=gradnorm_per_example, global_source=train"]
+
+
+def test_strategy_defaults_are_not_named_but_a_changed_one_is(tmp_path):
+    from hbo_jax.report import group_labels, group_runs, load_run
+
+    def labels(*runs):
+        return group_labels(group_runs([load_run(_mixing_run(tmp_path / str(len(list(tmp_path.iterdir()))),
+                                                             "r", 0, **m)) for m in runs]))
+    assert labels({}, {"strategy": "temperature"}) == ["hbo", "temperature"]  # T=1 and T=10: their defaults
+    assert labels({"temperature": 2.0}, {"strategy": "temperature"}) == ["hbo, temperature=2.0",
+                                                                         "temperature, temperature=10.0"]
+
+
+def test_one_report_call_compares_the_loss_and_each_task_metric(comparison):
+    result = json.loads((comparison / "compare.json").read_text())
+    assert result["metrics"] == ["loss", "acc", "exact_match"]
+    text = (comparison / "compare.md").read_text()
+    assert all(f"## {m} after training" in text for m in result["metrics"])
+    assert result["groups"][0]["stats"]["acc"]["math"]["mean"] == pytest.approx(0.25 * 0.8)
+    assert "math" not in result["groups"][0]["stats"]["exact_match"]  # a subset without the metric
+
+
+def test_comparison_times_the_training_loop_apart_from_preparation(comparison):
+    rows = md_table((comparison / "compare.md").read_text(), "group")  # the first table: loss
+    assert [r["group"] for r in rows][0].startswith("hbo")
+    lines = (comparison / "compare.md").read_text().splitlines()
+    time_rows = md_table("\n".join(lines[lines.index("## Time"):]), "group")
+    assert time_rows[0]["training loop s"] == "10.5000 ± 0.7071"  # seeds 0 and 1: 10 s and 11 s
+    assert time_rows[0]["data preparation s"] == "30.0000 ± 0.0000"
+
+
+def test_comparison_says_which_eval_set_tables_and_curves_use(comparison):
+    text = (comparison / "compare.md").read_text()
+    assert "full eval set (eval.json; at most data.max_eval_per_subset = 4 rows per subset)" in text
+    assert "periodic eval set (eval.jsonl; at most eval.periodic_max_per_subset = 2 rows per subset)" in text
+
+
+def _figures(monkeypatch):
+    from hbo_jax import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figs.append(fig) or out)
+    return plots, figs
+
+
+def test_eval_png_titles_name_each_panels_eval_set(hbo_report, monkeypatch):
+    from hbo_jax.report import load_run
+
+    plots, figs = _figures(monkeypatch)
+    plots.plot_eval(load_run(hbo_report[0]), hbo_report[0] / "x.png")
+    curves, bars = (ax.get_title() for ax in figs[0].axes[:2])
+    assert "periodic eval set\nat most 2 per subset (eval.periodic_max_per_subset)" in curves
+    assert "full eval set\nat most 4 per subset (data.max_eval_per_subset)" in bars
+
+
+def test_compare_png_titles_name_each_eval_set(comparison, monkeypatch):
+    plots, figs = _figures(monkeypatch)
+    result = json.loads((comparison / "compare.json").read_text())
+    plots.plot_compare(result["groups"], result["subsets"], result["metrics"], comparison / "x.png",
+                       eval_sets=("A", "B"))
+    titles = [ax.get_title() for ax in figs[0].axes]
+    assert all("full eval set (eval.json); A" in t for t in titles[:-1])
+    assert "periodic eval set (eval.jsonl); B" in titles[-1]
+
+
+def test_run_report_says_which_eval_set_the_table_uses(hbo_report):
+    text = (hbo_report[0] / "report" / "report.md").read_text()
+    assert "On the full eval set, at most 4 per subset (data.max_eval_per_subset)." in text
+    assert "eval.png use the periodic eval set, at most 2 per subset (eval.periodic_max_per_subset)" in text
+
+
+def test_run_report_gives_loop_and_preparation_time_apart(hbo_report):
+    text = (hbo_report[0] / "report" / "report.md").read_text()
+    assert all(line in text for line in ("- **training loop**: 10.0s", "- **data preparation**: 30.0s",
+                                         "- **wall time**: 45.0s"))
+
+
+def test_local_heatmap_scale_is_centred_on_uniform_and_spans_the_data(hbo_report, monkeypatch):
+    from hbo_jax.report import load_run
+
+    plots, figs = _figures(monkeypatch)
+    plots.plot_p_local(load_run(hbo_report[0]), hbo_report[0] / "x.png")
+    norm = figs[0].axes[0].collections[0].norm
+    assert float(norm(1 / K)) == pytest.approx(0.5)  # the logged p_local: 0.5 (uniform), then 0.4 / 0.6
+    assert float(norm(0.4)) == pytest.approx(0.0) and float(norm(0.6)) == pytest.approx(1.0)

@@ -46,3 +46,21 @@ def test_every_probe_global_reward_has_a_probe_program_and_every_choice_is_decla
     assert choices | set(_CHOICES["mixing.local_reward"]) <= set(REWARDS)
     probe_global = {n for n, k in REWARDS.items() if "global" in k.levels and not k.progress_ratio}
     assert probe_global == set(global_rewards.MAKERS)
+
+
+def test_hbo_reads_every_mixing_key_but_replay_and_train_norm_ones():
+    # a key added to MixingConfig counts (is kept) until settings_that_matter classifies it
+    from dataclasses import fields
+
+    from hbo_jax.config import MixingConfig
+    from hbo_jax.mixing.strategy import settings_that_matter
+
+    read = set(settings_that_matter(MixingConfig()))
+    assert read == {f.name for f in fields(MixingConfig)} - {"replay_from", "global_train_steps"}
+
+
+def test_a_static_strategy_reads_only_its_prior_and_floor():
+    from hbo_jax.mixing.strategy import settings_that_matter
+
+    cfg = load_config(None, ["mixing.strategy=temperature", "mixing.ema=0.5", "mixing.actor_lr=1"]).mixing
+    assert settings_that_matter(cfg) == {"strategy": "temperature", "temperature": 10.0, "min_prob": 0.0}

@@ -41,6 +41,12 @@ def test_mixing_log_records_both_actors(hbo_run):
     assert all(abs(sum(r["p_global"]) - 1) < 1e-5 for r in rows)
 
 
+def test_summary_times_preparation_and_the_loop_apart(hbo_run):
+    s = json.loads((hbo_run / "summary.json").read_text())
+    assert s["prepare_seconds"] > 0 and s["train_loop_seconds"] > 0
+    assert s["wall_seconds"] > s["prepare_seconds"] + s["train_loop_seconds"]  # plus evaluation, the report
+
+
 def test_eval_reports_every_subset(hbo_run):
     ev = json.loads((hbo_run / "eval.json").read_text())
     assert set(ev["after"]) >= {"chat", "arithmetic", "medical_sentiment", "hindi_qa", "proverbs_sw"}

@@ -15,9 +15,10 @@ own packaging code. We only need the bytes, so this module fetches the exact fil
   index page, or in a `find-links` directory, or in archives the user names (offline);
 - its SHA-256 is checked against the pin before it is used; a mismatch is deleted.
 
-Nothing here imports more than the standard library (and tqdm if present), so the same
-code runs under any pip and any Python: `python -m hbo_jax.data.fetch --dest DIR`
-downloads the archives for copying to an offline machine.
+Nothing here imports more than the standard library (and tqdm if present, through
+`hbo_jax.progress`), so the same code runs under any pip and any Python:
+`python -m hbo_jax.data.fetch --dest DIR` downloads the archives for copying to an
+offline machine.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Iterable
 
 from hbo_jax.errors import FetchError
+from hbo_jax.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -265,15 +267,6 @@ def candidate_urls(client: _Client, index_url: str, archive: Archive) -> list[tu
     return out
 
 
-def _progress(total: int, name: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    # A bar only on a terminal: in a redirected log it would be carriage-return noise.
-    return tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=None)
-
-
 def _download(client: _Client, url: str, archive: Archive, dest: Path, attempts: int = 3) -> None:
     """Streams `url` to `dest`, checking size and SHA-256 before the file takes its name."""
     part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
@@ -282,13 +275,12 @@ def _download(client: _Client, url: str, archive: Archive, dest: Path, attempts:
         bar = None
         try:
             with client.open(url) as resp, open(part, "wb") as out:
-                bar = _progress(archive.size, archive.filename)
+                bar = progress(desc=archive.filename, total=archive.size, unit="B", unit_scale=True, leave=True)
                 while block := resp.read(_CHUNK):
                     out.write(block)
                     h.update(block)
                     got += len(block)
-                    if bar is not None:
-                        bar.update(len(block))
+                    bar.update(len(block))
             break
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             part.unlink(missing_ok=True)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from hbo_jax.config import Config, cache_root
 from hbo_jax.data import embedded
@@ -39,6 +38,7 @@ from hbo_jax.errors import ConfigError, DataError
 from hbo_jax.model_init import is_pretrained
 from hbo_jax.models.loading import save_params
 from hbo_jax.models.pretrained import fingerprint, pretrained_tokenizer
+from hbo_jax.progress import progress
 
 log = logging.getLogger(__name__)
 PREPARE_VERSION = "4"  # 3: eval examples carry difficulty buckets; 4: declared subsets, row formats
@@ -167,7 +167,8 @@ def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
     """Everything the prepared data depends on; `_key` is its hash."""
     # Inputs enter by content (every file's sha256 and name), not by directory or glob:
     # moving the data reuses the preparation, editing one file prepares afresh.
-    inputs = [(s.name, s.digests()) for s in tqdm(subsets, desc="hashing inputs", leave=False)]
+    # No bar when the digests are remembered (nothing is read): only after a second.
+    inputs = [(s.name, s.digests()) for s in progress(subsets, desc="hashing inputs", delay=1.0)]
     settings = {"v": PREPARE_VERSION, "data": dataclasses.asdict(cfg.data),
                 "scorer": dataclasses.asdict(cfg.scorer), "model": dataclasses.asdict(cfg.model),
                 "seed": cfg.train.seed, "inputs": inputs}  # train.data_seed stays out: replicas share this
@@ -340,7 +341,7 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     pad = int(tokenizer.pad_token_id)
     tmp = private_tmp(root)
     encoded, counts = {}, {}
-    for s in tqdm(mix, desc="tokenizing", leave=False):
+    for s in progress(mix, desc="tokenizing"):
         tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
         tr, tr_cut = _encode(tokenizer, s.train, s.format, cfg, tr_report)
         if len(tr) < cfg.data.num_buckets:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from hbo_jax.data.store import collate
 from hbo_jax.parallel import batch_sharding, round_up_rows
+from hbo_jax.progress import progress
 
 
 def response_only(ids: np.ndarray, mask: np.ndarray):
@@ -38,7 +38,7 @@ def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: i
     order = np.argsort(lengths, kind="stable")
     out = np.zeros(len(examples), np.float64)
     pending: list = []
-    for a in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not desc):
+    for a in progress(range(0, len(order), batch_size), desc=desc, disable=not desc):
         idx = order[a:a + batch_size]
         width = int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(lengths[idx].max() - 1, 1)))))))
         chunk = [examples[i] for i in idx] + [examples[idx[0]]] * (batch_size - len(idx))

@@ -17,6 +17,7 @@ one place a reward is declared.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -202,3 +203,42 @@ def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
     n = np.asarray(sizes, np.float64)
     p = np.ones_like(n) if math.isinf(temperature) else n ** (1.0 / temperature)
     return p / p.sum()
+
+
+# The `mixing.*` keys each kind of actor reads.
+_ACTOR_KEYS = frozenset({"actor_lr", "inner_steps", "kl_to_prior"})
+_GLOBAL_KEYS = frozenset({"global_reward", "global_source", "global_every", "ema", "global_train_steps"})
+_LOCAL_KEYS = frozenset({"local_reward", "local_source", "local_every"})
+
+
+def settings_that_matter(cfg: MixingConfig) -> dict:
+    """The `mixing.*` settings this strategy reads, resolved (e.g. temperature 0 -> its default).
+
+    Two runs whose settings here are equal sample the same way, whatever their other
+    `mixing.*` keys say: the report groups and labels runs by these. A key is dropped
+    only where it is known to be unread, so a new key counts until it is classified here.
+    """
+    if cfg.strategy == "replay":  # the recorded schedule, step for step
+        return {"strategy": cfg.strategy, "replay_from": cfg.replay_from}
+    s = resolve(cfg)
+    out = dataclasses.asdict(cfg) | {"temperature": s.temperature}
+    unread = {"replay_from"}
+    if cfg.strategy in ("uniform", "proportional"):  # their name fixes the prior
+        unread.add("temperature")
+    if not s.dynamic:
+        unread |= _ACTOR_KEYS
+    g, local = s.actor("global"), s.actor("local", "flat")
+    if g is None:
+        unread |= _GLOBAL_KEYS
+    else:  # resolved: "auto" rewards, MoS's ratio from where the local ratios come from
+        out.update(global_reward=g.reward, global_source=g.source, global_every=g.every)
+        if not s.train_gradnorm:
+            unread.add("global_train_steps")
+    if local is None:
+        unread |= _LOCAL_KEYS
+    else:
+        out.update(local_reward=local.reward, local_source=local.source, local_every=local.every)
+    global_probes, local_probes = s.global_probes, s.progress_ratio and not s.ratio_from_train  # as the Mixer
+    unread |= {k for k, used in (("global_probes_per_bucket", global_probes), ("local_probes_per_group", local_probes),
+                                 ("probe_budget", global_probes or local_probes)) if not used}
+    return {k: v for k, v in out.items() if k not in unread}
