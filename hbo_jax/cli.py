@@ -13,7 +13,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointMismatch, NonFiniteError)
 
 def add_config_arguments(parser) -> None:
     """`--config FILE` and `key=value` overrides, as every config-driven entry point takes them."""
-    parser.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the demo run")
+    parser.add_argument("--config", action="append",
+                        help="YAML file (configs/*.yaml); repeat to compose several, later files win key by key "
+                             "(relative input paths in a file are read from its folder); defaults = the demo run")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 mixing.strategy=uniform")
 
 

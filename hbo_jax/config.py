@@ -16,14 +16,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hbo_jax import algorithm
 from hbo_jax.config_rules import RULES
+from hbo_jax.config_sources import COMMAND_LINE, ConfigSources, read_yaml
 from hbo_jax.errors import ConfigError
 from hbo_jax.model_init import parse_init
 
@@ -91,8 +91,9 @@ class DataConfig:
     """Which mixture, how it is tokenized, scored and bucketed."""
 
     mixture: str = "embedded"
-    # A directory of `<subset>.train.jsonl` / `<subset>.eval.jsonl` files to use instead
-    # of building the embedded mixture from PyPI packages (tests use the fixture).
+    # A directory of `<subset>.train.<ext>` / `<subset>.eval.<ext>` files, or of one folder per
+    # subset (`<subset>/train.<ext>`, `<subset>/eval.<ext>`), to use instead of building the
+    # embedded mixture from PyPI packages (hbo_jax/data/layout.py; tests use the fixture).
     source_dir: str = ""
     # Named subsets declared here (used with, or instead of, source_dir; not with the
     # embedded mixture): name -> SubsetConfig.
@@ -440,33 +441,55 @@ def _validate_subsets(subsets: dict) -> None:
             raise ConfigError(f"{key}.format={sc.format!r} is not one of {list(DATA_FORMATS)}")
 
 
-def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Builds a validated Config from defaults, an optional YAML file and `a.b=value` overrides."""
+def resolve_config(yaml_paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                   overrides: Sequence[str] = (), *, paths_from_file: bool = True) -> tuple[Config, ConfigSources]:
+    """A validated Config from the defaults, YAML files in order and `a.b=value` overrides, and its sources.
+
+    Later sources win key by key; relative input paths in a YAML file are read from its
+    folder (see `hbo_jax.config_sources`).
+
+    Args:
+        yaml_paths: None, one YAML file, or several, merged in order.
+        overrides: Dotted `key=value` strings, merged last.
+        paths_from_file: False for a run's own config.yaml (its paths are as the run was given them).
+    """
+    paths = [] if yaml_paths is None else [yaml_paths] if isinstance(yaml_paths, (str, os.PathLike)) else yaml_paths
+    sources = ConfigSources(files=[str(p) for p in paths], overrides=list(overrides))
     base = OmegaConf.structured(Config)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=10)")
+    layers = [(str(p), read_yaml(p, paths_from_file)) for p in paths]
+    layers.append((COMMAND_LINE, OmegaConf.to_container(OmegaConf.from_dotlist([o.lstrip("-") for o in overrides]))))
+    for source, tree in layers:
+        try:
+            base = OmegaConf.merge(base, tree)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_omegaconf_message(e)}" if source != COMMAND_LINE
+                              else _omegaconf_message(e)) from None
+        sources.add(source, tree)
     try:
-        if yaml_path is not None:
-            path = Path(yaml_path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                loaded = OmegaConf.load(path)
-            except yaml.YAMLError as e:  # e.g. a subset name declared twice
-                raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
-            base = OmegaConf.merge(base, loaded)
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=10)")
-        base = OmegaConf.merge(base, OmegaConf.from_dotlist([o.lstrip("-") for o in overrides]))
         cfg = OmegaConf.to_object(base)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from None
-    return validate(cfg)
+        raise ConfigError(_omegaconf_message(e)) from None
+    return validate(cfg), sources
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(yaml_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                overrides: Sequence[str] = (), *, paths_from_file: bool = True) -> Config:
+    """`resolve_config` without the sources: the validated Config alone."""
+    return resolve_config(yaml_path, overrides, paths_from_file=paths_from_file)[0]
+
+
+def to_yaml(cfg: Config, sources: ConfigSources | None = None) -> str:
+    """The resolved config as YAML; with `sources`, headed by comments saying where its values came from."""
+    return (sources.header() if sources else "") + OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: Config) -> dict:

@@ -15,11 +15,16 @@ Results go to `<run_dir>/eval_<model>.json` (or `--out`) and a table is printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import sys
+import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +32,7 @@ import numpy as np
 from hbo_jax import tasks
 from hbo_jax.data.scoring import score_examples
 from hbo_jax.records import dumps
+from hbo_jax.rng import Stream, generator
 
 log = logging.getLogger(__name__)
 TASK_KEYS = ("acc", "acc_norm", "exact_match")
@@ -42,26 +48,55 @@ def bucket_losses(nll: np.ndarray, tokens: np.ndarray, buckets: np.ndarray, k: i
     return out
 
 
+def eval_sample(strata: np.ndarray, cap: int, subset: str) -> np.ndarray:
+    """The rows (ascending) a capped evaluation of a subset uses: a stratified random sample.
+
+    Every row gets a place in one fixed random order in which each stratum's rows are
+    spread evenly (the k-th of a stratum's n rows, in random order, sits at (k + u) / n,
+    u random per stratum), so every prefix holds each stratum in proportion, to within a
+    row; a cap takes a prefix, so the periodic eval set lies inside the final one. Not
+    the first rows of the file: a file sorted by language, source or label would be
+    evaluated on its first block only. The order is seeded by the subset's name alone,
+    so every seed and strategy of a comparison is evaluated on the same rows.
+
+    Args:
+        strata: A stratum id per row (the callers use each eval example's difficulty bucket).
+        cap: How many rows to take.
+        subset: The subset's name (the seed).
+    """
+    n = len(strata)
+    if cap >= n:
+        return np.arange(n)
+    rng = generator(0, Stream.EVAL_SAMPLE, zlib.crc32(subset.encode()))
+    place = np.empty(n)
+    for s in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == s))
+        place[rows] = (np.arange(len(rows)) + rng.random()) / len(rows)
+    return np.sort(np.lexsort((rng.random(n), place))[:cap])  # ties in random order
+
+
 def heldout_loss(nll_fn, params, stores: Sequence, names: Sequence[str], mesh, seq_len: int,
                  pad_id: int, max_per_subset: int, batch_size: int,
                  buckets: Sequence[np.ndarray] | None = None, num_buckets: int = 0) -> dict[str, dict]:
     """Token-weighted response NLL and perplexity on each subset's eval split.
 
     With `buckets` (each eval example's difficulty bucket) the loss per bucket is added as
-    `bucket_loss`. A `macro_avg` entry averages the subsets' losses with equal weight.
+    `bucket_loss`, and the capped rows are a sample stratified by bucket (`eval_sample`).
+    `examples` is how many rows the loss used, `eval_rows` how many the subset has.
     """
     out = {}
     for i, (name, store) in enumerate(zip(names, stores)):
-        n = min(len(store), max_per_subset)
-        if n == 0:
+        if len(store) == 0:
             continue
-        exs = [store[j] for j in range(n)]
+        strata = np.asarray(buckets[i]) if buckets is not None else np.zeros(len(store), np.int32)
+        rows = eval_sample(strata, max_per_subset, name)
+        exs = [store[int(j)] for j in rows]
         nll = score_examples(exs, nll_fn, params, mesh, seq_len, pad_id, batch_size)
         tokens = np.array([m[1:].sum() for _, m in exs], np.float64)
         loss = float((nll * tokens).sum() / tokens.sum())
-        out[name] = {"loss": loss, "ppl": math.exp(loss), "examples": n}
+        out[name] = {"loss": loss, "ppl": math.exp(loss), "examples": len(rows), "eval_rows": len(store)}
         if buckets is not None:
-            out[name]["bucket_loss"] = bucket_losses(nll, tokens, np.asarray(buckets[i][:n]), num_buckets)
+            out[name]["bucket_loss"] = bucket_losses(nll, tokens, strata[rows], num_buckets)
     return out
 
 
@@ -107,17 +142,51 @@ def task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset: int)
     out = {}
     for src in data.manifest["sources"]:
         name = src["name"]
-        items = (tasks.read_eval_items(src["eval"], src.get("format", "auto"))[:max_per_subset]
-                 if src["eval"] else [])
-        metric = tasks.choose_metric(cfg.eval.metrics.get(name, "auto"), items, cfg.eval.exact_match_max_chars)
+        items = _task_items(data, src, max_per_subset)
+        requested = cfg.eval.metrics.get(name, "auto")
+        metric = tasks.choose_metric(requested, items, cfg.eval.exact_match_max_chars)
         if metric == "mc":
             out[name] = tasks.score_mc(items, data.tokenizer, seq_len, example_logprob)
         elif metric == "exact_match":
             max_prompt = max(seq_len - cfg.eval.max_new_tokens, 1)
             out[name] = tasks.score_exact_match(items, data.tokenizer, generate_fn, max_prompt)
+            note = tasks.letter_answers_note(items)
+            if note:
+                log.warning("subset %r: %s", name, note)
         else:
             out[name] = {"metric": "none"}
+        if "unavailable" in out[name]:
+            log.warning("%s: no %s for subset %r: %s", f"eval.metrics.{name}={requested}" if requested != "auto"
+                        else "eval", metric, name, out[name]["unavailable"])
     return out
+
+
+def _task_items(data, src: dict, cap: int) -> list:
+    """A subset's capped eval rows as task items: the rows its held-out loss uses, when they line up.
+
+    The items are read from the eval inputs again; they line up with the prepared eval
+    examples (and their buckets) unless preparation dropped rows (too long, no response
+    tokens), in which case the sample is drawn without strata.
+    """
+    if not src["eval"]:
+        return []
+    items = tasks.read_eval_items(src["eval"], src.get("format", "auto"))
+    i = data.names.index(src["name"])
+    aligned = len(items) == len(data.eval[i])
+    strata = np.asarray(data.eval_buckets[i]) if aligned else np.zeros(len(items), np.int32)
+    return [items[int(j)] for j in eval_sample(strata, cap, src["name"])]
+
+
+def merge_task_result(entry: dict, res: dict) -> None:
+    """Adds a task metric's result to a subset's entry; its row count goes to `task_examples`.
+
+    `examples` stays the held-out loss's count: the two may differ (rows without a usable
+    answer or options), and a metric that could not be computed must not erase it.
+    """
+    res = dict(res)
+    if "examples" in res:
+        res["task_examples"] = res.pop("examples")
+    entry.update(res)
 
 
 def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset: int,
@@ -125,14 +194,66 @@ def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset:
     """Held-out loss (per subset and bucket) plus, optionally, task metrics; with `macro_avg`."""
     bar = f"evaluating {desc}" if desc else ""
     if bar:
-        log.info("%s (%d eval examples per subset at most)", bar, max_per_subset)
+        log.info("%s (at most %d eval examples per subset, a stratified sample fixed per subset)", bar,
+                 max_per_subset)
     out = heldout_loss(nll_fn, params, data.eval, data.names, mesh, cfg.data.seq_len, data.pad_id,
                        max_per_subset, cfg.scorer.score_batch_size, data.eval_buckets, data.num_buckets)
     if with_tasks:
         for name, res in task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset).items():
-            out.setdefault(name, {}).update(res)
+            merge_task_result(out.setdefault(name, {}), res)
     out["macro_avg"] = macro_average(out)
     return out
+
+
+def _start_eval_key(cfg, mesh) -> str:
+    """What the starting model's evaluation depends on besides the prepared data, hashed.
+
+    The model settings (and train.seed for a randomly initialised model), the evaluation
+    settings, the batch and mesh shapes and the platform (they round differently), and
+    the package's code: an upgrade evaluates afresh. Not the mixing strategy or the data
+    seed, which act only once training starts.
+    """
+    code = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        code.update(f.read_bytes())
+    ev = dataclasses.asdict(cfg.eval)
+    for k in ("every", "periodic_max_per_subset"):
+        ev.pop(k)
+    settings = {"code": code.hexdigest(), "algorithm": cfg.algorithm, "model": dataclasses.asdict(cfg.model),
+                "seed": cfg.train.seed if cfg.model.init == "random" else None, "eval": ev,
+                "cap": cfg.data.max_eval_per_subset, "batch": cfg.scorer.score_batch_size,
+                "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": str(mesh.devices.flat[0].device_kind),
+                "jax": jax.__version__}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def starting_evaluation(cfg, data, mesh, evaluate: Callable[[], dict]) -> tuple[dict, Path | None]:
+    """The starting model's evaluation, computed once per prepared data and settings.
+
+    Runs that start from the same model on the same data (the seeds and strategies of a
+    comparison: a strategy and the data seed act only once training starts) share it, so
+    only the first one evaluates before its first step. Kept in the prepared directory;
+    one process only (another host might not see the cache).
+
+    Args:
+        evaluate: Evaluates the starting model (called on a miss).
+
+    Returns:
+        (the evaluation, the file it was read from or None when it was just computed).
+    """
+    if jax.process_count() > 1:
+        return evaluate(), None
+    path = data.root / "start_eval" / f"{_start_eval_key(cfg, mesh)}.json"
+    try:
+        return json.loads(path.read_text()), path
+    except (OSError, ValueError):
+        pass  # not there yet (or torn by a crash: evaluated again)
+    res = evaluate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(dumps(res))
+    os.replace(tmp, path)  # concurrent runs never read a half-written file
+    return res, None
 
 
 def _cell(res: dict) -> str:
@@ -144,6 +265,15 @@ def _cell(res: dict) -> str:
     return "-"
 
 
+def _rows(res: dict) -> str:
+    """How many eval rows the loss used of the subset's, and the task metric's when it differs."""
+    if "eval_rows" not in res:
+        return str(res.get("examples", "-"))
+    out = f"{res['examples']}/{res['eval_rows']}"
+    task = res.get("task_examples")
+    return out if task is None or task == res["examples"] else f"{out} task {task}"
+
+
 def _macro_cell(res: dict) -> str:
     cells = [f"{short} {res[k]:.3f}" for k, short in (("acc", "acc"), ("exact_match", "em")) if k in res]
     return " ".join(cells) or "-"
@@ -151,23 +281,23 @@ def _macro_cell(res: dict) -> str:
 
 def format_results(result: dict) -> str:
     """A plain-text table of one model's held-out loss, perplexity and task metric."""
-    rows = [f"{'subset':<20} {'loss':>8} {'ppl':>9}  {'task':>18}"]
+    rows = [f"{'subset':<20} {'loss':>8} {'ppl':>9}  {'task':>18}  rows used"]
     for name, r in result.items():
         cell = _macro_cell(r) if name == "macro_avg" else _cell(r)
-        rows.append(f"{name:<20} {r.get('loss', nan):>8.3f} {r.get('ppl', nan):>9.2f}  {cell:>18}")
+        rows.append(f"{name:<20} {r.get('loss', nan):>8.3f} {r.get('ppl', nan):>9.2f}  {cell:>18}  {_rows(r)}")
     return "\n".join(rows)
 
 
 def format_table(before: dict, after: dict) -> str:
     """Held-out loss / perplexity and the task metric per subset, before and after training."""
     rows = [f"{'subset':<20} {'loss before':>11} {'loss after':>10} {'ppl before':>10} {'ppl after':>9}"
-            f"  {'task before':>11} {'task after':>10}"]
+            f"  {'task before':>11} {'task after':>10}  rows used"]
     for name, a in after.items():
         b = before.get(name, {})
         cell = _macro_cell if name == "macro_avg" else _cell
         tb, ta = cell(b), cell(a)
         rows.append(f"{name:<20} {b.get('loss', nan):>11.3f} {a.get('loss', nan):>10.3f} "
-                    f"{b.get('ppl', nan):>10.2f} {a.get('ppl', nan):>9.2f}  {tb:>11} {ta:>10}")
+                    f"{b.get('ppl', nan):>10.2f} {a.get('ppl', nan):>9.2f}  {tb:>11} {ta:>10}  {_rows(a)}")
     return "\n".join(rows)
 
 
@@ -209,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m hbo_jax.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", nargs="?", help="a run directory (its config.yaml and checkpoints)")
-    ap.add_argument("--config", help="YAML config instead of a run directory")
+    ap.add_argument("--config", action="append", help="YAML config(s) instead of a run directory (later files win)")
     ap.add_argument("--model", default="checkpoint", help="checkpoint | base | hf:<dir> | gguf:<file> | smollm2")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--max-per-subset", type=int, help="eval examples per subset (default: data.max_eval_per_subset)")
@@ -226,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give a RUN_DIR or --config FILE")
         from hbo_jax.distributed import FRESH_LAUNCH, initialize
 
-        cfg = load_config(run_dir / "config.yaml" if run_dir else args.config,
-                          [*FRESH_LAUNCH, *args.overrides] if run_dir else args.overrides)
+        cfg = (load_config(run_dir / "config.yaml", [*FRESH_LAUNCH, *args.overrides], paths_from_file=False)
+               if run_dir else load_config(args.config, args.overrides))
         initialize(cfg.distributed)  # every host runs the command on a multi-host cluster
         mesh = make_mesh(cfg.mesh)
         data = prepare(cfg, mesh)

@@ -31,7 +31,7 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", [*FRESH_LAUNCH, *overrides])
+    cfg = load_config(run_dir / "config.yaml", [*FRESH_LAUNCH, *overrides], paths_from_file=False)
     initialize(cfg.distributed)
     # Before any loading, on every process (on storage all hosts see, all stop alike);
     # process 0's writer checks again when it publishes the directory.

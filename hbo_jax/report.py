@@ -216,15 +216,22 @@ def eval_table(before: dict, after: dict, names: list[str]) -> list[str]:
     rows_for = [n for n in rows_for if n in after or n in before]
     tasks = [m for m in TASK_METRICS if any(m in e.get(n, {}) for e in (before, after) for n in rows_for)]
     header = ["subset", "loss before", "loss after", "ppl before", "ppl after", "metric"]
-    header += [f"{m} {w}" for m in tasks for w in ("before", "after")] + ["examples"]
+    header += [f"{m} {w}" for m in tasks for w in ("before", "after")] + ["rows used"]
     rows = []
     for n in rows_for:
         b, a = before.get(n, {}), after.get(n, {})
         kind = a.get("metric", b.get("metric", "—" if n != "macro_avg" else ""))
         row = [n, _fmt(b.get("loss")), _fmt(a.get("loss")), _fmt(b.get("ppl")), _fmt(a.get("ppl")), kind or "—"]
         row += [_fmt(e.get(m)) for m in tasks for e in (b, a)]
-        rows.append(row + [str(a.get("examples", b.get("examples", "—")))])
+        rows.append(row + [_rows_used(a or b)])
     return _table(header, rows)
+
+
+def _rows_used(e: dict) -> str:
+    """`64 of 200` eval rows for the loss, and the task metric's count where it differs."""
+    loss, total, task = e.get("examples"), e.get("eval_rows"), e.get("task_examples")
+    out = "—" if loss is None else f"{loss} of {total}" if total else str(loss)
+    return out if task is None or task == loss else f"{out}; task {task}"
 
 
 def _seconds(value) -> str | None:

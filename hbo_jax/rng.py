@@ -26,8 +26,9 @@ class Stream(IntEnum):
     GLOBAL_PROBES = 2  # global-reward probe batch; keys: update index
     LOCAL_PROBES = 3  # fixed local-reward probe sets; keys: dataset, bucket
     DEV_PROBES = 4  # fixed MultiDDS dev set; keys: dataset
-    VALIDATION = 5  # ScaleBiO's validation batches: order of the validation set; keys: epoch
-    DRAW = 6  # `python -m hbo_jax.mixing.draw`: examples of a subset; keys: subset index
+    EVAL_SAMPLE = 5  # the capped eval rows of a subset (seed 0 for every run); keys: crc32 of the subset name
+    VALIDATION = 6  # ScaleBiO's validation batches: order of the validation set; keys: epoch
+    DRAW = 7  # `python -m hbo_jax.mixing.draw`: examples of a subset; keys: subset index
 
 
 def generator(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -1,7 +1,10 @@
 """Task metrics per subset: multiple-choice accuracy and exact match.
 
 Each eval row is a conversation whose last assistant turn is the reference answer; a
-row may also carry `options` (the answer choices, the reference among them).
+row may also carry `options` (the answer choices, the reference among them). A row
+without them whose prompt lists lettered options (`A. ...` / `(B) ...` lines, or inline
+`A) ... B) ...`) and whose answer is one of those letters is multiple choice too: its
+options are the letters, written as the answer writes its letter (`[C]` -> `[A]`, `[B]`, ...).
 
   mc           log-likelihood of each option as the assistant's answer (the option's
                tokens and the end-of-turn marker); `acc` takes the most likely option,
@@ -30,6 +33,9 @@ from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import BadRow, iter_rows, to_conversation
 
 _LETTER = re.compile(r"^(?:answer\s*[:：]?\s*)?[\[(]?\s*([A-J])\s*[\])]?[.:)]?$", re.IGNORECASE)
+# A lettered option in a prompt: at a line start `A.`, `A)`, `(A)`, `[A]`, `A:`; inline only `A)`, `(A)`, `[A]`.
+_LINE_OPTION = re.compile(r"^\s*[\[(]?([A-J])[\]).:]\s*\S", re.MULTILINE)
+_INLINE_OPTION = re.compile(r"(?:^|\s)[\[(]?([A-J])[\])]\s*\S")
 _NUMBER = re.compile(r"^[-+]?[$€£¥]?\s*[-+]?\d[\d,]*(?:\.\d+)?\s*%?$|^[-+]?\.\d+\s*%?$")
 
 
@@ -40,6 +46,31 @@ class EvalItem:
     prompt: list[dict]
     answer: str
     options: list[str] | None = None
+    lettered: bool = False  # the options are letters found in the prompt (`lettered_options`)
+
+
+def lettered_options(prompt: list[dict], answer: str) -> list[str] | None:
+    """The letters a plain-chat multiple-choice row offers, written as its answer writes one; else None.
+
+    The last prompt turn must list options lettered A, B, ... in order (two or more) and
+    the answer must be one of those letters (`normalize_answer`'s letter forms). Other
+    rows (a lone "(a)" in a sentence, an answer that is not a letter) give None.
+    """
+    gold = _LETTER.match(answer.strip())
+    if not prompt or not gold:
+        return None
+    text = prompt[-1].get("content", "")
+    for pattern in (_LINE_OPTION, _INLINE_OPTION):
+        letters = [m.group(1).upper() for m in pattern.finditer(text)]
+        n = 0
+        while n < len(letters) and letters[n] == "ABCDEFGHIJ"[n]:
+            n += 1
+        if n >= 2 and gold.group(1).upper() in "ABCDEFGHIJ"[:n]:
+            a, b = gold.span(1)
+            ans = answer.strip()
+            case = str.lower if ans[a:b].islower() else str.upper
+            return [ans[:a] + case(c) + ans[b:] for c in "ABCDEFGHIJ"[:n]]
+    return None
 
 
 def read_eval_items(path, fmt: str = "auto") -> list[EvalItem]:
@@ -58,10 +89,11 @@ def read_eval_items(path, fmt: str = "auto") -> list[EvalItem]:
             except ValueError:
                 continue
             last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
-            options = row.get("options")
+            options, answer = row.get("options"), conv[last]["content"].strip()
             if not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
                 options = None
-            items.append(EvalItem(conv[:last], conv[last]["content"].strip(), options))
+            lettered = options is None and (options := lettered_options(conv[:last], answer)) is not None
+            items.append(EvalItem(conv[:last], answer, options, lettered))
     return items
 
 
@@ -148,7 +180,9 @@ def score_mc(items: Sequence[EvalItem], tokenizer, seq_len: int,
     """
     rows = [it for it in items if it.options and it.answer in it.options]
     if not rows:
-        return {"metric": "mc", "examples": 0}
+        return {"metric": "mc", "examples": 0, "unavailable": (
+            f"none of its {len(items)} eval rows is multiple choice: a row needs `options` (a list holding its "
+            "answer), or options lettered A., B., ... in its prompt and a letter as its answer")}
     convs = [it.prompt + [{"role": "assistant", "content": o}] for it in rows for o in it.options]
     encoded = []
     for ids, mask in tok_lib.encode(tokenizer, convs):
@@ -171,11 +205,22 @@ def generation_prompts(items: Sequence[EvalItem], tokenizer, max_len: int) -> li
     return [list(x[-max_len:]) for x in ids]
 
 
+def letter_answers_note(items: Sequence[EvalItem]) -> str | None:
+    """Why exact match misleads on letter answers whose options were not found, and what gives accuracy; else None."""
+    letters = [it for it in items if it.options is None and _LETTER.match(it.answer)]
+    if not items or len(letters) < len(items) / 2:
+        return None
+    return (f"{len(letters)} of {len(items)} answers are option letters but their prompts list no options lettered "
+            "A., B., ... (one per line) and the rows carry no `options`, so exact match only counts how often the "
+            "model's letter is right; give the rows `options` (or lettered option lines) for accuracy by "
+            "option log-likelihood")
+
+
 def score_exact_match(items: Sequence[EvalItem], tokenizer, generate_fn: Callable[[list], list],
                       max_prompt_len: int) -> dict:
     """Exact match of greedy answers; `generate_fn` maps prompt id lists to answer id lists."""
     if not items:
-        return {"metric": "exact_match", "examples": 0}
+        return {"metric": "exact_match", "examples": 0, "unavailable": "the subset has no eval rows"}
     answers = generate_fn(generation_prompts(items, tokenizer, max_prompt_len))
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     em = exact_match(texts, [it.answer for it in items])

@@ -24,13 +24,14 @@ import numpy as np
 from hbo_jax.algorithm import Algorithm, RunContext, algorithm_class
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
 from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
-from hbo_jax.config import Config, load_config, to_dict, to_yaml
+from hbo_jax.config import Config, resolve_config, to_dict, to_yaml
+from hbo_jax.config_sources import ConfigSources
 from hbo_jax.data.packing import default_pack_rows
 from hbo_jax.data.prepare import PreparedData, check_min_prob, data_notes
 from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.errors import ConfigError
-from hbo_jax.evaluate import format_table
+from hbo_jax.evaluate import format_table, starting_evaluation
 from hbo_jax.hooks import Checkpointing, MetricsLog, MixingLog, ProgressBar, RunLogs
 from hbo_jax.mixing.strategies import save_schedule
 from hbo_jax.models.base import base_model
@@ -38,15 +39,17 @@ from hbo_jax.nonfinite import NonFiniteGuard
 from hbo_jax.parallel import batch_divisor, check_batch_size, global_batch_from_host, host_slice, make_mesh
 from hbo_jax.records import dumps
 from hbo_jax.report import write_report
+from hbo_jax.rundir import UntilTraining
 from hbo_jax.runlock import hold as hold_run_dir
 from hbo_jax.scorer import prepare
 from hbo_jax.step import make_example_nll_fn, total_nonfinite
+from hbo_jax.tracking import eval_scalars
 from hbo_jax.trainer import Trainer
 
 log = logging.getLogger("hbo_jax")
 
 
-def _start(cfg: Config, run_dir: Path):
+def _start(cfg: Config, run_dir: Path, sources: ConfigSources | None):
     """(mesh, checkpointer, checkpoint to resume or None), checked before anything expensive."""
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
@@ -60,7 +63,7 @@ def _start(cfg: Config, run_dir: Path):
                                         f"the checkpoint at step {found[0]}"):
             log.warning("resume: %s", note)
     if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(to_yaml(cfg, sources))
     return mesh, ckpt, found
 
 
@@ -101,23 +104,27 @@ def _global_batches(cfg: Config, data: PreparedData, sampler, algo: Algorithm, m
         yield global_batch_from_host(host_batch, mesh)
 
 
-def run(cfg: Config, stop: StopRequest | None = None) -> dict:
+def run(cfg: Config, stop: StopRequest | None = None, sources: ConfigSources | None = None) -> dict:
     """Runs (or resumes) one training job; returns the summary it also writes.
 
     With a `StopRequest` that fires (SIGTERM/SIGINT), the run saves a checkpoint at the
     next step boundary and returns `{"stopped": <signal>, "step": <step>}` instead.
     The run directory is locked for the whole run (`hbo_jax.runlock`): a second run on it
-    raises `RunLocked` before any other work.
+    raises `RunLocked` before any other work. A run that fails before its first step
+    removes what it wrote there (`hbo_jax.rundir`). `sources` (which config files were
+    merged) heads the run's config.yaml.
     """
     t_start = time.perf_counter()
     check_min_prob(cfg)  # needs the mixture's size, so not in load_config; reads no data
-    with hold_run_dir(cfg.run_dir):
-        return _run(cfg, stop or StopRequest(), t_start)
+    until_training = UntilTraining(cfg.run_dir)  # before the lock: a directory the run creates is new
+    with hold_run_dir(cfg.run_dir), until_training:
+        return _run(cfg, stop or StopRequest(), t_start, sources, until_training)
 
 
-def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
+def _run(cfg: Config, stop: StopRequest, t_start: float, sources: ConfigSources | None,
+         until_training: UntilTraining) -> dict:
     tc, run_dir = cfg.train, Path(cfg.run_dir)
-    mesh, ckpt, found = _start(cfg, run_dir)
+    mesh, ckpt, found = _start(cfg, run_dir, sources)
     t_prepare = time.perf_counter()
     data, pack_rows = _prepare(cfg, mesh)
     prepare_seconds = time.perf_counter() - t_prepare
@@ -143,7 +150,11 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
         metrics_log.load_state(restored.get("log_acc"), mesh)  # a stop between log lines
         log.info("resumed from step %d in %s", start, ckpt.directory)
     else:
-        before = logs.evaluate(0, algo.params, "the starting model")
+        before, found_at = starting_evaluation(cfg, data, mesh,
+                                               lambda: logs.evaluate(0, algo.params, "the starting model"))
+        if found_at is not None:
+            log.info("the starting model's evaluation found in %s: not evaluated again", found_at)
+            logs.tracker.log(0, eval_scalars(before, prefix="eval_full"))
         if cfg.eval.every:
             logs.periodic_eval(0, algo.params)
         algo.start()
@@ -168,6 +179,8 @@ def _run(cfg: Config, stop: StopRequest, t_start: float) -> dict:
                                               metrics_log.last_span), every=tc.log_every, at_end=True)
     trainer.add_hook(lambda info: logs.periodic_eval(info.step, algo.params), every=cfg.eval.every)
     trainer.add_hook(checkpoints, every=tc.checkpoint_every)
+    until_training.training()
+    log.info("training from step %d, %.1fs after the run started", start, time.perf_counter() - t_start)
     t_loop = time.perf_counter()
     metrics_log.restart_clock()
     signalled = start < tc.steps and stop.should_stop()  # while preparing: stop before training
@@ -258,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, sources = resolve_config(args.config, args.overrides)
+        for line in sources.lines() if args.config else ():
+            log.info("config: %s", line)
         init_distributed(cfg.distributed)  # here, not at import (grain#802)
         with StopRequest() as stop:
-            run(cfg, stop)
+            run(cfg, stop, sources)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ tokens -> end of turn" makes it certain of one answer, through the real scoring 
 real KV-cache decoding paths.
 """
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -130,3 +132,21 @@ def test_bucket_loss_equals_a_direct_computation(tokenizer, mesh, tmp_path):
 def test_bucket_losses_marks_empty_buckets():
     out = bucket_losses(np.array([1.0, 3.0]), np.array([1.0, 3.0]), np.array([0, 0]), 2)
     assert out == [2.5, None]
+
+
+LETTERED = [{"messages": [{"role": "user", "content": f"Which colour is grass? ({i})\nA. red\nB. green\nC. blue"},
+                          {"role": "assistant", "content": "[B]"}]} for i in range(4)]
+
+
+@pytest.mark.parametrize("favoured,expected", [("[B]", 1.0), ("[C]", 0.0)])
+def test_lettered_options_in_plain_chat_are_scored_by_option_likelihood(tokenizer, mesh, tmp_path, favoured,
+                                                                         expected):
+    path = tmp_path / "x.eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in LETTERED))
+    items = tasks.read_eval_items(path)
+    assert tasks.choose_metric("auto", items, 40) == "mc"
+    graphdef, params = bigram_model(len(tokenizer), _answer_chain(tokenizer, items[0], favoured), mesh)
+    logprob = make_logprob_fn(make_example_nll_fn(graphdef, mesh), params, mesh, SEQ_LEN,
+                              tokenizer.pad_token_id, 16)
+    res = tasks.score_mc(items, tokenizer, SEQ_LEN, logprob)
+    assert res["examples"] == 4 and res["acc"] == expected

@@ -150,3 +150,28 @@ def test_data_seed_equal_to_train_seed_reproduces_the_pinned_run(tmp_path, share
     for f in FILES:
         pinned = OUT / "hbo" / f
         assert outputs[f] == (pinned.read_text() if pinned.is_file() else None), f
+
+
+def test_with_a_pretrained_model_train_seed_leaves_the_prepared_key_alone(tmp_path):
+    from hbo_jax.data.prepare import _key, mixture
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+
+    def key(seed):
+        cfg = load_config(None, tiny_overrides(tmp_path / "run", tmp_path / "cache", f"model.init=hf:{tmp_path}/base",
+                                               f"train.seed={seed}"))
+        return _key(cfg, mixture(cfg))
+
+    assert key(0) == key(1)  # nothing is warmed up, so nothing the seed decides is prepared
+
+
+def test_another_train_seed_is_told_how_to_reuse_the_prepared_data(sweep):
+    from hbo_jax.data.prepare import _hash, _key_settings, _other_seeds, mixture
+
+    cache, runs = sweep
+    prepared = Path(_summary(runs[0][0])["prepared"])
+    cfg = load_config(None, tiny_overrides(cache / "run", cache, "train.seed=1"))
+    settings = _key_settings(cfg, mixture(cfg))
+    seedless = _hash({k: v for k, v in settings.items() if k != "seed"})
+    assert _other_seeds(cache / "prepared" / _hash(settings), seedless) == [prepared.name]

@@ -60,3 +60,37 @@ def test_read_eval_items_keeps_prompt_answer_and_options(tmp_path):
     assert [m["role"] for m in items[0].prompt] == ["system", "user"]
     assert items[0].answer == "B" and items[0].options == ["A", "B"]
     assert items[1].answer == "2" and items[1].options is None
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("prompt,answer,options", [
+    ("Q?\nA. red\nB. green\nC. blue\nAnswer:", "[B]", ["[A]", "[B]", "[C]"]),
+    ("Q? (A) 21 (B) 22", "(b)", ["(a)", "(b)"]),
+    ("Q? A) 21 B) 22 C) 23 D) 24", "D", ["A", "B", "C", "D"]),
+])
+def test_lettered_options_in_the_prompt_become_the_options(prompt, answer, options):
+    assert tasks.lettered_options(_user(prompt), answer) == options
+
+
+@pytest.mark.parametrize("prompt,answer", [
+    ("I (a) think so", "A"),  # one letter is no list of options
+    ("Q?\nA. red\nB. green", "C"),  # the answer is not among them
+    ("Q?\nA. red\nB. green", "green"),  # the answer is not a letter
+    ("Q?\nB. red\nC. green", "B"),  # not lettered from A
+])
+def test_other_rows_are_not_taken_for_multiple_choice(prompt, answer):
+    assert tasks.lettered_options(_user(prompt), answer) is None
+
+
+def test_mc_on_rows_without_options_says_why():
+    res = tasks.score_mc(_items(["x", "y"]), None, 32, lambda encoded: None)
+    assert res["examples"] == 0 and "none of its 2 eval rows is multiple choice" in res["unavailable"]
+
+
+def test_letter_answers_without_options_tell_how_to_get_accuracy():
+    note = tasks.letter_answers_note(_items(["A", "C", "B"]))
+    assert note.startswith("3 of 3 answers are option letters") and "`options`" in note
+    assert tasks.letter_answers_note(_items(["12", "7"])) is None

@@ -30,6 +30,7 @@ from hbo_jax.data import embedded
 from hbo_jax.data.atomic import private_tmp, publish
 from hbo_jax.data import tokenizer as tok_lib
 from hbo_jax.data.formats import SkipReport, iter_conversations, read_conversations
+from hbo_jax.data.layout import source_dir_subsets
 from hbo_jax.data.scoring import response_only, score_examples
 from hbo_jax.data.sources import Source, Subset, declared_subsets, missing_reason, use_hash_store
 from hbo_jax.data.store import TokenStore
@@ -89,31 +90,15 @@ def source_dir(cfg: Config) -> Path:
     return embedded.build(cache_root(cfg), cfg.data.embedded_archives)
 
 
-def subset_files(src: Path) -> list[tuple[str, Path, Path | None]]:
-    """(name, train file, eval file or None) for every `<name>.train.jsonl[.gz]` in src."""
-    out = []
-    for train in sorted(src.glob("*.train.jsonl*")):
-        name = train.name.split(".train.jsonl")[0]
-        ev = next(iter(sorted(src.glob(f"{name}.eval.jsonl*"))), None)
-        out.append((name, train, ev))
-    if not out:
-        raise DataError(f"{src}: no <subset>.train.jsonl files found")
-    manifest = src / "manifest.json"
-    if manifest.is_file():  # keep the recipe's order (largest first)
-        order = list(json.loads(manifest.read_text()).get("subsets", {}))
-        out.sort(key=lambda t: order.index(t[0]) if t[0] in order else len(order))
-    return out
-
-
 def count_subsets(cfg: Config) -> int:
     """Subsets in the config's mixture, as `mixture` lists them, reading no data.
 
     Raises:
-        DataError: data.source_dir is not a directory or has no subset files.
+        DataError: data.source_dir is not a directory or has no subsets.
     """
     n = len(cfg.data.subsets)
     if cfg.data.source_dir:
-        n += len(subset_files(source_dir(cfg)))
+        n += len(source_dir_subsets(source_dir(cfg), f"data.source_dir={cfg.data.source_dir}"))
     elif not cfg.data.subsets:
         n += len(embedded.RECIPE)  # the embedded mixture, without building it
     return n
@@ -147,12 +132,7 @@ def mixture(cfg: Config) -> list[Subset]:
     if cfg.data.source_dir or not cfg.data.subsets:
         src = source_dir(cfg)
         key = f"data.source_dir={src}" if cfg.data.source_dir else "embedded mixture"
-        files = subset_files(src)
-        unreadable = [p for _, t, e in files for p in (t, e) if p and not p.is_file()]
-        if unreadable:  # the glob matches a dangling link or a symlink loop too
-            raise DataError(f"{key}: {unreadable[0]}: {missing_reason(unreadable[0])}")
-        out = [Subset(n, [Source(t, "jsonl")], [Source(e, "jsonl")] if e else [], "auto", key)
-               for n, t, e in files]
+        out = source_dir_subsets(src, key)
     for sub in declared_subsets(cfg.data.subsets):
         clash = next((s for s in out if s.name.lower() == sub.name.lower()), None)
         if clash:
@@ -164,7 +144,23 @@ def mixture(cfg: Config) -> list[Subset]:
 
 def _key(cfg: Config, subsets: list[Subset]) -> str:
     """The prepared directory's name: a hash of `_key_settings`."""
-    return hashlib.sha256(json.dumps(_key_settings(cfg, subsets), sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(_key_settings(cfg, subsets))
+
+
+def _hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _other_seeds(root: Path, seedless: str) -> list[str]:
+    """Prepared directories beside `root` made from the same inputs and settings with another train.seed."""
+    out = []
+    for manifest in sorted(root.parent.glob("*/manifest.json")):
+        try:
+            if manifest.parent != root and json.loads(manifest.read_text()).get("seedless_key") == seedless:
+                out.append(manifest.parent.name)
+        except (OSError, ValueError):
+            continue  # another run's half-written or damaged manifest is no reason to stop
+    return out
 
 
 def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
@@ -186,6 +182,7 @@ def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
         settings.pop("scorer")
         settings["data"].pop("vocab_size")
         settings["data"].pop("tokenizer")
+        settings.pop("seed")  # nothing is warmed up: the seed plays no part in the prepared data
     return settings
 
 
@@ -326,10 +323,18 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     prepared data is not cached. `hbo_jax.scorer.prepare` passes the run's.
     """
     mix = mixture(cfg)
-    root = cache_root(cfg) / "prepared" / _key(cfg, mix)
+    settings = _key_settings(cfg, mix)
+    root = cache_root(cfg) / "prepared" / _hash(settings)
     if (root / "manifest.json").is_file():
         log.info("prepared data found in %s: no tokenizing, scorer warm-up or scoring", root)
         return load(root, cfg)
+    seedless = _hash({k: v for k, v in settings.items() if k != "seed"})
+    others = _other_seeds(root, seedless) if "seed" in settings else []
+    if others:
+        log.info("preparing again for train.seed=%d: the cache holds this mixture prepared with another train.seed "
+                 "(%s), but train.seed initialises the scorer that is warmed up and scores difficulty. To repeat a "
+                 "run over seeds on the same prepared data, keep train.seed and vary train.data_seed",
+                 cfg.train.seed, ", ".join(others[:3]))
     t0 = time.perf_counter()
     report = SkipReport()
     tokenizer = _tokenizer(cfg, mix)
@@ -374,7 +379,8 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
                         "bucket_sizes": np.bincount(bucket, minlength=cfg.data.num_buckets).tolist(),
                         "bucket_edges": edges, **counts[n]})
     manifest = {
-        "key": root.name, "num_buckets": cfg.data.num_buckets, "difficulty": cfg.data.difficulty,
+        "key": root.name, "seedless_key": seedless, "num_buckets": cfg.data.num_buckets,
+        "difficulty": cfg.data.difficulty,
         "seq_len": cfg.data.seq_len, "vocab_size": len(tokenizer),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
         "sources": [{"name": s.name, "format": s.format, "train": [str(t) for t in s.train],

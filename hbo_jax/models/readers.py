@@ -59,7 +59,8 @@ class RunReader(TensorReader):
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-        self.cfg = cfg = load_config(run_dir / "config.yaml", list(FRESH_LAUNCH))  # not the run's cluster
+        # FRESH_LAUNCH: not the run's cluster; its paths are as the run was given them
+        self.cfg = cfg = load_config(run_dir / "config.yaml", list(FRESH_LAUNCH), paths_from_file=False)
         steps = sorted(ocp.utils.checkpoint_steps(run_dir / "checkpoints"))
         if step is None and not steps:
             raise ConfigError(f"{run_dir / 'checkpoints'}: no checkpoint found")
