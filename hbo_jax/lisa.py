@@ -347,3 +347,13 @@ class LisaRunner:
                 opt = self.host.swap(state.opt_state, self.schedule.active(done - 1), self.schedule.active(done))
                 state = TrainState(state.step, state.params, opt)
         return self._step(state, batch, self.active(done))
+
+
+def compile_lisa_step(graphdef, params, tx, mesh, num_active: int, batch: dict, num_groups: int = 1,
+                      packing: bool = False):
+    """The LISA train step compiled from shapes (`params` and `batch` as sharded ShapeDtypeStructs),
+    for the memory planner and benchmarks (`compiled.memory_analysis()`)."""
+    state = abstract_lisa_state(params, tx, mesh, num_active)
+    step = make_lisa_train_step(graphdef, tx, mesh, num_groups, jax.tree.map(lambda x: x.sharding, state), packing)
+    active = jax.ShapeDtypeStruct((num_active,), jnp.int32, sharding=replicated(mesh))
+    return step.lower(state, batch, active).compile()

@@ -26,6 +26,11 @@ def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     ]
 
 
+# Two stacked blocks (model.scan_layers): the tests of scanned runs share these settings,
+# so they share one data preparation (its key holds the model settings).
+SCANNED = ("model.scan_layers=true", "model.num_layers=2")
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     """One cache for the session, so the fixture mixture is prepared once."""

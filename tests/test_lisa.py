@@ -168,3 +168,31 @@ def test_kept_moments_come_back_when_a_layer_is_drawn_again(stepped):
     back = host.swap(away, others, active[::-1])  # drawn again, in other slots
     got, want = _host(lisa.block_moments(back)), lisa.block_moments(after.opt_state)
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(g, w[::-1]), got, want)
+
+
+def test_the_compiled_step_needs_less_memory_than_full_fine_tuning():
+    """XLA's buffer assignment (hbo_jax.memory) for one device: arguments (the optimizer state
+    covers two of eight blocks), outputs and scratch (gradients of the view only)."""
+    from hbo_jax.memory import ProgramMemory
+    from hbo_jax.models.llama import abstract_model
+    from hbo_jax.parallel import replicated, tree_shardings
+    from hbo_jax.step import abstract_train_state, make_optimizer, make_train_step, state_shardings
+
+    spec = LlamaSpec.from_config(ModelConfig(hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
+                                             intermediate_size=256, scan_layers=True), vocab_size=256)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    graphdef, abstract = abstract_model(spec)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                          tree_shardings(abstract, mesh))
+    batch = {k: jax.ShapeDtypeStruct((4, 16), jnp.int32, sharding=replicated(mesh)) for k in ("input_ids", "targets")}
+    batch.update(loss_mask=jax.ShapeDtypeStruct((4, 16), jnp.float32, sharding=replicated(mesh)),
+                 group_id=jax.ShapeDtypeStruct((4,), jnp.int32, sharding=replicated(mesh)))
+    tx = make_optimizer(1e-3, 10, 1, 0.0, 1.0)
+    state = abstract_train_state(params, tx, mesh)
+    full = ProgramMemory.of("full", make_train_step(graphdef, tx, mesh, 1, state_shardings(state))
+                            .lower(state, batch).compile())
+    part = ProgramMemory.of("lisa", lisa.compile_lisa_step(graphdef, params, lisa.make_lisa_optimizer(
+        1e-3, 10, 1, 0.0, 1.0, 2), mesh, 2, batch))
+    block_bytes = sum(x.size * 4 for x in jax.tree.leaves(params["layers"])) // 8
+    assert part.arguments < full.arguments - 2 * 5 * block_bytes, (part, full)  # moments of 6 blocks fewer
+    assert part.peak < full.peak - 2 * 6 * block_bytes, (part, full)

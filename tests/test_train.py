@@ -8,7 +8,7 @@ import pytest
 
 from hbo_jax.train import main
 
-from conftest import tiny_overrides
+from conftest import SCANNED, tiny_overrides
 
 OUTPUTS = ("config.yaml", "metrics.jsonl", "mixing.jsonl", "eval.jsonl", "probabilities_start.json", "eval.json",
            "schedule.json", "summary.json", "report/report.md", "report/p_global.png", "tb")
@@ -110,11 +110,13 @@ def test_fine_tunes_a_hugging_face_model_directory(tmp_path, shared_cache):
 
 
 @pytest.mark.parametrize("sources", [("mixing.local_source=probes",), ("mixing.local_source=train",),
-                                     ("mixing.global_source=train", "mixing.global_train_steps=2")],
-                         ids=["probes", "local-train", "global-train"])
+                                     ("mixing.global_source=train", "mixing.global_train_steps=2"),
+                                     ("mixing.local_source=train", *SCANNED)],
+                         ids=["probes", "local-train", "global-train", "scanned-blocks"])
 def test_resume_equals_the_uninterrupted_run(tmp_path, shared_cache, sources):
     """Preempted after the step-2 checkpoint, resumed: logs and probabilities match exactly
-    (global-train: the checkpoint falls inside the steps that feed the global reward)."""
+    (global-train: the checkpoint falls inside the steps that feed the global reward;
+    scanned-blocks: two stacked blocks, model.scan_layers)."""
     import shutil
 
     extra = ("train.steps=4", "train.checkpoint_every=2", "mixing.global_every=3", "mixing.local_every=3",
