@@ -20,7 +20,7 @@ from hbo_jax.models.gguf import GgufReader
 from hbo_jax.models.readers import RunReader, open_reader
 from hbo_jax.models.tensor_io import INDEX_FILE, SafetensorsReader, SafetensorsWriter
 
-from conftest import SCANNED, tiny_overrides
+from conftest import tiny_overrides
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -101,17 +101,13 @@ def test_run_reader_yields_what_export_writes(run_dir, exported):
         _assert_same_tensors(reader, load_file(str(exported / "model.safetensors")))
 
 
-def test_run_reader_of_stacked_blocks_yields_what_export_writes(tmp_path, shared_cache):
+def test_run_reader_of_stacked_blocks_yields_what_export_writes(scanned_run, tmp_path):
     """A run with model.scan_layers: the reader reads one layer of each stacked parameter from
     the checkpoint, export unstacks the restored model on device; both give the same tensors."""
     from hbo_jax.export import main as export_main
-    from hbo_jax.train import main as train_main
 
-    run = tmp_path / "run"
-    assert train_main(tiny_overrides(run, shared_cache, "train.steps=1", "eval.every=0", "eval.tasks=false",
-                                     "tracking.tensorboard=false", *SCANNED)) == 0
-    assert export_main([str(run), str(tmp_path / "hf")]) == 0
-    with RunReader(run) as reader:
+    assert export_main([str(scanned_run), str(tmp_path / "hf")]) == 0
+    with RunReader(scanned_run) as reader:
         assert reader.spec.scan_layers and reader.spec.num_layers == 2
         _assert_same_tensors(reader, load_file(str(tmp_path / "hf" / "model.safetensors")))
 
