@@ -179,8 +179,8 @@ def test_the_compiled_step_needs_less_memory_than_full_fine_tuning():
     from hbo_jax.parallel import replicated, tree_shardings
     from hbo_jax.step import abstract_train_state, make_optimizer, make_train_step, state_shardings
 
-    spec = LlamaSpec.from_config(ModelConfig(hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2,
-                                             intermediate_size=256, scan_layers=True), vocab_size=256)
+    spec = LlamaSpec.from_config(ModelConfig(hidden_size=32, num_layers=8, num_heads=4, num_kv_heads=2,
+                                             intermediate_size=128, scan_layers=True), vocab_size=128)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     graphdef, abstract = abstract_model(spec)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
