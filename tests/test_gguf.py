@@ -79,12 +79,14 @@ def test_llama31_rope_factors_name_the_llama3_scaling():
     assert llama3_scaling_from_factors(np.linspace(1.0, 3.0, 64), 128, 500000.0) is None  # not of that form
 
 
-def test_qwen2_gguf_matches_transformers_gguf_logits():
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_qwen2_gguf_matches_transformers_gguf_logits(scan_layers):
     """A llama.cpp-style Qwen2 file (q/k/v biases, no q/k permutation, one Q8_0 tensor)
-    against transformers' own GGUF loader (scripts/make_parity_fixtures.py qwen2_gguf)."""
+    against transformers' own GGUF loader (scripts/make_parity_fixtures.py qwen2_gguf);
+    also with the blocks stacked on load (model.scan_layers)."""
     d = PARITY / "qwen2_gguf"
     ref = np.load(d / "reference.npz")
-    graphdef, params, spec = load_gguf(d / "model.gguf", _mesh())
+    graphdef, params, spec = load_gguf(d / "model.gguf", _mesh(), scan_layers=scan_layers)
     assert spec.qkv_bias and not spec.tie_embeddings
     out = np.asarray(nnx.merge(graphdef, params)(ref["tokens"]))
     assert np.abs(out - ref["logits"]).max() <= 1e-4

@@ -15,10 +15,10 @@ from hbo_jax.step import example_grad_norms, example_nll, masked_mean_loss, pack
 B, T, V = 8, 12, 40
 
 
-def _spec(tied: bool, bias: bool, remat: bool = False) -> LlamaSpec:
+def _spec(tied: bool, bias: bool, remat: bool = False, scan: bool = False) -> LlamaSpec:
     return LlamaSpec(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8,
                      intermediate_size=24, rope_theta=1e4, rms_norm_eps=1e-5, tie_embeddings=tied,
-                     qkv_bias=bias, dtype="float32", param_dtype="float32", remat=remat)
+                     qkv_bias=bias, dtype="float32", param_dtype="float32", remat=remat, scan_layers=scan)
 
 
 def _batch(seed: int = 0):
@@ -60,6 +60,16 @@ def test_ghost_norms_equal_per_example_backward(tied, bias):
     mask = mask * (np.arange(T)[None] < lengths[:, None])
     got, _ = _ghost_norms(graphdef, params, ids, tg, mask)
     np.testing.assert_allclose(got, _reference(graphdef, params, ids, tg, mask, lengths), rtol=2e-4)
+
+
+def test_ghost_norms_of_stacked_blocks_equal_unrolled_ones():
+    """model.scan_layers (with remat): the ghost ops inside the scanned body accumulate each
+    example's norm over the layers as the unrolled model does (same initial weights)."""
+    mesh = make_mesh(MeshConfig())
+    ids, tg, mask, _ = _batch(5)
+    norms = [_ghost_norms(*init_params(_spec(False, True, remat=scan, scan=scan), mesh, seed=1), ids, tg, mask)[0]
+             for scan in (False, True)]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-4)
 
 
 def test_ghost_leaves_the_parameter_gradients_unchanged():

@@ -71,6 +71,22 @@ def test_export_round_trip_gives_identical_logits(name, tmp_path):
     np.testing.assert_array_equal(_logits(graphdef2, params2, tokens), _logits(graphdef, params, tokens))
 
 
+@pytest.mark.parametrize("name", ["qwen2"])  # biases, an untied head, a sharded checkpoint
+def test_stacked_blocks_load_and_export_like_unrolled_ones(name, tmp_path):
+    """model.scan_layers: the per-layer tensors stack on load (logits still match transformers)
+    and unstack on export, into the very file the unrolled model exports."""
+    tokens, ref = _reference(name)
+    mesh = _mesh()
+    graphdef, params, spec = load_hf(PARITY / name, mesh, scan_layers=True)
+    assert params["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == spec.num_layers
+    assert np.abs(_logits(graphdef, params, tokens) - ref).max() <= TOL
+    export_hf(params, spec, None, tmp_path / "scanned")
+    _, plain, plain_spec = load_hf(PARITY / name, mesh)
+    export_hf(plain, plain_spec, None, tmp_path / "plain")
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "scanned" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+
+
 def test_export_writes_tokenizer_that_autotokenizer_loads(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer

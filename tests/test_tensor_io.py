@@ -101,6 +101,17 @@ def test_run_reader_yields_what_export_writes(run_dir, exported):
         _assert_same_tensors(reader, load_file(str(exported / "model.safetensors")))
 
 
+def test_run_reader_of_stacked_blocks_yields_what_export_writes(scanned_run, tmp_path):
+    """A run with model.scan_layers: the reader reads one layer of each stacked parameter from
+    the checkpoint, export unstacks the restored model on device; both give the same tensors."""
+    from hbo_jax.export import main as export_main
+
+    assert export_main([str(scanned_run), str(tmp_path / "hf")]) == 0
+    with RunReader(scanned_run) as reader:
+        assert reader.spec.scan_layers and reader.spec.num_layers == 2
+        _assert_same_tensors(reader, load_file(str(tmp_path / "hf" / "model.safetensors")))
+
+
 def test_run_reader_asks_for_the_vocabulary_a_padded_table_hides(run_dir):
     with pytest.raises(ValueError, match="vocab_multiple=100.*vocab_size"):
         RunReader(run_dir)

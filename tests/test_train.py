@@ -1,6 +1,7 @@
 """A two-step run on the committed fixture writes every output; a resumed run continues."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -8,7 +9,7 @@ import pytest
 
 from hbo_jax.train import main
 
-from conftest import tiny_overrides
+from conftest import SCANNED_RUN, tiny_overrides
 
 OUTPUTS = ("config.yaml", "metrics.jsonl", "mixing.jsonl", "eval.jsonl", "probabilities_start.json", "eval.json",
            "schedule.json", "summary.json", "report/report.md", "report/p_global.png", "tb")
@@ -134,6 +135,20 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, shared_cache, sources):
         rows = lambda d: [{k: v for k, v in json.loads(l).items() if "seconds" not in k and "share" not in k
                            and "per_s" not in k} for l in (d / name).read_text().splitlines()]
         assert rows(cut) == rows(full), name
+
+
+def test_resume_of_stacked_blocks_equals_the_uninterrupted_run(scanned_run, tmp_path, shared_cache):
+    """model.scan_layers: a copy of the finished run, its step-4 checkpoint removed, resumes
+    from step 2 into the same logs."""
+    import shutil
+
+    cut = Path(shutil.copytree(scanned_run, tmp_path / "cut"))
+    shutil.rmtree(cut / "checkpoints" / "4")
+    assert main(tiny_overrides(cut, shared_cache, *SCANNED_RUN)) == 0
+    for name in ("metrics.jsonl", "mixing.jsonl"):
+        rows = lambda d: [{k: v for k, v in json.loads(l).items() if "seconds" not in k and "share" not in k
+                           and "per_s" not in k} for l in (d / name).read_text().splitlines()]
+        assert rows(cut) == rows(scanned_run), name
 
 
 def test_replay_reproduces_the_recorded_schedule_and_batches(hbo_run, tmp_path, shared_cache):

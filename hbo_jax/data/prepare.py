@@ -176,6 +176,8 @@ def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
         settings["data"].pop(k)
     if settings["data"]["too_long"] == "truncate":  # the behaviour before the key existed: same key
         settings["data"].pop("too_long")
+    if not settings["model"]["scan_layers"]:  # the behaviour before the key existed: same key
+        settings["model"].pop("scan_layers")
     init = settings["model"].pop("init")
     if is_pretrained(init):  # the model, not the tiny-model settings, decides the result
         settings["model"] = {"pretrained": fingerprint(init), "dtype": cfg.model.dtype}

@@ -77,7 +77,10 @@ def _generate_batch(graphdef, params, tokens, pads, row_ids, eos, budget, pad_id
     b, t = tokens.shape
     slots = jnp.arange(t + new_len)
     cache_shape = (b, t + new_len, spec.num_kv_heads, spec.head_dim)
-    cache_sharding = NamedSharding(mesh, logical_to_spec(("batch", None, "kv_heads", None), cache_shape, mesh))
+    logical = ("batch", None, "kv_heads", None)
+    if spec.scan_layers:  # one (keys, values) pair stacked over the layers
+        logical, cache_shape = ("layers", *logical), (spec.num_layers, *cache_shape)
+    cache_sharding = NamedSharding(mesh, logical_to_spec(logical, cache_shape, mesh))
     shard_cache = lambda c: jax.lax.with_sharding_constraint(c, cache_sharding)
 
     def mask(query_slots):
@@ -98,7 +101,10 @@ def _generate_batch(graphdef, params, tokens, pads, row_ids, eos, budget, pad_id
         return tok, done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
     zeros = jnp.zeros(cache_shape, DTYPES[spec.dtype])
-    cache = [(shard_cache(zeros), shard_cache(zeros)) for _ in range(spec.num_layers)]
+    if spec.scan_layers:
+        cache = (shard_cache(zeros), shard_cache(zeros))
+    else:
+        cache = [(shard_cache(zeros), shard_cache(zeros)) for _ in range(spec.num_layers)]
     positions = jnp.maximum(jnp.arange(t)[None, :] - pads[:, None], 0)
     h, cache = model.hidden_cached(tokens, positions, cache, 0, mask(jnp.arange(t)))
     # Only the last slot's logits are needed: skip the [B, T, V] projection of the prompt.

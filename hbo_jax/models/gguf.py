@@ -26,9 +26,8 @@ import numpy as np
 from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.models.hf import name_map
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
-from hbo_jax.models.loading import VOCAB_AXES, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.loading import place_params
 from hbo_jax.models.tensor_io import TensorInfo, TensorReader
-from hbo_jax.parallel import tree_shardings
 
 # GGUF tensor name -> Hugging Face tensor name. `{i}` is the layer index.
 _GGUF_TO_HF = {
@@ -292,7 +291,7 @@ class GgufReader(TensorReader):
 
 
 def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
-              remat: bool = False, vocab_multiple: int = 1):
+              remat: bool = False, vocab_multiple: int = 1, scan_layers: bool = False):
     """Loads a Llama-architecture GGUF file into sharded NNX parameters.
 
     Args:
@@ -302,6 +301,7 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
         param_dtype: Dtype of the parameters.
         remat: Rematerialise each block in the backward pass.
         vocab_multiple: Pad the vocabulary rows to a multiple of this (zeros).
+        scan_layers: Stack the blocks' parameters on a leading layer axis (`LlamaSpec`).
 
     Returns:
         (graphdef, params, spec): `nnx.merge(graphdef, params)` is the model.
@@ -312,18 +312,16 @@ def load_gguf(path: str | Path, mesh, *, dtype: str = "float32", param_dtype: st
     """
     with GgufReader(path) as src:  # names, dequantization and q/k row order: GgufReader's
         spec = dataclasses.replace(src.spec, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                   vocab_multiple=vocab_multiple)
+                                   vocab_multiple=vocab_multiple, scan_layers=scan_layers)
         graphdef, abstract = abstract_model(spec)
-        flat_abs = flat_params(abstract)
-        flat_shard = flat_params(tree_shardings(abstract, mesh))
-        loaded = {}
-        for ppath, (hf_name, transposed) in name_map(spec).items():
-            gname = src.gguf_names[hf_name]
+
+        def source(hf_name: str):
             if hf_name not in src:
-                raise CheckpointMismatch(f"{path}: tensor {gname!r} is missing")
-            loaded[ppath] = place_tensor(src.read(hf_name), gname, transposed, flat_abs[ppath], flat_shard[ppath],
-                                         path, VOCAB_AXES.get(ppath))
-    return graphdef, params_from_flat(abstract, loaded), spec
+                raise CheckpointMismatch(f"{path}: tensor {src.gguf_names[hf_name]!r} is missing")
+            return src.read(hf_name)
+
+        params = place_params(abstract, mesh, name_map(spec), source, path, label=src.gguf_names.get)
+    return graphdef, params, spec
 
 
 def gguf_tokenizer(path_or_reader):

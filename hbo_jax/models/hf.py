@@ -26,9 +26,8 @@ import numpy as np
 
 from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
-from hbo_jax.models.loading import VOCAB_AXES, flat_params, params_from_flat, place_tensor
+from hbo_jax.models.loading import VOCAB_AXES, flat_params, layer_entry, place_params
 from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter, TensorInfo
-from hbo_jax.parallel import tree_shardings
 
 # (Hugging Face name, our parameter path, transposed). `{i}` is the layer index.
 # Rows whose path is absent from a model (lm_head when tied, biases without
@@ -207,7 +206,7 @@ def hf_config_from_spec(spec: LlamaSpec, max_position_embeddings: int | None = N
 
 
 def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype: str = "float32",
-            remat: bool = False, vocab_multiple: int = 1):
+            remat: bool = False, vocab_multiple: int = 1, scan_layers: bool = False):
     """Loads a Hugging Face Llama / Qwen2 directory into sharded NNX parameters.
 
     Args:
@@ -218,6 +217,7 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
         param_dtype: Dtype of the loaded parameters (weights are cast per tensor).
         remat: Rematerialise each block in the backward pass.
         vocab_multiple: Pad the vocabulary rows to a multiple of this (zeros).
+        scan_layers: Stack the blocks' parameters on a leading layer axis (`LlamaSpec`).
 
     Returns:
         (graphdef, params, spec): `nnx.merge(graphdef, params)` is the model.
@@ -229,10 +229,8 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
     model_dir = Path(model_dir)
     spec = dataclasses.replace(spec_from_hf_config(json.loads((model_dir / "config.json").read_text()),
                                                    dtype=dtype, param_dtype=param_dtype, remat=remat),
-                               vocab_multiple=vocab_multiple)
+                               vocab_multiple=vocab_multiple, scan_layers=scan_layers)
     graphdef, abstract = abstract_model(spec)
-    flat_abs = flat_params(abstract)
-    flat_shard = flat_params(tree_shardings(abstract, mesh))
     names = name_map(spec)
     src = SafetensorsReader(model_dir)
     have = set(src.names())
@@ -241,16 +239,16 @@ def load_hf(model_dir: str | Path, mesh, *, dtype: str = "float32", param_dtype:
                    and not (spec.tie_embeddings and n == "lm_head.weight"))
     if extra:
         raise CheckpointMismatch(f"{model_dir}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
-    loaded = {}
+    def source(hf_name: str):
+        if hf_name not in have:
+            raise CheckpointMismatch(f"{model_dir}: tensor {hf_name!r} is missing")
+        return src.slice(hf_name)
+
     try:
-        for path, (hf_name, transposed) in names.items():
-            if hf_name not in have:
-                raise CheckpointMismatch(f"{model_dir}: tensor {hf_name!r} is missing")
-            loaded[path] = place_tensor(src.slice(hf_name), hf_name, transposed, flat_abs[path],
-                                        flat_shard[path], model_dir, VOCAB_AXES.get(path))
+        params = place_params(abstract, mesh, names, source, model_dir)
     finally:
         src.close()
-    return graphdef, params_from_flat(abstract, loaded), spec
+    return graphdef, params, spec
 
 
 def load_hf_tokenizer(model_dir: str | Path):
@@ -313,14 +311,26 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
             return arr
         return jax.lax.slice_in_dim(arr, 0, spec.vocab_size, axis=axis)
 
-    flat = {path: unpadded(path, x) for path, x in flat_params(params).items()}
-    tensors = [TensorInfo(hf_name, flat[path].shape[::-1] if transposed else flat[path].shape, np_dtype)
+    flat = flat_params(params)
+
+    def tensor(path: str):  # a stacked block parameter: this layer's slice, made on device when written
+        x, layer = layer_entry(flat, path)
+        return unpadded(path, x if layer is None else x[layer])
+
+    def shape(path: str) -> tuple[int, ...]:
+        x, layer = layer_entry(flat, path)
+        out = list(x.shape[1:] if layer is not None else x.shape)
+        if path in VOCAB_AXES:
+            out[VOCAB_AXES[path]] = spec.vocab_size
+        return tuple(out)
+
+    tensors = [TensorInfo(hf_name, shape(path)[::-1] if transposed else shape(path), np_dtype)
                for path, (hf_name, transposed) in names.items()]
     writer = (SafetensorsWriter(out_dir, tensors, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
               if jax.process_index() == 0 else None)
     with writer or contextlib.nullcontext():
         for path, (hf_name, transposed) in names.items():
-            arr = _host_array(flat[path])  # collective: every process gathers, process 0 writes
+            arr = _host_array(tensor(path))  # collective: every process gathers, process 0 writes
             if writer:
                 writer.write(hf_name, (arr.T if transposed else arr).astype(np_dtype))
         if writer:  # the config and tokenizer go into the same directory, published with the weights

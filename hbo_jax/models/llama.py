@@ -6,15 +6,22 @@ Kernels are stored `[in, out]`; every parameter carries logical axis names in it
 created without eager sharding: `init_sharded` builds them inside `jax.jit` with the
 resolved output shardings, so nothing is materialised unsharded. An optional functional
 KV cache (`LlamaLM.hidden_cached`) serves `hbo_jax.models.generate`.
+
+With `scan_layers`, the blocks are one `Block` whose parameters carry a leading layer
+axis (logical name `layers`, never sharded), run by `jax.lax.scan`: XLA compiles one
+block instead of `num_layers`, and a layer's parameters can be picked by a traced index
+(`LayerOverride`, which LISA layer sampling uses). The stacked parameters are the
+unrolled model's, initialised in the same order, so both layouts start from equal weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from hbo_jax.config import ModelConfig
 from hbo_jax.models import ghost as ghost_ops
@@ -81,6 +88,7 @@ class LlamaSpec:
     attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
     vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this
     loss_chunk: int = 0  # >0: the training loss unembeds this many positions at a time
+    scan_layers: bool = False  # blocks stacked on a leading "layers" axis, run by one lax.scan
 
     @property
     def padded_vocab(self) -> int:
@@ -100,7 +108,7 @@ class LlamaSpec:
             rms_norm_eps=cfg.rms_norm_eps, tie_embeddings=cfg.tie_embeddings,
             qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
             remat_policy=cfg.remat_policy, attention=cfg.attention, vocab_multiple=cfg.vocab_multiple,
-            loss_chunk=cfg.loss_chunk)
+            loss_chunk=cfg.loss_chunk, scan_layers=cfg.scan_layers)
 
     def num_params(self) -> int:
         d, h, kv, hd, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -253,6 +261,42 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x)), cache
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block holding `blocks`' parameters stacked on a new leading axis named `layers`."""
+    graphdef = nnx.graphdef(blocks[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+    for var in jax.tree.leaves(stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        var.set_metadata(out_sharding=("layers", *var.get_metadata()["out_sharding"]))
+    return nnx.merge(graphdef, stacked)
+
+
+@struct.dataclass
+class LayerOverride:
+    """Blocks that take their parameters from elsewhere than the model's stack (scanned models).
+
+    Layer `index[j]` runs with the j-th slice of `params` (a stacked Block state [n, ...]):
+    the frozen stack is read for every other layer, so differentiating with respect to
+    `params` yields gradients for those n blocks only, without a second copy of the stack.
+
+    Attributes:
+        index: int32 [n], distinct layer indices (traced: changing them never recompiles).
+        params: The n blocks' parameters, stacked like the model's `layers` state.
+    """
+
+    index: jax.Array
+    params: Any
+
+    def pick(self, layer: jax.Array, frozen):
+        """The parameters layer `layer` runs with: its override slice if it has one, else `frozen`."""
+        hit = self.index == layer
+        slot, any_hit = jnp.argmax(hit), jnp.any(hit)
+        # By leaves: the two trees hold the same parameters, possibly in other containers.
+        leaves, treedef = jax.tree.flatten(frozen)
+        picked = [jnp.where(any_hit, t[slot].astype(f.dtype), f)
+                  for f, t in zip(leaves, jax.tree.leaves(self.params), strict=True)]
+        return jax.tree.unflatten(treedef, picked)
+
+
 class LlamaLM(nnx.Module):
     """Causal LM: token ids [B, T] -> logits [B, T, V] in fp32."""
 
@@ -261,13 +305,14 @@ class LlamaLM(nnx.Module):
         pdt = DTYPES[spec.param_dtype]
         self.embed = _param(nnx.initializers.normal(0.02), rngs, (spec.padded_vocab, spec.hidden_size),
                             pdt, ("vocab_table", "embed_table"))
-        self.layers = nnx.List([Block(spec, rngs) for _ in range(spec.num_layers)])
+        blocks = [Block(spec, rngs) for _ in range(spec.num_layers)]
+        self.layers = stack_blocks(blocks) if spec.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(spec.hidden_size, spec, rngs)
         self.lm_head = None if spec.tie_embeddings else Linear(
             spec.hidden_size, spec.padded_vocab, ("embed", "vocab"), spec, rngs)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, override: LayerOverride | None = None) -> jax.Array:
         """Final-norm hidden states [B, T, D].
 
         Args:
@@ -275,10 +320,12 @@ class LlamaLM(nnx.Module):
             positions: RoPE positions [B, T]; default 0..T-1 in every row.
             segment_ids: Packed rows [B, T] (0 = padding): attention stays causal and
                 inside each segment. None: plain causal attention (unchanged numerics).
+            override: Blocks run with other parameters (scanned models only).
         """
-        return self._hidden(tokens, positions, segment_ids)[0]
+        return self._hidden(tokens, positions, segment_ids, override=override)[0]
 
-    def _hidden(self, tokens, positions, segment_ids, ghost: Ghost | None = None):
+    def _hidden(self, tokens, positions, segment_ids, ghost: Ghost | None = None,
+                override: LayerOverride | None = None):
         """(final-norm hidden states, the ghost embedding's side output or None)."""
         spec = self.spec
         if positions is None:
@@ -295,14 +342,40 @@ class LlamaLM(nnx.Module):
         x = x.astype(DTYPES[spec.dtype])
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling,
                                spec.rope_freq_factors)
-        for layer in self.layers:
-            if spec.remat:
-                remat = nnx.remat(lambda blk, h, g: blk(h, cos, sin, mask=mask, ghost=g),
-                                  policy=REMAT_POLICIES[spec.remat_policy])
-                x = remat(layer, x, ghost)
-            else:
-                x = layer(x, cos, sin, mask=mask, ghost=ghost)
+        if spec.scan_layers:
+            x = self._scan_blocks(x, cos, sin, mask, ghost, override)
+        elif override is not None:
+            raise ValueError("a LayerOverride needs stacked blocks (model.scan_layers=true)")
+        else:
+            for layer in self.layers:
+                if spec.remat:
+                    remat = nnx.remat(lambda blk, h, g: blk(h, cos, sin, mask=mask, ghost=g),
+                                      policy=REMAT_POLICIES[spec.remat_policy])
+                    x = remat(layer, x, ghost)
+                else:
+                    x = layer(x, cos, sin, mask=mask, ghost=ghost)
         return self.norm(x, ghost), aux
+
+    def _scan_blocks(self, x, cos, sin, mask, ghost, override):
+        """The stacked blocks over x by `jax.lax.scan` (rematerialised per block with `remat`)."""
+        graphdef, stack = nnx.split(self.layers)
+
+        def body(h, xs):
+            i, params = xs
+            if override is not None:
+                params = override.pick(i, params)
+            return nnx.merge(graphdef, params)(h, cos, sin, mask=mask, ghost=ghost), None
+
+        # prevent_cse=False: inside scan the loop already keeps XLA from merging the recompute.
+        if self.spec.remat:  # no policy saves the picked parameters (they are not matmul outputs)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.spec.remat_policy], prevent_cse=False)
+        elif override is not None:
+            # Keep only matmul outputs for the backward, so that each layer's picked
+            # parameters are picked again there: saved, they would be a second copy of the
+            # whole stack (XLA:CPU scratch of a LISA gradient, 8 layers: 7.4 MB so, 3.1 MB
+            # like this, 5.4 MB for the full model's gradient).
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False)
+        return jax.lax.scan(body, x, (jnp.arange(self.spec.num_layers), stack))[0]
 
     def hidden_cached(self, tokens, positions, cache, index, mask):
         """Final-norm hidden states [B, T, D] of a forward that reads and writes a KV cache.
@@ -310,7 +383,8 @@ class LlamaLM(nnx.Module):
         Args:
             tokens: Token ids [B, T].
             positions: RoPE positions [B, T].
-            cache: Per-layer (keys, values), each [B, S, kv_heads, head_dim].
+            cache: Per-layer (keys, values), each [B, S, kv_heads, head_dim]; with
+                `scan_layers`, one (keys, values) pair stacked [L, B, S, kv_heads, head_dim].
             index: Cache slot of the first of `tokens` (scalar).
             mask: Bool [B, T, S]: which cache slots each token attends to.
 
@@ -321,6 +395,19 @@ class LlamaLM(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[spec.dtype])
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_scaling,
                                spec.rope_freq_factors)
+        if spec.scan_layers:
+            graphdef, stack = nnx.split(self.layers)
+
+            def body(carry, xs):
+                # The stacked cache rides in the carry and each layer's slice is written
+                # back in place, so the loop never holds a second copy of the cache.
+                h, keys, values = carry
+                i, params = xs
+                h, (k, v) = nnx.merge(graphdef, params)(h, cos, sin, (keys[i], values[i]), index, mask)
+                return (h, keys.at[i].set(k), values.at[i].set(v)), None
+
+            (x, keys, values), _ = jax.lax.scan(body, (x, *cache), (jnp.arange(spec.num_layers), stack))
+            return self.norm(x), (keys, values)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer(x, cos, sin, layer_cache, index, mask)
@@ -342,10 +429,12 @@ class LlamaLM(nnx.Module):
         return logits
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, ghost: Ghost | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, ghost: Ghost | None = None,
+                 override: LayerOverride | None = None) -> jax.Array:
         """Logits [B, T, V]. With `ghost`, differentiating also yields per-example gradient
-        norms (`hbo_jax.models.ghost`); the logits and parameter gradients are unchanged."""
-        h, aux = self._hidden(tokens, positions, segment_ids, ghost)
+        norms (`hbo_jax.models.ghost`); the logits and parameter gradients are unchanged.
+        `override`: blocks run with other parameters (`LayerOverride`, scanned models)."""
+        h, aux = self._hidden(tokens, positions, segment_ids, ghost, override)
         return self.unembed(h, ghost, aux, tokens)
 
 

@@ -29,7 +29,8 @@ def _spec_options(model_cfg: ModelConfig) -> tuple[dict, dict]:
     """(what the loaders take, the compute options set on the spec afterwards) from the config."""
     load = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat)
     compute = dict(vocab_multiple=model_cfg.vocab_multiple, remat_policy=model_cfg.remat_policy,
-                   attention=model_cfg.attention, loss_chunk=model_cfg.loss_chunk)
+                   attention=model_cfg.attention, loss_chunk=model_cfg.loss_chunk,
+                   scan_layers=model_cfg.scan_layers)
     return load, compute
 
 
@@ -58,7 +59,9 @@ def load_pretrained(init: str, mesh, model_cfg: ModelConfig):
         load = load_gguf
     else:
         raise ValueError(f"model.init={init!r} is not a pretrained model")
-    graphdef, params, spec = load(path, mesh, vocab_multiple=compute.pop("vocab_multiple"), **load_kw)
+    # The parameters' layout (padded rows, stacked blocks) is decided while loading.
+    graphdef, params, spec = load(path, mesh, vocab_multiple=compute.pop("vocab_multiple"),
+                                  scan_layers=compute.pop("scan_layers"), **load_kw)
     if any(getattr(spec, k) != v for k, v in compute.items()):
         # Compute options live in the (static) spec: rebuild the graphdef around the same weights.
         spec = dataclasses.replace(spec, **compute)

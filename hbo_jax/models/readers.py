@@ -17,7 +17,7 @@ from hbo_jax.models.base import base_spec
 from hbo_jax.models.gguf import GgufReader
 from hbo_jax.models.hf import name_map
 from hbo_jax.models.llama import abstract_model
-from hbo_jax.models.loading import VOCAB_AXES, flat_params
+from hbo_jax.models.loading import VOCAB_AXES, flat_params, layer_entry
 from hbo_jax.models.tensor_io import SafetensorsReader, TensorInfo, TensorReader
 
 
@@ -93,11 +93,12 @@ class RunReader(TensorReader):
                                          f"the run's model expects {tuple(abstract.shape)}")
         self._params, self._infos, self._open = {}, {}, {}
         for path, (hf_name, transposed) in name_map(spec).items():
-            shape = list(stored[path].shape)
+            md, layer = layer_entry(stored, path)  # stacked blocks (model.scan_layers): one layer of md
+            shape = list(md.shape[1:] if layer is not None else md.shape)
             if path in VOCAB_AXES:
                 shape[VOCAB_AXES[path]] = spec.vocab_size  # the padding rows are dropped
-            self._params[hf_name] = (stored[path].name, tuple(shape), transposed)
-            self._infos[hf_name] = TensorInfo(hf_name, shape[::-1] if transposed else shape, stored[path].dtype)
+            self._params[hf_name] = (md.name, tuple(shape), transposed, layer)
+            self._infos[hf_name] = TensorInfo(hf_name, shape[::-1] if transposed else shape, md.dtype)
         self._dir = train_dir
         self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(train_dir)
         self._zarr3 = tree.use_zarr3
@@ -117,10 +118,12 @@ class RunReader(TensorReader):
         return self._open[orbax_name]
 
     def _read(self, name: str, rows: slice | None) -> np.ndarray:
-        orbax_name, shape, transposed = self._params[name]
+        orbax_name, shape, transposed, layer = self._params[name]
         index = [slice(0, n) for n in shape]  # our layout, without vocabulary padding
         if rows is not None:
             index[-1 if transposed else 0] = rows
+        if layer is not None:
+            index.insert(0, layer)
         out = self._array(orbax_name)[tuple(index)].read().result()
         return np.ascontiguousarray(out.T) if transposed else out
 
