@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hbo_jax.errors import ConfigError
@@ -67,8 +69,8 @@ def check_settings(method: str, resample: bool, k: int, atol: float, seed: int) 
     """Raises ConfigError for settings that cannot merge; names the option."""
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: one of {METHODS}")
-    if k < 2:
-        raise ConfigError(f"--models: {k} model(s) given, a merge needs at least 2")
+    if not 2 <= k <= sel.MAX_MODELS:
+        raise ConfigError(f"--models: {k} model(s) given, a merge takes 2 to {sel.MAX_MODELS}")
     if resample and method != "select":
         raise ConfigError("--resample applies to --method select only")
     if not atol >= 0:
@@ -103,10 +105,13 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
     per_tensor: dict[str, dict] = {}
     total = sel.BlockStats()
 
+    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="merge")  # numpy releases the GIL
+
     def merge_block(name, start, blocks, b):
         if method == "average":
-            return sel.average_block(blocks, p, b, atol)
-        return sel.select_block(blocks, b, p, sel.tensor_key(seed, name), start, resample=resample, atol=atol)
+            return sel.average_block(blocks, p, b, atol, pool=pool)
+        return sel.select_block(blocks, b, p, sel.tensor_key(seed, name), start, resample=resample, atol=atol,
+                                pool=pool)
 
     def on_tensor(name, stats):
         t = sel.BlockStats()
@@ -120,7 +125,7 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
     if "torch_dtype" in config:
         config["torch_dtype"] = stored
     tokenizer = next((i.tokenizer for i in [*models, base] if i is not None and i.tokenizer is not None), None)
-    with SafetensorsWriter(out_dir, tensors, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+    with pool, SafetensorsWriter(out_dir, tensors, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
         digests, base_digest = stream_merge(tensors, [m.reader for m in models], base and base.reader, writer,
                                             merge_block, block_bytes=block_bytes, progress=progress,
                                             on_tensor=on_tensor)
@@ -128,7 +133,8 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
             "method": method, "resample": resample, "seed": seed, "atol": atol,
             "probs" if method == "select" else "weights": p.tolist(),
             "rng": "numpy Philox4x64 keyed (seed, first 8 bytes of sha256(tensor name)); element i of the "
-                   "row-major tensor uses output i: upper 32 bits draw the model, lower 32 the redraw",
+                   "row-major tensor uses output i: 31 bits of its upper word draw the model, of its lower word the "
+                   "redraw",
             "digest": "sha256 over sorted lines 'name shape dtype sha256(tensor bytes)' of the tensors read",
             "base": None if base is None else {"source": base.source, "step": base.step, "digest": base_digest,
                                                "cast_to_model_dtype_for_comparison": cast},

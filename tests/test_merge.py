@@ -19,7 +19,7 @@ from scipy import stats as sps
 
 from hbo_jax.merge import main as merge_main, merge, merge_inputs
 from hbo_jax.merging import inputs as mi
-from hbo_jax.merging.select import average_block, select_block, tensor_key
+from hbo_jax.merging.select import average_block, element_bits, select_block, tensor_key
 from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
@@ -69,6 +69,13 @@ def test_selection_frequencies_match_the_probabilities():
     out, _ = select_block(models, None, probs, tensor_key(7, "w"), 0, resample=False)
     counts = np.bincount(out.astype(int), minlength=3)
     assert sps.chisquare(counts, probs * n).pvalue > 1e-3, counts
+
+
+def test_element_draws_are_the_philox_stream_at_any_offset():
+    key = tensor_key(3, "model.norm.weight")
+    stream = np.random.Philox(key=np.array(key, np.uint64)).random_raw(64)
+    for start in (0, 1, 3, 4, 13):
+        np.testing.assert_array_equal(element_bits(key, start, 40), stream[start:start + 40])
 
 
 def test_resampling_never_keeps_the_base_where_some_run_changed_it():
