@@ -118,7 +118,7 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
         for s in stats:
             t.add(s)
         total.add(t)
-        per_tensor[name] = t.as_json()
+        per_tensor[name] = t.as_json(resample)
 
     stored = str(tensors[0].dtype) if tensors else "float32"
     config = {**models[0].config, "dtype": stored}
@@ -139,7 +139,7 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
             "base": None if base is None else {"source": base.source, "step": base.step, "digest": base_digest,
                                                "cast_to_model_dtype_for_comparison": cast},
             "models": [{"source": m.source, "step": m.step, "digest": d} for m, d in zip(models, digests)],
-            "dtype": stored, "totals": total.as_json(), "tensors": per_tensor,
+            "dtype": stored, "totals": total.as_json(resample), "tensors": per_tensor,
         }
         write_hf_metadata(writer.staging_dir, config, tokenizer)
         (writer.staging_dir / MERGE_JSON).write_text(json.dumps(record, indent=2) + "\n")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
                     help="split the weights into shards of at most SIZE (e.g. 5GB) with an index (default: one file)")
     ap.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_BYTES, metavar="SIZE",
-                    help="bytes per block read from each input (memory ~ 3 (K+1) blocks; default 64MiB)")
+                    help="bytes per block read from each input (memory ~ 4 (K+1) blocks; default 32MiB)")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = ap.parse_args(argv)
     setup_logging()

@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-SUBCHUNK = 1 << 20  # elements per pass inside a block: bounds the temporaries (random bits, masks)
+SUBCHUNK = 1 << 17  # elements per pass inside a block: its temporaries (random bits, masks) stay in cache
 MAX_MODELS = 16  # resampling keeps a bit mask of the changing runs per element (uint16)
 
 
@@ -104,12 +104,14 @@ class BlockStats:
             self.equal_base = ([a + b for a, b in zip(self.equal_base, other.equal_base)]
                                if self.equal_base is not None else list(other.equal_base))
 
-    def as_json(self) -> dict:
+    def as_json(self, resample: bool = True) -> dict:
+        """Fractions of the elements (merge.json); the resampling ones only with `resample`."""
         n = max(self.elements, 1)
         out = {"elements": self.elements}
         if self.equal_base is not None:
             out["frac_equal_base"] = [c / n for c in self.equal_base]
-        out.update(frac_resampled=self.resampled / n, frac_kept_base=self.kept_base / n)
+        if resample:
+            out.update(frac_resampled=self.resampled / n, frac_kept_base=self.kept_base / n)
         return out
 
 

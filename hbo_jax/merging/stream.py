@@ -3,9 +3,9 @@
 Each input has its own reader thread that reads the blocks in the merge's order, hashes
 them (the input's digest in merge.json) and hands them over through a queue of
 `PREFETCH` blocks; the main thread merges a block of all K models (+ the base) and
-writes it while the readers fetch the next ones. Memory is about (K+1) x (PREFETCH+1)
-blocks plus the output block, whatever the model size; `block_bytes` sets the block
-(a tensor smaller than it is one block). The output goes through
+writes it while the readers fetch the next ones. Memory is at most (K+1) x (PREFETCH+2)
+blocks (queued, being read, being merged) plus the output block, whatever the model
+size; `block_bytes` sets the block (a tensor smaller than it is one block). The output goes through
 `tensor_io.SafetensorsWriter`: a staging directory renamed into place when complete.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from hbo_jax.models.tensor_io import TensorInfo, TensorReader
 
 PREFETCH = 2
-DEFAULT_BLOCK_BYTES = 64 << 20
+DEFAULT_BLOCK_BYTES = 32 << 20
 
 
 def row_blocks(info: TensorInfo, block_bytes: int) -> list[tuple[int, int] | None]:
