@@ -195,6 +195,30 @@ def test_merged_directory_gives_the_transformers_reference_logits(method, tmp_pa
         assert rec["totals"]["frac_equal_base"] == [1.0, 0.0] and rec["totals"]["frac_resampled"] > 0.4
 
 
+def test_a_gguf_base_is_compared_dequantized_and_gives_its_tokenizer(tmp_path):
+    """The committed qwen2 GGUF (float32 but one Q8_0 tensor) as the base of the HF qwen2
+    fixture (equal to it on every float32 tensor) and a perturbed copy: with resampling every
+    element the copy changed is the copy's, every other one the base's."""
+    from transformers import AutoTokenizer
+
+    with SafetensorsReader(PARITY / "qwen2") as r:
+        a = dict(r.items())
+    cfg = json.loads((PARITY / "qwen2" / "config.json").read_text())
+    m1 = _perturbed(a, 1, 0.5)
+    ins = [_write(tmp_path / "m0", a, config=cfg), _write(tmp_path / "m1", m1, config=cfg)]
+    gguf = PARITY / "qwen2_gguf" / "model.gguf"
+    rec = merge(f"gguf:{gguf}", ins, tmp_path / "out", method="select", resample=True)
+    quantized = "model.layers.0.mlp.down_proj.weight"
+    with SafetensorsReader(tmp_path / "out") as out:
+        for name, want in a.items():
+            if name != quantized:
+                got, moved = out.read(name), m1[name] != want
+                np.testing.assert_array_equal(got[moved], m1[name][moved], err_msg=name)
+                np.testing.assert_array_equal(got[~moved], want[~moved], err_msg=name)
+    assert rec["base"]["digest"] and not rec["base"]["cast_to_model_dtype_for_comparison"]
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).chat_template  # the GGUF's, with its template
+
+
 # ----------------------------------------------------------------------------- errors
 
 

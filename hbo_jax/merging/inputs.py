@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ def open_input(source: str | Path, step: int | None = None) -> Input:
     if isinstance(reader, GgufReader):
         from hbo_jax.models.gguf import gguf_tokenizer
 
-        tok = gguf_tokenizer(Path(reader.where))
+        tok = gguf_tokenizer(reader.reader) if "tokenizer.ggml.model" in reader.reader.fields else None
         return Input(text, reader, reader.spec, hf_config_from_spec(reader.spec, None, "float32",
                                                                     tokenizer_ids(tok)), tok)
     if reader.config is None:
@@ -190,6 +191,16 @@ _ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_
                 "rope_theta", "rms_norm_eps", "tie_embeddings", "qkv_bias", "rope_scaling")
 
 
+def _same(a, b) -> bool:
+    """Equal, floats up to float32 rounding (GGUF stores rms_norm_eps and rope_theta as float32)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+        return type(a) is type(b) and all(_same(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
+    return a == b
+
+
 def tokenizer_fingerprint(tok) -> dict | None:
     """What decides how text becomes ids and how chats are rendered: the tokenizer JSON and chat template."""
     if tok is None:
@@ -225,7 +236,7 @@ def check_inputs(base: Input | None, models: list[Input]) -> tuple[list[TensorIn
     ref = base or models[0]
     for m in models if base is not None else models[1:]:
         for f in _ARCH_FIELDS:
-            if getattr(m.spec, f) != getattr(ref.spec, f):
+            if not _same(getattr(m.spec, f), getattr(ref.spec, f)):
                 raise ArchitectureMismatch(f"{m.source}: {f} is {getattr(m.spec, f)!r}, {ref.source} has "
                                            f"{getattr(ref.spec, f)!r}")
         if m.spec.vocab_size != ref.spec.vocab_size:
