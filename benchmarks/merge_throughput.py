@@ -6,9 +6,10 @@ Writes K synthetic bf16 fine-tunes and their base (Hugging Face safetensors dire
 at the shapes of `train_step_cpu.SHAPES`, each fine-tune differing from the base in half
 its elements) under `--dir`, measures this disk's sequential read bandwidth on one of
 those files (cold: its page cache dropped with posix_fadvise(DONTNEED) first; warm: read
-again), then runs the merge (select + resample) in a subprocess, cold and warm, and
-reports seconds, input bytes read per second, their ratio to the cold disk bandwidth,
-and the subprocess's peak RSS (getrusage). Everything under `--dir` is deleted at the end.
+again) and on all K+1 inputs at once, one thread per file (cold), then runs the merge
+(select + resample) in a subprocess, cold and warm, and reports seconds, input bytes read
+per second, their ratio to the single-stream cold disk bandwidth, and the subprocess's
+peak RSS (getrusage). Everything under `--dir` is deleted at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,16 +94,24 @@ def drop_cache(paths: list[Path]) -> None:
         os.close(fd)
 
 
-def read_bandwidth(path: Path, cold: bool) -> float:
-    """Bytes per second reading `path` sequentially in 16 MiB reads."""
-    if cold:
-        drop_cache([path])
+def _read_all(path: Path) -> None:
     buf = bytearray(16 << 20)
-    t = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
-    return path.stat().st_size / (time.perf_counter() - t)
+
+
+def read_bandwidth(paths: list[Path], cold: bool) -> float:
+    """Bytes per second reading `paths` sequentially in 16 MiB reads, one thread per file at once."""
+    if cold:
+        drop_cache(paths)
+    threads = [threading.Thread(target=_read_all, args=(p,)) for p in paths]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(p.stat().st_size for p in paths) / (time.perf_counter() - t)
 
 
 def run_merge(dirs: list[Path], out: Path, cold: bool) -> tuple[float, float]:
@@ -134,25 +144,27 @@ def main() -> None:
             made = time.perf_counter() - t
             size = sum(f.stat().st_size for d in dirs for f in files(d))
             biggest = max((f for d in dirs for f in files(d)), key=lambda f: f.stat().st_size)
-            disk_cold, disk_warm = read_bandwidth(biggest, True), read_bandwidth(biggest, False)
+            disk_cold, disk_warm = read_bandwidth([biggest], True), read_bandwidth([biggest], False)
+            disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
             for cold in (True, False):
                 seconds, rss = run_merge(dirs, root / "merged", cold)
                 rows.append({"shape": name, "k": args.k, "cache": "cold" if cold else "warm",
                              "input_GB": size / 1e9, "seconds": seconds, "GB_per_s": size / seconds / 1e9,
                              "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
+                             "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
                              "vs_cold_disk": size / seconds / disk_cold, "peak_rss_GB": rss / 1e9,
                              "inputs_written_s": made})
                 print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(root, ignore_errors=True)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print("\n| shape | K | page cache | input GB | merge s | merge GB/s | disk GB/s (cold / warm) | "
-          "merge / cold disk | peak RSS GB |")
+    print("\n| shape | K | page cache | input GB | merge s | merge GB/s | disk GB/s: 1 stream cold / warm, "
+          "K+1 streams cold | merge / 1-stream cold disk | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['k']} | {r['cache']} | {r['input_GB']:.2f} | {r['seconds']:.1f} | "
-              f"{r['GB_per_s']:.2f} | {r['disk_cold_GB_per_s']:.2f} / {r['disk_warm_GB_per_s']:.2f} | "
-              f"{r['vs_cold_disk']:.2f} | {r['peak_rss_GB']:.2f} |")
+              f"{r['GB_per_s']:.2f} | {r['disk_cold_GB_per_s']:.2f} / {r['disk_warm_GB_per_s']:.2f} / "
+              f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f} | {r['peak_rss_GB']:.2f} |")
 
 
 if __name__ == "__main__":
