@@ -26,7 +26,6 @@ from hbo_jax.models.llama import LlamaSpec
 from hbo_jax.models.tensor_io import TensorInfo, TensorReader
 
 TIED_HEAD = "lm_head.weight"
-_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class ArchitectureMismatch(CheckpointMismatch):
@@ -95,8 +94,8 @@ class Input:
 
 
 def _dtype_name(reader: TensorReader) -> str:
-    name = str(reader.infos()[0].dtype) if reader.infos() else "float32"
-    return _DTYPE_NAMES.get(name, name)
+    """The stored dtype's config.json name (`float32`, `bfloat16`, ...)."""
+    return str(reader.infos()[0].dtype) if reader.infos() else "float32"
 
 
 def _run_data(cfg):
@@ -117,6 +116,9 @@ def _run_config(run_dir: Path):
 
 def open_input(source: str | Path, step: int | None = None) -> Input:
     """The checkpoint `source` names: a run directory, `hf:DIR` / a directory, `gguf:FILE` / a `.gguf`, `smollm2`.
+
+    A run directory's tokenizer comes from its prepared data, as `python -m
+    hbo_jax.export` gets it: from the data cache, or prepared again where it is missing.
 
     Raises:
         ConfigError: A run directory without such a checkpoint, or an unknown source.
