@@ -2,10 +2,10 @@
 
     python benchmarks/replicas_table.py RUNS/demo RUNS/uniform
 
-Reads `eval_r<i>.json` (each replica's checkpoint) and `eval_merged_*.json` (written by
-`python -m hbo_jax.evaluate ... --out`) in each directory and prints one markdown row per
-model: macro-averaged held-out loss and task metrics; the single runs as mean +- sample
-standard deviation and their range.
+Reads each replica's own final evaluation (`r<i>/eval.json`, "after"; its "before" is
+the starting model) and `eval_merged_*.json` (written by `python -m hbo_jax.evaluate ...
+--out`) in each directory and prints one markdown row per model: macro-averaged held-out
+loss and task metrics; the single runs as mean +- sample standard deviation (range).
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ from pathlib import Path
 KEYS = (("loss", "held-out loss"), ("acc", "mc acc"), ("exact_match", "exact match"))
 
 
-def _macro(path: Path) -> dict:
-    return json.loads(path.read_text())["eval"]["macro_avg"]
+def _macro(path: Path, key: str = "eval") -> dict:
+    return json.loads(path.read_text())[key]["macro_avg"]
+
+
+def _row(d: Path, label: str, m: dict) -> str:
+    return f"| {d.name} | {label} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k, _ in KEYS) + " |"
 
 
 def rows(d: Path) -> list[str]:
-    singles = [_macro(p) for p in sorted(d.glob("eval_r*.json"))]
-    out = []
+    runs = sorted(d.glob("r[0-9]*/eval.json"))
+    singles = [_macro(p, "after") for p in runs]
+    out = [_row(d, "starting model", _macro(runs[0], "before"))]
     cells = []
     for key, _ in KEYS:
         vals = [s[key] for s in singles if key in s]
@@ -34,9 +39,7 @@ def rows(d: Path) -> list[str]:
     for name in ("merged_average", "merged_select", "merged_select_resample"):
         p = d / f"eval_{name}.json"
         if p.is_file():
-            m = _macro(p)
-            out.append(f"| {d.name} | {name.removeprefix('merged_').replace('_', ' + ')} | "
-                       + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k, _ in KEYS) + " |")
+            out.append(_row(d, "merge: " + name.removeprefix("merged_").replace("_", " + "), _macro(p)))
     return out
 
 
