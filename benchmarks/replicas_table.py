@@ -36,10 +36,9 @@ def rows(d: Path) -> list[str]:
         cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f} ({min(vals):.4f}–{max(vals):.4f})"
                      if len(vals) > 1 else "-")
     out.append(f"| {d.name} | {len(singles)} single runs | " + " | ".join(cells) + " |")
-    for name in ("merged_average", "merged_select", "merged_select_resample"):
-        p = d / f"eval_{name}.json"
-        if p.is_file():
-            out.append(_row(d, "merge: " + name.removeprefix("merged_").replace("_", " + "), _macro(p)))
+    for p in sorted(d.glob("eval_merged_*.json"), key=lambda p: ("average" not in p.name, len(p.name), p.name)):
+        label = p.stem.removeprefix("eval_merged_").replace("_atol", " --atol ").replace("_", " + ")
+        out.append(_row(d, "merge: " + label, _macro(p)))
     return out
 
 
