@@ -46,3 +46,26 @@ def scanned_run(tmp_path_factory, shared_cache) -> Path:
     run = tmp_path_factory.mktemp("scanned") / "run"
     assert main(tiny_overrides(run, shared_cache, *SCANNED_RUN)) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def bf16_run(tmp_path_factory, shared_cache) -> Path:
+    """A finished tiny run with an untied head, a vocabulary padded to 100s and bf16 weights
+    (shared by the tensor I/O and merging tests)."""
+    from hbo_jax.train import main as train_main
+
+    out = tmp_path_factory.mktemp("tensorrun") / "run"
+    assert train_main(tiny_overrides(out, shared_cache, "train.steps=1", "eval.every=0", "eval.tasks=false",
+                                     "tracking.tensorboard=false", "model.tie_embeddings=false",
+                                     "model.vocab_multiple=100", "model.param_dtype=bfloat16")) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def bf16_export(bf16_run, tmp_path_factory) -> Path:
+    """`python -m hbo_jax.export` of `bf16_run`."""
+    from hbo_jax.export import main as export_main
+
+    out = tmp_path_factory.mktemp("tensorexport") / "hf"
+    assert export_main([str(bf16_run), str(out)]) == 0
+    return out

@@ -20,8 +20,6 @@ from hbo_jax.models.gguf import GgufReader
 from hbo_jax.models.readers import RunReader, open_reader
 from hbo_jax.models.tensor_io import INDEX_FILE, SafetensorsReader, SafetensorsWriter
 
-from conftest import tiny_overrides
-
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 from gguf_fixture import write_gguf  # noqa: E402
@@ -44,24 +42,13 @@ def _assert_same_tensors(reader, want: dict[str, np.ndarray]) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, shared_cache):
-    """A finished tiny run with an untied head, a vocabulary padded to 100s and bf16 weights."""
-    from hbo_jax.train import main as train_main
-
-    out = tmp_path_factory.mktemp("tensorrun") / "run"
-    assert train_main(tiny_overrides(out, shared_cache, "train.steps=1", "eval.every=0", "eval.tasks=false",
-                                     "tracking.tensorboard=false", "model.tie_embeddings=false",
-                                     "model.vocab_multiple=100", "model.param_dtype=bfloat16")) == 0
-    return out
+def run_dir(bf16_run):
+    return bf16_run
 
 
 @pytest.fixture(scope="module")
-def exported(run_dir, tmp_path_factory):
-    from hbo_jax.export import main as export_main
-
-    out = tmp_path_factory.mktemp("tensorexport") / "hf"
-    assert export_main([str(run_dir), str(out)]) == 0
-    return out
+def exported(bf16_export):
+    return bf16_export
 
 
 def _run_reader(run_dir, exported) -> RunReader:

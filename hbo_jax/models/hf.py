@@ -334,17 +334,45 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
             if writer:
                 writer.write(hf_name, (arr.T if transposed else arr).astype(np_dtype))
         if writer:  # the config and tokenizer go into the same directory, published with the weights
-            extra = _tokenizer_ids(tokenizer)
-            cfg = hf_config_from_spec(spec, max_position_embeddings, stored, extra)
-            (writer.staging_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            (writer.staging_dir / "generation_config.json").write_text(json.dumps(
-                {k: v for k, v in extra.items() if k.endswith("token_id")}, indent=2) + "\n")
-            if tokenizer is not None:
-                _save_tokenizer(tokenizer, writer.staging_dir)
+            cfg = hf_config_from_spec(spec, max_position_embeddings, stored, tokenizer_ids(tokenizer))
+            write_hf_metadata(writer.staging_dir, cfg, tokenizer)
     return out_dir
 
 
-def _tokenizer_ids(tokenizer) -> dict:
+def hf_arrays(params, spec: LlamaSpec) -> dict[str, np.ndarray]:
+    """A model's parameters on this host as Hugging Face tensors: names, `[out, in]`, no vocabulary padding.
+
+    For small models (a whole copy in host memory); `export_hf` streams instead.
+    """
+    out = {}
+    flat = flat_params(params)
+    for path, (hf_name, transposed) in name_map(spec).items():
+        arr = _host_array(flat[path])
+        axis = VOCAB_AXES.get(path)
+        if axis is not None:
+            arr = np.take(arr, np.arange(spec.vocab_size), axis=axis)
+        out[hf_name] = np.ascontiguousarray(arr.T if transposed else arr)
+    return out
+
+
+def write_hf_metadata(out_dir: Path, config: dict, tokenizer) -> None:
+    """Writes `config.json`, `generation_config.json` (the config's token ids) and the tokenizer files.
+
+    Args:
+        out_dir: An existing directory (a writer's staging directory).
+        config: The config.json dict.
+        tokenizer: A `transformers` tokenizer, a `tokenizers.Tokenizer`, or None.
+    """
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        indent=2) + "\n")
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, out_dir)
+
+
+def tokenizer_ids(tokenizer) -> dict:
+    """`{bos,eos,pad}_token_id` of a transformers tokenizer (those it has), for config.json."""
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
         return {}
     ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}

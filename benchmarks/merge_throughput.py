@@ -1,0 +1,171 @@
+"""Merge throughput and peak memory of `python -m hbo_jax.merge` against the disk's read bandwidth.
+
+    python benchmarks/merge_throughput.py [--shapes smollm2_135m llama_1b] [--k 3] [--dir /tmp/merge_bench]
+
+Writes K synthetic bf16 fine-tunes and their base (Hugging Face safetensors directories
+at the shapes of `train_step_cpu.SHAPES`, each fine-tune differing from the base in half
+its elements) under `--dir`, measures this disk's sequential read bandwidth on one of
+those files (cold: its page cache dropped with posix_fadvise(DONTNEED) first; warm: read
+again) and on all K+1 inputs at once, one thread per file (cold), then runs the merge
+(select + resample) in a subprocess, cold and warm, and reports seconds, input bytes read
+per second, their ratio to the single-stream cold disk bandwidth, and the subprocess's
+peak RSS (getrusage). Everything under `--dir` is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train_step_cpu import SHAPES  # noqa: E402
+
+
+def tensors(shape) -> list[tuple[str, tuple[int, ...]]]:
+    """Hugging Face names and shapes of a Llama of a SHAPES entry (tied: no lm_head)."""
+    d, layers, h, kv, f, v, tied = shape
+    hd = d // h
+    out = [("model.embed_tokens.weight", (v, d)), ("model.norm.weight", (d,))]
+    if not tied:
+        out.append(("lm_head.weight", (v, d)))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (d,)), (p + "post_attention_layernorm.weight", (d,)),
+                (p + "self_attn.q_proj.weight", (h * hd, d)), (p + "self_attn.k_proj.weight", (kv * hd, d)),
+                (p + "self_attn.v_proj.weight", (kv * hd, d)), (p + "self_attn.o_proj.weight", (d, h * hd)),
+                (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
+                (p + "mlp.down_proj.weight", (d, f))]
+    return out
+
+
+def config(shape) -> dict:
+    d, layers, h, kv, f, v, tied = shape
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": v, "hidden_size": d,
+            "intermediate_size": f, "num_hidden_layers": layers, "num_attention_heads": h,
+            "num_key_value_heads": kv, "head_dim": d // h, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 2048, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+            "tie_word_embeddings": tied, "dtype": "bfloat16"}
+
+
+def write_inputs(root: Path, shape, k: int) -> list[Path]:
+    """The base and K fine-tunes (bf16), written block by block (little memory)."""
+    import ml_dtypes
+    import numpy as np
+
+    from hbo_jax.models.tensor_io import SafetensorsWriter
+
+    specs = tensors(shape)
+    bf16 = ml_dtypes.bfloat16
+    dirs = [root / "base"] + [root / f"m{i}" for i in range(k)]
+    writers = [SafetensorsWriter(d, [(n, s, bf16) for n, s in specs], max_shard_bytes=5 * 10 ** 9) for d in dirs]
+    rng = np.random.default_rng(0)
+    for name, s in specs:
+        rows = max(1, (16 << 20) // (int(np.prod(s[1:])) * 2 or 1))
+        for lo in range(0, s[0], rows):
+            block = (rng.standard_normal((min(rows, s[0] - lo), *s[1:]), np.float32) * 0.02).astype(bf16)
+            writers[0].write(name, block)
+            for w in writers[1:]:  # half the elements nudged by one bf16 step or more
+                nudge = rng.integers(0, 2, block.shape, dtype=np.uint16)
+                w.write(name, (block.view(np.uint16) + nudge).view(bf16))
+    for d, w in zip(dirs, writers):
+        (w.staging_dir / "config.json").write_text(json.dumps(config(shape)))
+        w.commit()
+    return dirs
+
+
+def files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+def drop_cache(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def _read_all(path: Path) -> None:
+    buf = bytearray(16 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def read_bandwidth(paths: list[Path], cold: bool) -> float:
+    """Bytes per second reading `paths` sequentially in 16 MiB reads, one thread per file at once."""
+    if cold:
+        drop_cache(paths)
+    threads = [threading.Thread(target=_read_all, args=(p,)) for p in paths]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(p.stat().st_size for p in paths) / (time.perf_counter() - t)
+
+
+def run_merge(dirs: list[Path], out: Path, cold: bool) -> tuple[float, float]:
+    """(seconds, peak RSS bytes) of the merge in a fresh process."""
+    if cold:
+        drop_cache([f for d in dirs for f in files(d)])
+    code = ("import sys, time, resource; from hbo_jax.merge import merge; t = time.perf_counter(); "
+            f"merge({str(dirs[0])!r}, {[str(d) for d in dirs[1:]]!r}, {str(out)!r}, method='select', "
+            "resample=True, overwrite=True, progress=False); "
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    seconds, rss = res.stdout.split()[-2:]
+    return float(seconds), float(rss)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["smollm2_135m", "llama_1b"], choices=sorted(SHAPES))
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/merge_bench"))
+    args = ap.parse_args()
+    rows = []
+    try:
+        for name in args.shapes:
+            root = args.dir / name
+            shutil.rmtree(root, ignore_errors=True)
+            t = time.perf_counter()
+            dirs = write_inputs(root, SHAPES[name], args.k)
+            made = time.perf_counter() - t
+            size = sum(f.stat().st_size for d in dirs for f in files(d))
+            biggest = max((f for d in dirs for f in files(d)), key=lambda f: f.stat().st_size)
+            disk_cold, disk_warm = read_bandwidth([biggest], True), read_bandwidth([biggest], False)
+            disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
+            for cold in (True, False):
+                seconds, rss = run_merge(dirs, root / "merged", cold)
+                rows.append({"shape": name, "k": args.k, "cache": "cold" if cold else "warm",
+                             "input_GB": size / 1e9, "seconds": seconds, "GB_per_s": size / seconds / 1e9,
+                             "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
+                             "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
+                             "vs_cold_disk": size / seconds / disk_cold, "peak_rss_GB": rss / 1e9,
+                             "inputs_written_s": made})
+                print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(root, ignore_errors=True)
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    print("\n| shape | K | page cache | input GB | merge s | merge GB/s | disk GB/s: 1 stream cold / warm, "
+          "K+1 streams cold | merge / 1-stream cold disk | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['k']} | {r['cache']} | {r['input_GB']:.2f} | {r['seconds']:.1f} | "
+              f"{r['GB_per_s']:.2f} | {r['disk_cold_GB_per_s']:.2f} / {r['disk_warm_GB_per_s']:.2f} / "
+              f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f} | {r['peak_rss_GB']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Streams a merge: one block of rows of one tensor from every input at a time.
+
+Each input has its own reader thread that reads the blocks in the merge's order, hashes
+them (the input's digest in merge.json) and hands them over through a queue of
+`PREFETCH` blocks; the main thread merges a block of all K models (+ the base) and
+writes it while the readers fetch the next ones. Memory is at most (K+1) x (PREFETCH+2)
+blocks (queued, being read, being merged) plus the output block, whatever the model
+size; `block_bytes` sets the block (a tensor smaller than it is one block). The output goes through
+`tensor_io.SafetensorsWriter`: a staging directory renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
+
+from hbo_jax.models.tensor_io import TensorInfo, TensorReader
+from hbo_jax.progress import progress as progress_lines
+
+PREFETCH = 2
+DEFAULT_BLOCK_BYTES = 32 << 20
+
+
+def row_blocks(info: TensorInfo, block_bytes: int) -> list[tuple[int, int] | None]:
+    """(start, stop) row ranges of a tensor's blocks of at most ~block_bytes (None: a scalar, read whole)."""
+    if not info.shape:
+        return [None]
+    rows = info.shape[0]
+    row_bytes = max(info.nbytes // max(rows, 1), 1)
+    step = max(1, block_bytes // row_bytes)
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)] or [(0, 0)]
+
+
+class _Sentinel:
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+class InputStream:
+    """Reads one input's blocks in plan order on a thread; yields them in order.
+
+    Args:
+        reader: The input.
+        plan: (tensor name, row range or None) in the order they will be asked for.
+        dtypes: Tensor name -> dtype to cast its blocks to after hashing (the base's to
+            the models'; a float32 GGUF base), or None.
+    """
+
+    def __init__(self, reader: TensorReader, plan: list[tuple[str, tuple[int, int] | None]],
+                 dtypes: dict | None = None):
+        self.reader, self.plan, self.dtypes = reader, plan, dtypes
+        self.tensor_digests: dict[str, str] = {}
+        self._queue: queue.Queue = queue.Queue(PREFETCH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"read {reader.where}")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            current, h = None, None
+            for name, rows in self.plan:
+                if name != current:
+                    if h is not None:
+                        self.tensor_digests[current] = h.hexdigest()
+                    current, h = name, hashlib.sha256()
+                block = self.reader.read(name) if rows is None else self.reader.read_rows(name, *rows)
+                block = np.ascontiguousarray(block)
+                h.update(block.reshape(-1).view(np.uint8))
+                if self.dtypes is not None:
+                    block = block.astype(self.dtypes[name], copy=False)
+                if not self._put(block):
+                    return
+            if h is not None:
+                self.tensor_digests[current] = h.hexdigest()
+            self._put(_Sentinel())
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(_Sentinel(e))
+
+    def next(self) -> np.ndarray:
+        item = self._queue.get()
+        if isinstance(item, _Sentinel):
+            raise item.error or RuntimeError(f"{self.reader.where}: read past the plan")
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (blocks not yet taken are dropped) and waits for it."""
+        self._stop.set()
+        self._thread.join()
+
+    def digest(self, infos: list[TensorInfo]) -> str:
+        """sha256 over the sorted (name, shape, dtype, sha256 of the data) lines of every tensor read."""
+        h = hashlib.sha256()
+        for info in sorted(infos, key=lambda i: i.name):
+            src = self.reader.info(info.name)
+            h.update(f"{info.name} {list(src.shape)} {src.dtype} {self.tensor_digests[info.name]}\n".encode())
+        return h.hexdigest()
+
+
+MergeFn = Callable[[str, int, list[np.ndarray], np.ndarray | None], tuple[np.ndarray, object]]
+
+
+def stream_merge(tensors: list[TensorInfo], models: list[TensorReader], base: TensorReader | None, writer,
+                 merge_block: MergeFn, *, block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None,
+                 on_tensor: Callable[[str, list], None] | None = None) -> tuple[list[str], str | None]:
+    """Merges every tensor block by block into `writer`.
+
+    Args:
+        tensors: The output tensors (name, shape, the models' dtype), in writing order.
+        models: The K models' readers.
+        base: The base's reader, or None.
+        writer: A `SafetensorsWriter` declared with `tensors`.
+        merge_block: `(name, first element index, model blocks, base block) -> (block, stats)`.
+        block_bytes: About the size of one block of one input.
+        progress: False: show no progress (default: a bar on a terminal, periodic lines in a log).
+        on_tensor: Called with (name, the stats of its blocks) after each tensor.
+
+    Returns:
+        (each model's digest, the base's digest or None).
+    """
+    plan = [(t.name, rows) for t in tensors for rows in row_blocks(t, block_bytes)]
+    streams = [InputStream(r, plan) for r in models]
+    dtypes = {t.name: t.dtype for t in tensors}
+    base_stream = None if base is None else InputStream(base, plan, dtypes)
+    every = streams + ([base_stream] if base_stream else [])
+    bar = progress_lines(desc="merging", total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True,
+                         disable=progress is False)
+    try:
+        it: Iterator = iter(plan)
+        for info in tensors:
+            stats, row_elems = [], int(np.prod(info.shape[1:], dtype=np.int64)) if info.shape else 1
+            for _, rows in (next(it) for _ in row_blocks(info, block_bytes)):
+                blocks = [s.next() for s in streams]
+                b = base_stream.next() if base_stream else None
+                start = 0 if rows is None else rows[0] * row_elems
+                out, st = merge_block(info.name, start, blocks, b)
+                writer.write(info.name, out.astype(info.dtype, copy=False))
+                stats.append(st)
+                bar.update(out.nbytes)
+            if on_tensor:
+                on_tensor(info.name, stats)
+    finally:
+        bar.close()
+        for s in every:
+            s.close()
+    return [s.digest(tensors) for s in streams], base_stream.digest(tensors) if base_stream else None

@@ -1,0 +1,338 @@
+"""Merging runs (`python -m hbo_jax.merge`): the selection and averaging rules, determinism
+across input layouts and block sizes, tied weights, the output against committed
+transformers logits, named errors that leave no output, and data-order replicas of a
+tiny run merged and evaluated end to end.
+
+Inputs are the `tied` parity fixture (`scripts/make_parity_fixtures.py`: a random tiny
+Llama with tied embeddings and its transformers logits in `reference.npz`) and copies of
+it with perturbed elements.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from hbo_jax.merge import main as merge_main, merge, merge_inputs
+from hbo_jax.merging import inputs as mi
+from hbo_jax.merging.select import average_block, element_bits, select_block, tensor_key
+from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter
+
+PARITY = Path(__file__).parent / "fixtures" / "parity"
+TIED = PARITY / "tied"
+
+
+def _fixture() -> dict[str, np.ndarray]:
+    with SafetensorsReader(TIED) as r:
+        return dict(r.items())
+
+
+def _write(out: Path, arrays: dict, *, config: dict | None = None, shard: int | None = None,
+           order=None, tokenizer=None) -> Path:
+    """A Hugging Face directory of `arrays` (in `order`), the tied fixture's config (or `config`)."""
+    names = order or list(arrays)
+    with SafetensorsWriter(out, [(n, arrays[n].shape, arrays[n].dtype) for n in names], max_shard_bytes=shard) as w:
+        for n in names:
+            w.write(n, arrays[n])
+        cfg = config or json.loads((TIED / "config.json").read_text())
+        (w.staging_dir / "config.json").write_text(json.dumps(cfg))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(w.staging_dir))
+    return out
+
+
+def _perturbed(arrays: dict, seed: int, frac: float) -> dict:
+    """A copy with a fraction `frac` of every tensor's elements changed."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in arrays.items():
+        mask = rng.random(v.shape) < frac
+        out[k] = np.where(mask, v + rng.normal(size=v.shape).astype(v.dtype), v).astype(v.dtype)
+    return out
+
+
+def _no_output(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+def test_selection_frequencies_match_the_probabilities():
+    n, probs = 60_000, np.array([0.5, 0.3, 0.2])
+    models = [np.full(n, k, np.float32) for k in range(3)]
+    out, _ = select_block(models, None, probs, tensor_key(7, "w"), 0, resample=False)
+    counts = np.bincount(out.astype(int), minlength=3)
+    assert sps.chisquare(counts, probs * n).pvalue > 1e-3, counts
+
+
+def test_element_draws_are_the_philox_stream_at_any_offset():
+    key = tensor_key(3, "model.norm.weight")
+    stream = np.random.Philox(key=np.array(key, np.uint64)).random_raw(64)
+    for start in (0, 1, 3, 4, 13):
+        np.testing.assert_array_equal(element_bits(key, start, 40), stream[start:start + 40])
+
+
+def test_resampling_never_keeps_the_base_where_some_run_changed_it():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=20_000).astype(ml_dtypes.bfloat16)
+    models = []
+    for k in range(3):  # each run changes ~30% of the elements, so many elements are changed by one run only
+        m = base.copy()
+        idx = rng.random(base.size) < 0.3
+        m[idx] = (base[idx].astype(np.float32) + 1).astype(ml_dtypes.bfloat16)
+        models.append(m)
+    out, st = select_block(models, base, np.full(3, 1 / 3), tensor_key(1, "t"), 0, resample=True)
+    changed = np.stack([m != base for m in models])
+    some = changed.any(axis=0)
+    assert np.all(out[some] != base[some])
+    assert np.all(out[~some] == base[~some])
+    from_changer = np.zeros(base.size, bool)
+    for k, m in enumerate(models):
+        from_changer |= changed[k] & (out == m)
+    assert np.all(from_changer[some])  # each changed element comes from a run that changed it
+    assert st.kept_base == int((~some).sum()) and st.resampled > 0
+    plain, _ = select_block(models, base, np.full(3, 1 / 3), tensor_key(1, "t"), 0, resample=False)
+    assert np.any(plain[some] == base[some])  # without resampling the base does survive
+
+
+def test_average_equals_the_direct_computation():
+    rng = np.random.default_rng(3)
+    models = [rng.normal(size=(5, 7)).astype(np.float32) for _ in range(3)]
+    w = np.array([0.2, 0.5, 0.3])
+    out, _ = average_block(models, w)
+    np.testing.assert_array_equal(out, (np.float32(0.2) * models[0] + np.float32(0.5) * models[1])
+                                  + np.float32(0.3) * models[2])
+
+
+# ----------------------------------------------------------------------------- determinism, tying, logits
+
+
+def test_same_seed_gives_the_same_bytes_across_shardings_orders_and_block_sizes(tmp_path):
+    a = _fixture()
+    base, m1, m2 = a, _perturbed(a, 1, 0.5), _perturbed(a, 2, 0.5)
+    names = list(a)
+    b = _write(tmp_path / "base", base)
+    outs = []
+    for i, (shard, order, block) in enumerate([(None, names, 64 << 20), (40_000, names[::-1], 12),
+                                               (100_000, sorted(names), 1000)]):
+        ins = [_write(tmp_path / f"m{j}_{i}", m, shard=shard, order=order) for j, m in enumerate((m1, m2))]
+        merge(b, ins, tmp_path / f"out{i}", method="select", resample=True, seed=5, block_bytes=block)
+        outs.append((tmp_path / f"out{i}" / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+    merge(b, ins, tmp_path / "other_seed", method="select", resample=True, seed=6)
+    assert (tmp_path / "other_seed" / "model.safetensors").read_bytes() != outs[0]
+
+
+def test_tied_weights_are_drawn_once_and_stay_tied(tmp_path):
+    a = _fixture()
+    m1, m2 = _perturbed(a, 1, 0.5), _perturbed(a, 2, 0.5)
+    m2_head = {**m2, "lm_head.weight": m2["model.embed_tokens.weight"]}  # a redundant copy, as some savers write
+    b = _write(tmp_path / "base", a)
+    out = tmp_path / "out"
+    merge(b, [_write(tmp_path / "m1", m1), _write(tmp_path / "m2", m2_head)], out, method="select", resample=True)
+    with SafetensorsReader(out) as r:
+        assert "lm_head.weight" not in r and "model.embed_tokens.weight" in r
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is True
+    from hbo_jax.config import MeshConfig
+    from hbo_jax.models.hf import load_hf
+    from hbo_jax.parallel import make_mesh
+
+    import jax
+    _, _, spec = load_hf(out, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
+    assert spec.tie_embeddings
+
+
+def _tokenizer(chat: str = "{% for m in messages %}{{ m['content'] }}{% endfor %}", extra: str = ""):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world", *([extra] if extra else [])])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = chat
+    return fast
+
+
+@pytest.mark.parametrize("method", ["select", "average"])
+def test_merged_directory_gives_the_transformers_reference_logits(method, tmp_path):
+    """select+resample: the base is the fixture shifted, one run is the base and the other the
+    fixture, so every element is resampled to the fixture's. average: runs at fixture +- noise."""
+    import jax
+    from flax import nnx
+    from transformers import AutoConfig, AutoTokenizer
+
+    from hbo_jax.config import MeshConfig
+    from hbo_jax.models.hf import load_hf
+    from hbo_jax.parallel import make_mesh
+
+    a, tok = _fixture(), _tokenizer()
+    if method == "select":
+        shifted = {k: v + np.float32(0.25) for k, v in a.items()}
+        base, runs = _write(tmp_path / "base", shifted, tokenizer=tok), [shifted, a]
+    else:
+        noise = {k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) * 0.01 for k, v in a.items()}
+        base, runs = None, [{k: a[k] + noise[k] for k in a}, {k: a[k] - noise[k] for k in a}]
+    ins = [_write(tmp_path / f"m{i}", r, tokenizer=tok) for i, r in enumerate(runs)]
+    out = tmp_path / "out"
+    rec = merge(base, ins, out, method=method, resample=method == "select", max_shard_bytes=150_000)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert AutoConfig.from_pretrained(str(out)).tie_word_embeddings
+    loaded = AutoTokenizer.from_pretrained(str(out))
+    assert loaded.chat_template == tok.chat_template and loaded("hello world")["input_ids"] == [3, 4]
+    ref = np.load(TIED / "reference.npz")
+    graphdef, params, _ = load_hf(out, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]))
+    logits = np.asarray(nnx.merge(graphdef, params)(ref["tokens"]))
+    assert np.abs(logits - ref["logits"]).max() <= 1e-4
+    if method == "select":
+        assert rec["totals"]["frac_equal_base"] == [1.0, 0.0] and rec["totals"]["frac_resampled"] > 0.4
+
+
+def test_a_gguf_base_is_compared_dequantized_and_gives_its_tokenizer(tmp_path):
+    """The committed qwen2 GGUF (float32 but one Q8_0 tensor) as the base of the HF qwen2
+    fixture (equal to it on every float32 tensor) and a perturbed copy: with resampling every
+    element the copy changed is the copy's, every other one the base's."""
+    from transformers import AutoTokenizer
+
+    with SafetensorsReader(PARITY / "qwen2") as r:
+        a = dict(r.items())
+    cfg = json.loads((PARITY / "qwen2" / "config.json").read_text())
+    m1 = _perturbed(a, 1, 0.5)
+    ins = [_write(tmp_path / "m0", a, config=cfg), _write(tmp_path / "m1", m1, config=cfg)]
+    gguf = PARITY / "qwen2_gguf" / "model.gguf"
+    rec = merge(f"gguf:{gguf}", ins, tmp_path / "out", method="select", resample=True)
+    quantized = "model.layers.0.mlp.down_proj.weight"
+    with SafetensorsReader(tmp_path / "out") as out:
+        for name, want in a.items():
+            if name != quantized:
+                got, moved = out.read(name), m1[name] != want
+                np.testing.assert_array_equal(got[moved], m1[name][moved], err_msg=name)
+                np.testing.assert_array_equal(got[~moved], want[~moved], err_msg=name)
+    assert rec["base"]["digest"] and not rec["base"]["cast_to_model_dtype_for_comparison"]
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).chat_template  # the GGUF's, with its template
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _mismatch(kind: str, a: dict, tmp_path: Path) -> tuple[dict, dict | None, object]:
+    """(the second model's arrays, its config or None, its tokenizer) for one kind of mismatch."""
+    cfg = json.loads((TIED / "config.json").read_text())
+    m = dict(a)
+    if kind == "missing":
+        m.pop("model.layers.1.mlp.up_proj.weight")
+    elif kind == "extra":
+        m["model.layers.1.mlp.extra.weight"] = a["model.norm.weight"]
+    elif kind == "shape":
+        m["model.norm.weight"] = np.zeros(63, np.float32)
+    elif kind == "dtype":
+        m["model.norm.weight"] = a["model.norm.weight"].astype(np.float16)
+    elif kind == "architecture":
+        cfg["rms_norm_eps"] = 1e-6
+    elif kind == "vocab":
+        cfg["vocab_size"] = 300
+        m["model.embed_tokens.weight"] = np.zeros((300, 64), np.float32)
+    return m, cfg, _tokenizer(extra="other") if kind == "tokenizer" else _tokenizer()
+
+
+ERRORS = {"missing": mi.MissingTensor, "extra": mi.ExtraTensor, "shape": mi.ShapeMismatch,
+          "dtype": mi.DtypeMismatch, "architecture": mi.ArchitectureMismatch, "vocab": mi.VocabMismatch,
+          "tokenizer": mi.TokenizerMismatch}
+NAMED = {"missing": "up_proj", "extra": "extra.weight", "shape": "model.norm.weight", "dtype": "model.norm.weight",
+         "architecture": "rms_norm_eps", "vocab": "vocabulary size 300", "tokenizer": "tokenizer differs"}
+
+
+@pytest.mark.parametrize("kind", sorted(ERRORS))
+def test_each_mismatch_gives_its_named_error_and_no_output(kind, tmp_path):
+    a = _fixture()
+    m, cfg, tok = _mismatch(kind, a, tmp_path)
+    base = _write(tmp_path / "base", a, tokenizer=_tokenizer())
+    ins = [_write(tmp_path / "m0", a, tokenizer=_tokenizer()), _write(tmp_path / "m1", m, config=cfg, tokenizer=tok)]
+    with pytest.raises(ERRORS[kind], match=NAMED[kind]) as e:
+        merge(base, ins, tmp_path / "out", method="select", resample=True)
+    assert str(tmp_path / "m1") in str(e.value)
+    _no_output(tmp_path, tmp_path / "out")
+
+
+def test_a_read_failure_midway_leaves_no_output(tmp_path):
+    a = _fixture()
+
+    class Failing(mi.ArrayReader):
+        def _read(self, name, rows):
+            if name == "model.layers.1.mlp.up_proj.weight":
+                raise OSError("input/output error")
+            return super()._read(name, rows)
+
+    def inp(reader):
+        cfg = json.loads((TIED / "config.json").read_text())
+        from hbo_jax.models.hf import spec_from_hf_config
+        return mi.Input(reader.where, reader, spec_from_hf_config(cfg), cfg)
+
+    with pytest.raises(OSError, match="input/output"):
+        merge_inputs(inp(mi.ArrayReader(a)), [inp(mi.ArrayReader(a)), inp(Failing(a, "bad"))], tmp_path / "out",
+                     block_bytes=4096)
+    _no_output(tmp_path, tmp_path / "out")
+
+
+def test_cli_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+    a = _fixture()
+    ins = [str(_write(tmp_path / f"m{i}", _perturbed(a, i, 0.5))) for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert merge_main(["--models", *ins, "--method", "average", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    assert merge_main(["--models", *ins, "--method", "average", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "merge.json").is_file()
+
+
+# ----------------------------------------------------------------------------- replicas of a run
+
+
+def test_replicas_differ_only_in_the_data_seed(tmp_path, monkeypatch):
+    import hbo_jax.train
+    from hbo_jax.config import to_dict
+    from hbo_jax.errors import ConfigError
+    from hbo_jax.replicas import train_replicas
+
+    seen = []
+    monkeypatch.setattr(hbo_jax.train, "run", lambda cfg, stop=None: seen.append(to_dict(cfg)) or {})
+    dirs = train_replicas(tmp_path, 3, None, ["train.steps=7", "mixing.strategy=uniform"])
+    assert [d["run_dir"] for d in seen] == [str(d) for d in dirs] == [str(tmp_path / f"r{i}") for i in range(3)]
+    assert [d["train"].pop("data_seed") for d in seen] == [0, 1, 2]
+    for d in seen:
+        d.pop("run_dir")
+    assert seen[0] == seen[1] == seen[2] and seen[0]["train"]["steps"] == 7
+    seen.clear()
+    train_replicas(tmp_path, 3, None, [], only=1)  # one replica per host / GPU group
+    assert [d["run_dir"] for d in seen] == [str(tmp_path / "r1")]
+    with pytest.raises(ConfigError, match="train.data_seed"):
+        train_replicas(tmp_path, 2, None, ["train.data_seed=4"])
+
+
+def test_run_directories_merge_into_an_export_that_evaluates(bf16_run, bf16_export, tmp_path):
+    """Two copies of one run (bf16, untied head, padded vocabulary; base: its model.init, rebuilt):
+    every element is the run's, so the merge holds exactly the tensors its export holds."""
+    from hbo_jax.evaluate import main as evaluate_main
+
+    copy = Path(shutil.copytree(bf16_run, tmp_path / "copy"))
+    out = tmp_path / "merged"
+    rec = merge(None, [bf16_run, copy], out, method="select", resample=True)
+    assert [m["step"] for m in rec["models"]] == [1, 1] and rec["base"]["source"].startswith("base of")
+    assert rec["models"][0]["digest"] == rec["models"][1]["digest"]
+    with SafetensorsReader(out) as got, SafetensorsReader(bf16_export) as want:
+        assert sorted(got.names()) == sorted(want.names())
+        for name, arr in want.items():
+            assert got.info(name).dtype == arr.dtype
+            np.testing.assert_array_equal(got.read(name), arr, err_msg=name)
+    cfg, ref = (json.loads((d / "config.json").read_text()) for d in (out, bf16_export))
+    assert cfg == {**ref, "dtype": "bfloat16"}
+    assert evaluate_main([str(bf16_run), "--model", f"hf:{out}", "--no-tasks", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["eval"]["macro_avg"]["loss"] > 0
