@@ -37,7 +37,7 @@ def model_flops_per_token(shape, seq: int) -> float:
     return 6.0 * n + 12.0 * layers * d * seq
 
 
-def jax_spec(shape, dtype: str, loss_chunk: int = 0, remat: bool = False):
+def jax_spec(shape, dtype: str, loss_chunk: int = 0, remat: bool = False, attention: str = "auto"):
     """Our LlamaSpec of a SHAPES entry (fp32 parameters, compute in `dtype`)."""
     from hbo_jax.models.llama import LlamaSpec
 
@@ -45,7 +45,7 @@ def jax_spec(shape, dtype: str, loss_chunk: int = 0, remat: bool = False):
     return LlamaSpec(vocab_size=v, hidden_size=d, num_layers=layers, num_heads=h, num_kv_heads=kv,
                      head_dim=d // h, intermediate_size=f, rope_theta=1e4, rms_norm_eps=1e-5,
                      tie_embeddings=tied, qkv_bias=False, dtype=dtype, param_dtype="float32", remat=remat,
-                     loss_chunk=loss_chunk)
+                     loss_chunk=loss_chunk, attention=attention)
 
 
 def random_batch(vocab: int, batch: int, seq: int, mesh) -> dict:
@@ -93,7 +93,11 @@ def alternate(steps: dict, state, batch, rounds: int) -> tuple[dict, object]:
     return times, state
 
 
-def run_jax(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str) -> list[float]:
+def run_jax(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str, **spec_options) -> list[float]:
+    """Seconds of each timed train step (after `warmup` untimed ones, the first compiles).
+
+    `spec_options`: `jax_spec`'s keywords (loss_chunk, remat, attention).
+    """
     import jax
     import numpy as np
 
@@ -102,7 +106,7 @@ def run_jax(shape, batch: int, seq: int, steps: int, warmup: int, dtype: str) ->
     from hbo_jax.parallel import global_batch_from_host, make_mesh
     from hbo_jax.step import init_train_state, make_optimizer, make_train_step, state_shardings
 
-    spec, v = jax_spec(shape, dtype), shape[5]
+    spec, v = jax_spec(shape, dtype, **spec_options), shape[5]
     mesh = make_mesh(MeshConfig())
     graphdef, params = init_params(spec, mesh, 0)
     tx = make_optimizer(1e-4, 1000, 10, 0.0, 1.0)

@@ -4,7 +4,21 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# One persistent compilation cache per test session (set before JAX is imported, so the
+# xdist workers and every subprocess a test starts inherit it): the suite's many tiny runs
+# compile the same programs again and again, and a cache hit loads the executable XLA built
+# the first time, so only the first compile of each program is paid. A size limit turns on
+# JAX's file lock, so concurrent readers never see a half-written entry.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
 
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hbo_jax_test_xla_")
+    os.environ["HBO_JAX_TEST_XLA_CACHE_OWNER"] = str(os.getpid())  # removed at the end of the session
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -69,3 +83,9 @@ def bf16_export(bf16_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tensorexport") / "hf"
     assert export_main([str(bf16_run), str(out)]) == 0
     return out
+
+
+def pytest_unconfigure(config):
+    """The process that made the session's compilation cache removes it."""
+    if os.environ.get("HBO_JAX_TEST_XLA_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

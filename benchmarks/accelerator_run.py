@@ -1,0 +1,374 @@
+"""One prepared accelerator run: every measurement that needs a GPU, in one command.
+
+    python benchmarks/accelerator_run.py [--smoke] [--out DIR] [--budget-s 470]
+    python benchmarks/accelerator_run.py --render RESULT.json   # the docs block again, no run
+
+Phases, run one after another, each in its own process with its own time budget (a slow
+compile or an out-of-memory error costs that phase only; the whole run stays under
+--budget-s, 8 minutes by default, whatever one phase does):
+
+  env             device kind and count, JAX version, the peak dense bf16 TFLOP/s of the chip
+  train_smollm2   train-step tokens/s and MFU at SmolLM2-135M's shape (bf16 compute, fp32
+  train_1b        master weights, cuDNN attention on a GPU) and at a ~1B (Llama-3.2-1B) shape
+  sampler         the hierarchical sampler + batch iterator + host->device copy at 64 x 2048,
+                  against the examples/s the SmolLM2 train step consumes
+  mixing          HBO's mixing overhead (probes + actor updates) as a share of wall clock at
+                  update intervals 50 and 200
+  lisa_scalebio   memory of ScaleBiO / LISA runs (memory planner) once those modules exist;
+                  "not available" before
+  study           the SmolLM2 study at a larger budget, if time remains (not wired yet)
+
+`--smoke` runs the very same code paths on the CPU with tiny shapes in well under a
+minute (CI runs it); its numbers mean nothing. Output (format: docs/accelerator.md):
+DIR/accelerator.json and DIR/accelerator.md; a full run also replaces the generated
+block of docs/accelerator.md. DIR defaults to benchmarks/results/accelerator/<device>
+(a full run) or a new temporary directory (--smoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]  # the sibling benchmark modules and this checkout's hbo_jax
+
+from train_step_cpu import SHAPES, jax_spec, model_flops_per_token, run_jax  # noqa: E402 (no JAX import)
+
+DOCS = ROOT / "docs" / "accelerator.md"
+BEGIN, END = "<!-- accelerator_run:begin -->", "<!-- accelerator_run:end -->"
+FORMAT_VERSION = 1
+
+# Peak dense bf16 TFLOP/s per chip, matched against jax.devices()[0].device_kind in order
+# (vendor data sheets; sparsity excluded). H200 has H100's compute dies: the same 989.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                    ("A100", 312.0), ("L4", 121.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+                    ("TPU v5p", 459.0), ("TPU v4", 275.0), ("TPU v6", 918.0))
+
+# name -> (budget in seconds on an accelerator, with --smoke). The order is the run order:
+# the cheaper and more important measurements first, the study last.
+# The smoke budgets are loose: they guard against a hang, not a slow shared CI machine.
+PHASES = {"env": (30, 60), "train_smollm2": (100, 90), "train_1b": (120, 90), "sampler": (45, 60),
+          "mixing": (120, 120), "lisa_scalebio": (45, 60), "study": (0, 0)}
+SAMPLER_BATCH, SAMPLER_SEQ = 64, 2048
+# --smoke's model (hidden, layers, heads, kv heads, intermediate, vocab, tied): one small
+# block, so that the compiles, not the shapes, are what the smoke run exercises.
+SMOKE_SHAPE = (32, 1, 2, 1, 64, 512, True)
+MIX_INTERVALS = (50, 200)
+# LISA: the dotted overrides that turn it on (TODO(lisa): fill in when hbo_jax.lisa lands;
+# until then a present module is reported as "not wired" rather than guessed at).
+LISA_OVERRIDES: tuple[str, ...] = ()
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """The table's dense bf16 peak for a device kind, or None for an unknown chip."""
+    for name, tflops in PEAK_BF16_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+def _accelerator() -> bool:
+    import jax
+
+    return jax.devices()[0].platform != "cpu"
+
+
+# --- phases: each runs in a worker process and returns a JSON-able dict ------------------
+
+def phase_env(smoke: bool) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    kind = dev.device_kind
+    return {"device_kind": kind, "platform": dev.platform, "device_count": jax.device_count(),
+            "jax_version": jax.__version__, "peak_bf16_tflops": peak_tflops(kind)}
+
+
+def _train(shape_name: str, smoke: bool, batch: int, seq: int, loss_chunk: int = 0) -> dict:
+    """Median train-step time of `train_step_cpu.run_jax` at bf16, with cuDNN attention on a
+    GPU when it compiles there (else XLA's), as tokens/s, model TFLOP/s and MFU."""
+    import statistics
+
+    import jax
+
+    shape = SMOKE_SHAPE if smoke else SHAPES[shape_name]
+    if smoke:  # loss chunking is the test suite's to check; here both phases share one program
+        shape_name, batch, seq, loss_chunk = "smoke", 2, 64, 0
+    tries = ["cudnn", "xla"] if jax.devices()[0].platform == "gpu" else ["xla"]
+    errors = {}
+    for attention in tries:
+        try:
+            times = run_jax(shape, batch, seq, steps=2 if smoke else 6, warmup=1 if smoke else 2, dtype="bfloat16",
+                            attention=attention, loss_chunk=loss_chunk)
+            break
+        except Exception as e:  # noqa: BLE001 -- cuDNN may refuse a shape: fall back, say why
+            errors[attention] = f"{type(e).__name__}: {str(e)[:300]}"
+    else:
+        raise RuntimeError(f"every attention implementation failed: {errors}")
+    med = statistics.median(times)
+    tokens, flops = batch * seq, model_flops_per_token(shape, seq) * batch * seq
+    peak = peak_tflops(jax.devices()[0].device_kind)
+    out = {"shape": shape_name, "batch": batch, "seq": seq, "dtype": "bfloat16", "attention": attention,
+           "loss_chunk": loss_chunk, "median_s_per_step": med, "tokens_per_s": tokens / med,
+           "examples_per_s": batch / med, "model_tflops_per_s": flops / med / 1e12,
+           "mfu": flops / med / 1e12 / peak if peak else None, "steps_timed": len(times)}
+    if errors:
+        out["attention_fallback"] = errors
+    return out
+
+
+def phase_train_smollm2(smoke: bool) -> dict:
+    return _train("smollm2_135m", smoke, batch=16, seq=SAMPLER_SEQ)
+
+
+def phase_train_1b(smoke: bool) -> dict:
+    # 128k-row vocabulary: the loss unembeds 512 positions at a time, as a real run would.
+    return _train("llama_1b", smoke, batch=8, seq=SAMPLER_SEQ, loss_chunk=512)
+
+
+def phase_sampler(smoke: bool) -> dict:
+    """`data_throughput.bench_sampler` at 64 x 2048 on synthetic token stores (8 datasets x 4 buckets)."""
+    from data_throughput import bench_sampler
+    from hbo_jax.config import MeshConfig
+    from hbo_jax.parallel import make_mesh
+
+    args = argparse.Namespace(datasets=8, buckets=4, batch=SAMPLER_BATCH, seq=SAMPLER_SEQ, vocab=49152,
+                              examples=2000, seconds=3.0)
+    if smoke:
+        args = argparse.Namespace(datasets=2, buckets=2, batch=8, seq=64, vocab=2048, examples=64, seconds=0.2)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = bench_sampler(args, make_mesh(MeshConfig(-1, 1, 1)), Path(tmp))
+    return {"batch": args.batch, "seq": args.seq, "datasets": args.datasets, "buckets": args.buckets, **out}
+
+
+def phase_mixing(smoke: bool) -> dict:
+    """`mixing_overhead.measure` at SmolLM2-135M's shape (bf16), D=8 datasets x K=4 buckets,
+    batch 64 x 512, the reference's probe counts; shares at update intervals 50 and 200."""
+    from mixing_overhead import measure, shares
+    from hbo_jax.config import MeshConfig
+    from hbo_jax.parallel import make_mesh
+
+    d, k, batch, seq, shape, repeats = 8, 4, 64, 512, "smollm2_135m", 3
+    if smoke:
+        d, k, batch, seq, shape, repeats = 2, 2, 8, 32, "smoke", 1
+    attention = "cudnn" if _accelerator() and not smoke else "auto"
+    spec = jax_spec(SMOKE_SHAPE if smoke else SHAPES[shape], "bfloat16", attention=attention)
+    row = measure(d, k, batch, seq, spec, make_mesh(MeshConfig()), repeats, ref=False)
+    row["share"] = {mode: {str(f): v for f, v in s.items()}
+                    for mode, s in shares(row, global_train_steps=4, intervals=MIX_INTERVALS).items()}
+    return {"shape": shape, "batch": batch, "seq": seq, "attention": attention, **row}
+
+
+def phase_lisa_scalebio(smoke: bool) -> dict:
+    """Per-program memory (`hbo_jax.memory.plan`) of ScaleBiO and LISA runs at the SmolLM2
+    shape once those modules exist ("not available" before), beside the HBO run's own."""
+    from hbo_jax import algorithm
+    from hbo_jax.config import load_config
+    from hbo_jax.memory import plan
+    from hbo_jax.parallel import make_mesh
+
+    wanted = {"hbo": ()}  # the baseline the others are read against (and, today, the code path)
+    if "scalebio" in algorithm.names():
+        wanted["scalebio"] = ("algorithm=scalebio",)
+    if importlib.util.find_spec("hbo_jax.lisa") is not None:
+        wanted["lisa"] = LISA_OVERRIDES
+    out = {name: {"status": "not available"} for name in ("scalebio", "lisa") if name not in wanted}
+    d, layers, h, kv, f, v, _ = SMOKE_SHAPE if smoke else SHAPES["smollm2_135m"]
+    shape = [f"model.hidden_size={d}", f"model.num_layers={layers}", f"model.num_heads={h}",
+             f"model.num_kv_heads={kv}", f"model.intermediate_size={f}", f"data.vocab_size={v}",
+             "model.dtype=bfloat16", f"data.seq_len={64 if smoke else SAMPLER_SEQ}",
+             f"train.batch_size={8 if smoke else 16}"]
+    for name, overrides in wanted.items():
+        if name == "lisa" and not overrides:
+            out[name] = {"status": "not wired", "todo": "set LISA_OVERRIDES in benchmarks/accelerator_run.py"}
+            continue
+        cfg = load_config(None, [*shape, *overrides])
+        spec, programs = plan(cfg, make_mesh(cfg.mesh), num_datasets=8)
+        out[name] = {"status": "ok", "overrides": list(overrides), "params": spec.num_params(),
+                     "programs": {p.name: {"peak_bytes": p.peak, "scratch_bytes": p.scratch} for p in programs}}
+    return out
+
+
+def phase_study(smoke: bool) -> dict:
+    # TODO(issue 19): the SmolLM2 study at a larger budget (more steps, longer sequences,
+    # the full arm list) when the study command lands: call it here with whatever time
+    # the driver passes as HBO_ACCEL_PHASE_BUDGET_S, and return its JSON's location.
+    return {"status": "not wired", "todo": "run the SmolLM2 study command at a larger budget"}
+
+
+# --- the driver -------------------------------------------------------------------------
+
+def run_phase(name: str, smoke: bool, budget_s: float, env: dict | None = None) -> dict:
+    """Runs one phase in a fresh process (its own device memory, killable at the budget)."""
+    if budget_s <= 0:
+        return {"status": "skipped", "reason": "no time left in the run's budget"}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--phase-out", str(result)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True,
+                                  timeout=budget_s,
+                                  env={**os.environ, **(env or {}), "HBO_ACCEL_PHASE_BUDGET_S": str(budget_s)})
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "budget_s": budget_s, "seconds": time.perf_counter() - t0}
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0 or not result.is_file():
+            return {"status": "failed", "seconds": seconds, "error": proc.stderr[-2000:]}
+        return {"status": "ok", "seconds": seconds, "budget_s": budget_s, "result": json.loads(result.read_text())}
+
+
+def derived(phases: dict) -> dict:
+    """Figures that combine phases: the sampler's headroom over the SmolLM2 step."""
+    out = {}
+    sampler, step = phases.get("sampler", {}), phases.get("train_smollm2", {})
+    if sampler.get("status") == "ok" and step.get("status") == "ok":
+        supplied = sampler["result"]["examples_per_s_to_device"]
+        consumed = step["result"]["examples_per_s"]
+        out["sampler_headroom"] = {"sampler_examples_per_s": supplied, "step_examples_per_s": consumed,
+                                   "ratio": supplied / consumed}
+    return out
+
+
+def _fmt(v, spec: str = ".3g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def render(res: dict) -> str:
+    """The markdown block docs/accelerator.md holds between its markers."""
+    ph = res["phases"]
+    env = ph["env"].get("result", {})
+    lines = [BEGIN, "", f"Generated by `python benchmarks/accelerator_run.py{' --smoke' if res['smoke'] else ''}` "
+             f"on {res['started']} ({res['total_seconds']:.0f} s of a {res['budget_s']:.0f} s budget); raw: "
+             f"`{res['json']}`.", "",
+             f"Device: {env.get('device_count', '?')} x {env.get('device_kind', '?')} ({env.get('platform', '?')}), "
+             f"JAX {env.get('jax_version', '?')}, peak dense bf16 {_fmt(env.get('peak_bf16_tflops'))} TFLOP/s"
+             " (the table in the script; — : unknown chip, no MFU).", "",
+             "| phase | status | seconds |", "|---|---|---|"]
+    for name, p in ph.items():
+        inner = p.get("result", {}).get("status")  # a hook's own word: "not wired", "not available"
+        status = p["status"] + (f" ({inner})" if isinstance(inner, str) else "")
+        lines.append(f"| {name} | {status} | {_fmt(p.get('seconds'), '.0f')} |")
+    lines += ["", "Train step (bf16 compute, fp32 master weights, AdamW):", "",
+              "| shape | batch x seq | attention | s/step | tokens/s | model TFLOP/s | MFU |", "|---" * 7 + "|"]
+    for name in ("train_smollm2", "train_1b"):
+        if ph.get(name, {}).get("status") == "ok":
+            r = ph[name]["result"]
+            mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            lines.append(f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['attention']} "
+                         f"| {r['median_s_per_step']:.4f} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} "
+                         f"| {mfu} |")
+    head = res["derived"].get("sampler_headroom")
+    if head:
+        s = ph["sampler"]["result"]
+        lines += ["", f"Sampler at {s['batch']} x {s['seq']} ({s['datasets']} datasets x {s['buckets']} buckets): "
+                  f"{head['sampler_examples_per_s']:,.0f} examples/s onto the device against "
+                  f"{head['step_examples_per_s']:,.1f} examples/s the SmolLM2 step consumes: "
+                  f"**{head['ratio']:.0f}x** headroom."]
+    if ph.get("mixing", {}).get("status") == "ok":
+        m = ph["mixing"]["result"]
+        lines += ["", f"Mixing overhead ({m['shape']}, {m['datasets']} datasets x {m['buckets']} buckets, batch "
+                  f"{m['batch']} x {m['seq']}; step {m['step_s']:.4f} s): share of wall clock on mixing", "",
+                  "| reward source | " + " | ".join(f"every {f} steps" for f in MIX_INTERVALS) + " |",
+                  "|---|" + "---|" * len(MIX_INTERVALS)]
+        for mode, by_f in m["share"].items():
+            lines.append(f"| {mode} | " + " | ".join(f"{100 * by_f[str(f)]:.2f}%" for f in MIX_INTERVALS) + " |")
+    mem = ph.get("lisa_scalebio", {}).get("result", {})
+    for name, r in mem.items():
+        if r["status"] == "ok":
+            lines.append(f"\n{name} memory: " + ", ".join(f"{p} {v['peak_bytes'] / 2**30:.2f} GiB"
+                                                            for p, v in r["programs"].items()))
+        else:
+            lines.append(f"\n{name} memory: {r['status']}.")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """A path as the docs show it: relative to the checkout when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def write_docs(block: str, path: Path) -> None:
+    """Replaces the generated block between the markers of `path` (appends one if absent)."""
+    text = path.read_text() if path.is_file() else ""
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="the same code paths on the CPU, tiny shapes (CI)")
+    ap.add_argument("--out", help="output directory (default: see the module docstring)")
+    ap.add_argument("--budget-s", type=float, help="the whole run's wall-clock budget (default 470; --smoke 400)")
+    ap.add_argument("--docs", default=str(DOCS), help="markdown file whose generated block a full run replaces")
+    ap.add_argument("--render", metavar="JSON", help="only regenerate the docs block from a result file")
+    ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--phase-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        result = globals()[f"phase_{args.phase}"](args.smoke)
+        Path(args.phase_out).write_text(json.dumps(result, indent=1))
+        return 0
+    if args.render:
+        write_docs(render(json.loads(Path(args.render).read_text())), Path(args.docs))
+        return 0
+    if args.budget_s is None:
+        args.budget_s = 400.0 if args.smoke else 470.0
+    t0, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    phases: dict = {}
+    env = {}
+    if args.smoke:  # the smoke's two train phases compile the same program: compile it once
+        cache = tempfile.mkdtemp(prefix="accelerator_smoke_xla_")
+        env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    for name, (budget, smoke_budget) in PHASES.items():
+        left = args.budget_s - (time.perf_counter() - t0) - 5.0  # 5 s to write the outputs
+        budget_s = min(smoke_budget if args.smoke else budget, left)
+        if name == "study":  # whatever time the others left
+            budget_s = left
+        phases[name] = run_phase(name, args.smoke, budget_s, env)
+        print(f"{name}: {phases[name]['status']} ({phases[name].get('seconds', 0):.1f} s)", flush=True)
+        if phases[name]["status"] == "failed":
+            print(phases[name]["error"], file=sys.stderr)
+    kind = phases["env"].get("result", {}).get("device_kind", "unknown")
+    if args.out:
+        out = Path(args.out)
+    elif args.smoke:
+        out = Path(tempfile.mkdtemp(prefix="accelerator_smoke_"))
+    else:
+        out = ROOT / "benchmarks" / "results" / "accelerator" / re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"format": FORMAT_VERSION, "smoke": args.smoke, "started": started, "budget_s": args.budget_s,
+           "total_seconds": time.perf_counter() - t0, "json": _shown(out / "accelerator.json"), "phases": phases}
+    res["derived"] = derived(phases)
+    (out / "accelerator.json").write_text(json.dumps(res, indent=1))
+    block = render(res)
+    (out / "accelerator.md").write_text(block + "\n")
+    if args.smoke:
+        shutil.rmtree(env["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    else:
+        write_docs(block, Path(args.docs))
+    print(f"wrote {out / 'accelerator.json'} and {out / 'accelerator.md'} in {res['total_seconds']:.0f} s")
+    bad = [n for n, p in phases.items() if p["status"] in ("failed", "timeout")]
+    # A smoke run must pass every phase (it is CI's check that the code paths work).
+    if bad:
+        print(f"phases that did not finish: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

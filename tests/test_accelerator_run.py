@@ -1,0 +1,32 @@
+"""benchmarks/accelerator_run.py's pieces that need no device (CI also runs its --smoke mode)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accelerator_run as ar  # noqa: E402
+
+
+def test_peak_is_looked_up_from_the_device_kind():
+    assert ar.peak_tflops("NVIDIA H200") == ar.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert ar.peak_tflops("NVIDIA H100 PCIe") == 756.0  # matched before the plain "H100"
+    assert ar.peak_tflops("cpu") is None  # an unknown chip: no MFU rather than a made-up one
+
+
+def test_a_result_renders_into_the_docs_block_in_place(tmp_path):
+    step = {"shape": "smollm2_135m", "batch": 16, "seq": 2048, "attention": "cudnn", "median_s_per_step": 0.5,
+            "tokens_per_s": 65536.0, "examples_per_s": 32.0, "model_tflops_per_s": 400.0, "mfu": 0.404}
+    res = {"smoke": False, "started": "now", "total_seconds": 400.0, "budget_s": 470.0, "json": "x.json",
+           "phases": {"env": {"status": "ok", "seconds": 3.0, "result": {"device_kind": "NVIDIA H200"}},
+                      "train_smollm2": {"status": "ok", "seconds": 60.0, "result": step},
+                      "train_1b": {"status": "timeout", "seconds": 120.0},
+                      "study": {"status": "ok", "seconds": 1.0, "result": {"status": "not wired"}}},
+           "derived": {}}
+    block = ar.render(res)
+    assert "| smollm2_135m | 16 x 2048 | cudnn | 0.5000 | 65,536 | 400.0 | 40.4% |" in block
+    assert "| train_1b | timeout | 120 |" in block and "| study | ok (not wired) | 1 |" in block
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n\n{ar.BEGIN}\nold\n{ar.END}\n\nafter\n")
+    ar.write_docs(block, doc)
+    ar.write_docs(block, doc)  # idempotent: the block is replaced, not appended
+    assert doc.read_text() == f"intro\n\n{block}\n\nafter\n"
