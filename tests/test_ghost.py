@@ -32,12 +32,16 @@ def _batch(seed: int = 0):
 
 
 def _reference(graphdef, params, ids, tg, mask, lengths) -> np.ndarray:
-    """||grad of each example's mean NLL||, one backward per example on its own row."""
+    """||grad of each example's mean NLL||, one backward per example on its own row.
+
+    On one device, jitted per row length: op-by-op on the 8-device mesh took minutes.
+    """
+    params = jax.device_put(jax.device_get(params), jax.devices()[0])
+    grad = jax.jit(jax.grad(lambda p, i, t, m: masked_mean_loss(token_nll(graphdef, p, i, t), m)))
     out = []
     for r in range(ids.shape[0]):
         n = int(lengths[r])
-        g = jax.grad(lambda p: masked_mean_loss(token_nll(graphdef, p, ids[r:r + 1, :n], tg[r:r + 1, :n]),
-                                                mask[r:r + 1, :n]))(params)
+        g = grad(params, ids[r:r + 1, :n], tg[r:r + 1, :n], mask[r:r + 1, :n])
         out.append(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(g))))
     return np.asarray(out)
 
