@@ -1,5 +1,7 @@
 """Global reward variants and local ratio variants against straightforward computations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,7 @@ def _dev(batch, mesh):
     return rewards.to_device(dict(zip(("input_ids", "targets", "loss_mask"), batch)), mesh)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # eager, op by op, it dominated this file's time
 def _grad(graphdef, params, ids, tg, m):
     return jax.grad(lambda p: masked_mean_loss(token_nll(graphdef, p, ids, tg), m))(params)
 
