@@ -5,7 +5,9 @@ them (the input's digest in merge.json) and hands them over through a queue of
 `PREFETCH` blocks; the main thread merges a block of all K models (+ the base) and
 writes it while the readers fetch the next ones. Memory is at most (K+1) x (PREFETCH+2)
 blocks (queued, being read, being merged) plus the output block, whatever the model
-size; `block_bytes` sets the block (a tensor smaller than it is one block). The output goes through
+size; `block_bytes` sets the block (a tensor smaller than it is one block), by default
+`auto_block_bytes`: 32 MiB, smaller when more inputs would put over `IN_FLIGHT_BYTES`
+in flight, so memory does not grow with K. The output goes through
 `tensor_io.SafetensorsWriter`: a staging directory renamed into place when complete.
 """
 
@@ -22,7 +24,13 @@ from hbo_jax.models.tensor_io import TensorInfo, TensorReader
 from hbo_jax.progress import progress as progress_lines
 
 PREFETCH = 2
-DEFAULT_BLOCK_BYTES = 32 << 20
+MAX_BLOCK_BYTES = 32 << 20  # larger blocks do not read faster (measured: benchmarks/merge_throughput.py)
+IN_FLIGHT_BYTES = 512 << 20  # blocks held by all inputs together, by default
+
+
+def auto_block_bytes(inputs: int) -> int:
+    """The default block of each of `inputs` inputs: (PREFETCH+2) blocks of each within IN_FLIGHT_BYTES."""
+    return max(1 << 20, min(MAX_BLOCK_BYTES, IN_FLIGHT_BYTES // ((PREFETCH + 2) * max(inputs, 1))))
 
 
 def row_blocks(info: TensorInfo, block_bytes: int) -> list[tuple[int, int] | None]:
@@ -113,7 +121,7 @@ MergeFn = Callable[[str, int, list[np.ndarray], np.ndarray | None], tuple[np.nda
 
 
 def stream_merge(tensors: list[TensorInfo], models: list[TensorReader], base: TensorReader | None, writer,
-                 merge_block: MergeFn, *, block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None,
+                 merge_block: MergeFn, *, block_bytes: int | None = None, progress: bool | None = None,
                  on_tensor: Callable[[str, list], None] | None = None) -> tuple[list[str], str | None]:
     """Merges every tensor block by block into `writer`.
 
@@ -123,13 +131,14 @@ def stream_merge(tensors: list[TensorInfo], models: list[TensorReader], base: Te
         base: The base's reader, or None.
         writer: A `SafetensorsWriter` declared with `tensors`.
         merge_block: `(name, first element index, model blocks, base block) -> (block, stats)`.
-        block_bytes: About the size of one block of one input.
+        block_bytes: About the size of one block of one input (None: `auto_block_bytes`).
         progress: False: show no progress (default: a bar on a terminal, periodic lines in a log).
         on_tensor: Called with (name, the stats of its blocks) after each tensor.
 
     Returns:
         (each model's digest, the base's digest or None).
     """
+    block_bytes = block_bytes or auto_block_bytes(len(models) + (base is not None))
     plan = [(t.name, rows) for t in tensors for rows in row_blocks(t, block_bytes)]
     streams = [InputStream(r, plan) for r in models]
     dtypes = {t.name: t.dtype for t in tensors}
