@@ -4,7 +4,8 @@ Each input has its own reader thread that reads the blocks in the merge's order,
 them (the input's digest in merge.json) and hands them over through a queue of
 `PREFETCH` blocks; the main thread merges a block of all K models (+ the base) and
 writes it while the readers fetch the next ones. Memory is at most (K+1) x (PREFETCH+2)
-blocks (queued, being read, being merged) plus the output block, whatever the model
+blocks (queued, being read, being merged) plus two output blocks (one being written on
+a thread while the next is merged), whatever the model
 size; `block_bytes` sets the block (a tensor smaller than it is one block), by default
 `auto_block_bytes`: 32 MiB, smaller when more inputs would put over `IN_FLIGHT_BYTES`
 in flight, so memory does not grow with K. The output goes through
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -146,6 +148,9 @@ def stream_merge(tensors: list[TensorInfo], models: list[TensorReader], base: Te
     every = streams + ([base_stream] if base_stream else [])
     bar = progress_lines(desc="merging", total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True,
                          disable=progress is False)
+    # one block is written on a thread while the next is merged (the write copies into the page cache with
+    # the GIL released): memory holds one more output block
+    write_pool, pending = ThreadPoolExecutor(1, thread_name_prefix="merge write"), None
     try:
         it: Iterator = iter(plan)
         for info in tensors:
@@ -155,12 +160,17 @@ def stream_merge(tensors: list[TensorInfo], models: list[TensorReader], base: Te
                 b = base_stream.next() if base_stream else None
                 start = 0 if rows is None else rows[0] * row_elems
                 out, st = merge_block(info.name, start, blocks, b)
-                writer.write(info.name, out.astype(info.dtype, copy=False))
+                if pending is not None:
+                    pending.result()  # in order, and a failed write stops the merge
+                pending = write_pool.submit(writer.write, info.name, out.astype(info.dtype, copy=False))
                 stats.append(st)
                 bar.update(out.nbytes)
             if on_tensor:
                 on_tensor(info.name, stats)
+        if pending is not None:
+            pending.result()
     finally:
+        write_pool.shutdown(wait=True)
         bar.close()
         for s in every:
             s.close()
