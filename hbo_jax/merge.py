@@ -10,11 +10,11 @@ names. Parameter selection takes every element from one model, drawn with `--pro
 value among the models that changed it (`--atol`: equality tolerance, 0 = exact in the
 stored dtype). The draws depend only on `--seed`, the tensor's name and the element's
 position (`hbo_jax.merging.select`): the same seed gives the same bytes whatever the
-inputs' sharding or block size. The merge streams (`hbo_jax.merging.stream`): memory
-stays at about 0.5 GB of blocks in flight whatever K, not K models. The output (safetensors, sharded above
-`--max-shard-size`, config.json, tokenizer with its chat template, and merge.json with
-the inputs' digests, the settings and per-tensor statistics) appears only when complete
-and loads with `transformers` and `python -m hbo_jax.evaluate RUN --model hf:OUT`.
+inputs' sharding or block size. The merge streams (`hbo_jax.merging.stream`): at most
+~0.5 GB of blocks in flight whatever K, not K models. The output (safetensors, sharded
+above `--max-shard-size`, config.json, tokenizer with its chat template, and merge.json
+with the inputs' digests, the settings and per-tensor statistics) appears only when
+complete and loads with `transformers` and `python -m hbo_jax.evaluate RUN --model hf:OUT`.
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
                     help="split the weights into shards of at most SIZE (e.g. 5GB) with an index (default: one file)")
     ap.add_argument("--block-size", type=parse_size, metavar="SIZE",
-                    help="bytes per block read from each input (memory ~ 4 (K+1) blocks; default 32MiB, "
-                         "smaller above 3 models so that ~512MiB are in flight)")
+                    help="bytes per block read from each input (memory ~ 4 (K+1) blocks; default 8MiB, "
+                         "less for more than 15 models so that at most ~512MiB are in flight)")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = ap.parse_args(argv)
     setup_logging()

@@ -7,7 +7,7 @@ writes it while the readers fetch the next ones. Memory is at most (K+1) x (PREF
 blocks (queued, being read, being merged) plus two output blocks (one being written on
 a thread while the next is merged), whatever the model
 size; `block_bytes` sets the block (a tensor smaller than it is one block), by default
-`auto_block_bytes`: 32 MiB, smaller when more inputs would put over `IN_FLIGHT_BYTES`
+`auto_block_bytes`: 8 MiB, smaller when more inputs would put over `IN_FLIGHT_BYTES`
 in flight, so memory does not grow with K. The output goes through
 `tensor_io.SafetensorsWriter`: a staging directory renamed into place when complete.
 """
@@ -26,7 +26,9 @@ from hbo_jax.models.tensor_io import TensorInfo, TensorReader
 from hbo_jax.progress import progress as progress_lines
 
 PREFETCH = 2
-MAX_BLOCK_BYTES = 32 << 20  # larger blocks do not read faster (measured: benchmarks/merge_throughput.py)
+# Larger blocks cost more CPU, not less (135M shape: 8 MiB blocks 18-19 ns of CPU per element, 32 MiB 21): a
+# block of 32 MiB or more is a fresh memory map each time (malloc's threshold), faulted in page by page.
+MAX_BLOCK_BYTES = 8 << 20
 IN_FLIGHT_BYTES = 512 << 20  # blocks held by all inputs together, by default
 
 
