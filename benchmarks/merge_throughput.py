@@ -1,6 +1,7 @@
 """Merge throughput and peak memory of `python -m hbo_jax.merge` against the disk's read bandwidth.
 
-    python benchmarks/merge_throughput.py [--shapes smollm2_135m llama_1b] [--k 3] [--dir /tmp/merge_bench]
+    python benchmarks/merge_throughput.py [--shapes smollm2_135m llama_1b] [--k 3 8] [--dir /tmp/merge_bench]
+        [--code OTHER_CHECKOUT .]
 
 Writes K synthetic bf16 fine-tunes and their base (Hugging Face safetensors directories
 at the shapes of `train_step_cpu.SHAPES`, each fine-tune differing from the base in half
@@ -130,7 +131,8 @@ def run_merge(dirs: list[Path], out: Path, cold: bool, code: Path = ROOT) -> tup
                  "print(time.perf_counter() - t, time.process_time() - c, "
                  "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     env = {**os.environ, "PYTHONPATH": str(code), "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", code_line], capture_output=True, text=True, env=env, check=True)
+    res = subprocess.run([sys.executable, "-c", code_line], capture_output=True, text=True, env=env, check=True,
+                         cwd=code)  # `python -c` puts its working directory first on the path
     seconds, cpu, rss = res.stdout.split()[-3:]
     return float(seconds), float(cpu), float(rss)
 
@@ -138,7 +140,8 @@ def run_merge(dirs: list[Path], out: Path, cold: bool, code: Path = ROOT) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["smollm2_135m", "llama_1b"], choices=sorted(SHAPES))
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--k", type=int, nargs="+", default=[3],
+                    help="numbers of fine-tunes merged (inputs are written once, for the largest)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/merge_bench"))
     ap.add_argument("--code", type=Path, nargs="+", default=[ROOT],
                     help="checkouts whose hbo_jax to merge with, each on the same inputs (default: this one)")
@@ -149,24 +152,26 @@ def main() -> None:
             root = args.dir / name
             shutil.rmtree(root, ignore_errors=True)
             t = time.perf_counter()
-            dirs = write_inputs(root, SHAPES[name], args.k)
+            written = write_inputs(root, SHAPES[name], max(args.k))
             made = time.perf_counter() - t
-            size = sum(f.stat().st_size for d in dirs for f in files(d))
-            biggest = max((f for d in dirs for f in files(d)), key=lambda f: f.stat().st_size)
+            biggest = max(files(written[0]), key=lambda f: f.stat().st_size)
             disk_cold, disk_warm = read_bandwidth([biggest], True), read_bandwidth([biggest], False)
-            disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
             elements = sum(math.prod(s) for _, s in tensors(SHAPES[name]))
-            for code in args.code:
-                for cold in (True, False):
-                    seconds, cpu, rss = run_merge(dirs, root / "merged", cold, code)
-                    rows.append({"shape": name, "k": args.k, "code": str(code), "cache": "cold" if cold else "warm",
-                                 "input_GB": size / 1e9, "seconds": seconds, "GB_per_s": size / seconds / 1e9,
-                                 "cpu_ns_per_element": cpu / elements * 1e9,
-                                 "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
-                                 "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
-                                 "vs_cold_disk": size / seconds / disk_cold, "peak_rss_GB": rss / 1e9,
-                                 "inputs_written_s": made, "load_average": os.getloadavg()})
-                    print(json.dumps(rows[-1]), flush=True)
+            for k in args.k:
+                dirs = written[:k + 1]
+                size = sum(f.stat().st_size for d in dirs for f in files(d))
+                disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
+                for code in args.code:
+                    for cold in (True, False):
+                        seconds, cpu, rss = run_merge(dirs, root / "merged", cold, code)
+                        rows.append({"shape": name, "k": k, "code": str(code), "cache": "cold" if cold else "warm",
+                                     "input_GB": size / 1e9, "seconds": seconds, "GB_per_s": size / seconds / 1e9,
+                                     "cpu_ns_per_element": cpu / elements * 1e9,
+                                     "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
+                                     "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
+                                     "vs_cold_disk": size / seconds / disk_cold, "peak_rss_GB": rss / 1e9,
+                                     "inputs_written_s": made, "load_average": os.getloadavg()})
+                        print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(root, ignore_errors=True)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
