@@ -219,7 +219,7 @@ def _take(values: list[np.ndarray], conds: list[np.ndarray]) -> np.ndarray:
 
 
 def _select(models, base, probs, bits, resample: bool, atol: float):
-    """Selection on one piece: `bits` are the pieces' `element_bits`; see `select_block`."""
+    """Selection on one piece: `bits` are the piece's `element_bits`; see `select_block`."""
     q, edges = _weights(tuple(probs.tolist()))
     draw = bits >> np.uint32(16)
     before = [draw < e for e in edges[:-1]]  # drawn run <= k
