@@ -1,21 +1,25 @@
 """Merge throughput and peak memory of `python -m hbo_jax.merge` against the disk's read bandwidth.
 
-    python benchmarks/merge_throughput.py [--shapes smollm2_135m llama_1b] [--k 3] [--dir /tmp/merge_bench]
+    python benchmarks/merge_throughput.py [--shapes smollm2_135m llama_1b] [--k 3 8] [--dir /tmp/merge_bench]
+        [--code OTHER_CHECKOUT .]
 
 Writes K synthetic bf16 fine-tunes and their base (Hugging Face safetensors directories
 at the shapes of `train_step_cpu.SHAPES`, each fine-tune differing from the base in half
 its elements) under `--dir`, measures this disk's sequential read bandwidth on one of
 those files (cold: its page cache dropped with posix_fadvise(DONTNEED) first; warm: read
 again) and on all K+1 inputs at once, one thread per file (cold), then runs the merge
-(select + resample) in a subprocess, cold and warm, and reports seconds, input bytes read
-per second, their ratio to the single-stream cold disk bandwidth, and the subprocess's
-peak RSS (getrusage). Everything under `--dir` is deleted at the end.
+(select + resample) in a subprocess, cold and warm (with each `--code` checkout's hbo_jax:
+versions compared on the same inputs), and reports seconds, input bytes read per second,
+their ratio to the single-stream cold disk bandwidth, CPU time per element (user + system,
+all threads: less sensitive to a shared machine's load than seconds), the load average,
+and the subprocess's peak RSS (getrusage). Everything under `--dir` is deleted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from train_step_cpu import SHAPES  # noqa: E402
 
@@ -114,25 +119,32 @@ def read_bandwidth(paths: list[Path], cold: bool) -> float:
     return sum(p.stat().st_size for p in paths) / (time.perf_counter() - t)
 
 
-def run_merge(dirs: list[Path], out: Path, cold: bool) -> tuple[float, float]:
-    """(seconds, peak RSS bytes) of the merge in a fresh process."""
+def run_merge(dirs: list[Path], out: Path, cold: bool, code: Path = ROOT) -> tuple[float, float, float]:
+    """(seconds, CPU seconds of all its threads in the merge call, peak RSS bytes) of the merge in a fresh
+    process, importing hbo_jax from `code` (another checkout: compare versions on the same inputs)."""
     if cold:
         drop_cache([f for d in dirs for f in files(d)])
-    code = ("import sys, time, resource; from hbo_jax.merge import merge; t = time.perf_counter(); "
-            f"merge({str(dirs[0])!r}, {[str(d) for d in dirs[1:]]!r}, {str(out)!r}, method='select', "
-            "resample=True, overwrite=True, progress=False); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    seconds, rss = res.stdout.split()[-2:]
-    return float(seconds), float(rss)
+    code_line = ("import sys, time, resource; from hbo_jax.merge import merge; "
+                 "t, c = time.perf_counter(), time.process_time(); "
+                 f"merge({str(dirs[0])!r}, {[str(d) for d in dirs[1:]]!r}, {str(out)!r}, method='select', "
+                 "resample=True, overwrite=True, progress=False); "
+                 "print(time.perf_counter() - t, time.process_time() - c, "
+                 "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    env = {**os.environ, "PYTHONPATH": str(code), "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code_line], capture_output=True, text=True, env=env, check=True,
+                         cwd=code)  # `python -c` puts its working directory first on the path
+    seconds, cpu, rss = res.stdout.split()[-3:]
+    return float(seconds), float(cpu), float(rss)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["smollm2_135m", "llama_1b"], choices=sorted(SHAPES))
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--k", type=int, nargs="+", default=[3],
+                    help="numbers of fine-tunes merged (inputs are written once, for the largest)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/merge_bench"))
+    ap.add_argument("--code", type=Path, nargs="+", default=[ROOT],
+                    help="checkouts whose hbo_jax to merge with, each on the same inputs (default: this one)")
     args = ap.parse_args()
     rows = []
     try:
@@ -140,31 +152,37 @@ def main() -> None:
             root = args.dir / name
             shutil.rmtree(root, ignore_errors=True)
             t = time.perf_counter()
-            dirs = write_inputs(root, SHAPES[name], args.k)
+            written = write_inputs(root, SHAPES[name], max(args.k))
             made = time.perf_counter() - t
-            size = sum(f.stat().st_size for d in dirs for f in files(d))
-            biggest = max((f for d in dirs for f in files(d)), key=lambda f: f.stat().st_size)
+            biggest = max(files(written[0]), key=lambda f: f.stat().st_size)
             disk_cold, disk_warm = read_bandwidth([biggest], True), read_bandwidth([biggest], False)
-            disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
-            for cold in (True, False):
-                seconds, rss = run_merge(dirs, root / "merged", cold)
-                rows.append({"shape": name, "k": args.k, "cache": "cold" if cold else "warm",
-                             "input_GB": size / 1e9, "seconds": seconds, "GB_per_s": size / seconds / 1e9,
-                             "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
-                             "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
-                             "vs_cold_disk": size / seconds / disk_cold, "peak_rss_GB": rss / 1e9,
-                             "inputs_written_s": made})
-                print(json.dumps(rows[-1]), flush=True)
+            elements = sum(math.prod(s) for _, s in tensors(SHAPES[name]))
+            for k in args.k:
+                dirs = written[:k + 1]
+                size = sum(f.stat().st_size for d in dirs for f in files(d))
+                disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
+                for code in args.code:
+                    for cold in (True, False):
+                        seconds, cpu, rss = run_merge(dirs, root / "merged", cold, code)
+                        rows.append({"shape": name, "k": k, "code": str(code), "cache": "cold" if cold else "warm",
+                                     "input_GB": size / 1e9, "seconds": seconds, "GB_per_s": size / seconds / 1e9,
+                                     "cpu_ns_per_element": cpu / elements * 1e9,
+                                     "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
+                                     "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
+                                     "vs_cold_disk": size / seconds / disk_cold, "peak_rss_GB": rss / 1e9,
+                                     "inputs_written_s": made, "load_average": os.getloadavg()})
+                        print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(root, ignore_errors=True)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print("\n| shape | K | page cache | input GB | merge s | merge GB/s | disk GB/s: 1 stream cold / warm, "
-          "K+1 streams cold | merge / 1-stream cold disk | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | K | page cache | input GB | merge s | merge GB/s | CPU ns / element | disk GB/s: 1 stream "
+          "cold / warm, K+1 streams cold | merge / 1-stream cold disk | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['k']} | {r['cache']} | {r['input_GB']:.2f} | {r['seconds']:.1f} | "
-              f"{r['GB_per_s']:.2f} | {r['disk_cold_GB_per_s']:.2f} / {r['disk_warm_GB_per_s']:.2f} / "
-              f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f} | {r['peak_rss_GB']:.2f} |")
+              f"{r['GB_per_s']:.2f} | {r['cpu_ns_per_element']:.1f} | {r['disk_cold_GB_per_s']:.2f} / "
+              f"{r['disk_warm_GB_per_s']:.2f} / {r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f} | "
+              f"{r['peak_rss_GB']:.2f} |")
 
 
 if __name__ == "__main__":

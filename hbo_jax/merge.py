@@ -10,11 +10,11 @@ names. Parameter selection takes every element from one model, drawn with `--pro
 value among the models that changed it (`--atol`: equality tolerance, 0 = exact in the
 stored dtype). The draws depend only on `--seed`, the tensor's name and the element's
 position (`hbo_jax.merging.select`): the same seed gives the same bytes whatever the
-inputs' sharding or block size. The merge streams (`hbo_jax.merging.stream`): memory
-stays at a few blocks per input, not K models. The output (safetensors, sharded above
-`--max-shard-size`, config.json, tokenizer with its chat template, and merge.json with
-the inputs' digests, the settings and per-tensor statistics) appears only when complete
-and loads with `transformers` and `python -m hbo_jax.evaluate RUN --model hf:OUT`.
+inputs' sharding or block size. The merge streams (`hbo_jax.merging.stream`): at most
+~0.5 GB of blocks in flight whatever K, not K models. The output (safetensors, sharded
+above `--max-shard-size`, config.json, tokenizer with its chat template, and merge.json
+with the inputs' digests, the settings and per-tensor statistics) appears only when
+complete and loads with `transformers` and `python -m hbo_jax.evaluate RUN --model hf:OUT`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from hbo_jax.errors import ConfigError
 from hbo_jax.merging import select as sel
 from hbo_jax.merging.inputs import Input, check_inputs, open_input, run_base
-from hbo_jax.merging.stream import DEFAULT_BLOCK_BYTES, stream_merge
+from hbo_jax.merging.stream import stream_merge
 
 METHODS = ("average", "select")
 MERGE_JSON = "merge.json"
@@ -37,7 +37,7 @@ MERGE_JSON = "merge.json"
 
 def merge(base: str | Path | None, models: list[str | Path], out_dir: str | Path, *, method: str = "select",
           probs=None, resample: bool = False, seed: int = 0, atol: float = 0.0, step: int | None = None,
-          max_shard_bytes: int | None = None, overwrite: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
+          max_shard_bytes: int | None = None, overwrite: bool = False, block_bytes: int | None = None,
           progress: bool | None = None) -> dict:
     """Merges `models` (paths or sources, see `open_input`) into `out_dir`; returns merge.json's content.
 
@@ -82,7 +82,7 @@ def check_settings(method: str, resample: bool, k: int, atol: float, seed: int) 
 def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *, method: str = "select",
                  probs=None, resample: bool = False, seed: int = 0, atol: float = 0.0,
                  max_shard_bytes: int | None = None, overwrite: bool = False,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool | None = None) -> dict:
+                 block_bytes: int | None = None, progress: bool | None = None) -> dict:
     """Merges opened inputs into `out_dir` (see the module docstring); returns merge.json's content.
 
     Raises:
@@ -133,8 +133,8 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
             "method": method, "resample": resample, "seed": seed, "atol": atol,
             "probs" if method == "select" else "weights": p.tolist(),
             "rng": "numpy Philox4x64 keyed (seed, first 8 bytes of sha256(tensor name)); element i of the "
-                   "row-major tensor uses output i: 31 bits of its upper word draw the model, of its lower word the "
-                   "redraw",
+                   "row-major tensor uses 32-bit word i of the stream (output i // 2, lower half for even i): its "
+                   "upper 16 bits draw the model, its lower 16 the redraw (probability resolution 2**-16)",
             "digest": "sha256 over sorted lines 'name shape dtype sha256(tensor bytes)' of the tensors read",
             "base": None if base is None else {"source": base.source, "step": base.step, "digest": base_digest,
                                                "cast_to_model_dtype_for_comparison": cast},
@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
                     help="split the weights into shards of at most SIZE (e.g. 5GB) with an index (default: one file)")
-    ap.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_BYTES, metavar="SIZE",
-                    help="bytes per block read from each input (memory ~ 4 (K+1) blocks; default 32MiB)")
+    ap.add_argument("--block-size", type=parse_size, metavar="SIZE",
+                    help="bytes per block read from each input (memory ~ 4 (K+1) blocks; default 8MiB, "
+                         "less for more than 15 models so that at most ~512MiB are in flight)")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = ap.parse_args(argv)
     setup_logging()

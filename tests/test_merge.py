@@ -74,8 +74,21 @@ def test_selection_frequencies_match_the_probabilities():
 def test_element_draws_are_the_philox_stream_at_any_offset():
     key = tensor_key(3, "model.norm.weight")
     stream = np.random.Philox(key=np.array(key, np.uint64)).random_raw(64)
-    for start in (0, 1, 3, 4, 13):
-        np.testing.assert_array_equal(element_bits(key, start, 40), stream[start:start + 40])
+    words = np.stack([stream & 0xFFFFFFFF, stream >> 32], axis=1).reshape(-1)  # element i: 32-bit word i
+    for start in (0, 1, 3, 4, 7, 8, 13):
+        np.testing.assert_array_equal(element_bits(key, start, 40), words[start:start + 40])
+
+
+def test_redraws_follow_the_probabilities_renormalised_over_the_runs_that_changed():
+    n, probs = 60_000, np.array([0.5, 0.3, 0.2])
+    base = np.zeros(n, np.float32)
+    models = [np.full(n, k + 1, np.float32) for k in range(3)]
+    models[1][: n // 2] = 0  # first half: run 1 left it at the base; run 0 and 2 drawn as 5:2
+    out, st = select_block(models, base, probs, tensor_key(2, "w"), 0, resample=True)
+    counts = np.bincount(out[: n // 2].astype(int), minlength=4)
+    assert counts[0] == counts[2] == 0
+    assert sps.chisquare(counts[[1, 3]], np.array([0.5, 0.2]) / 0.7 * (n // 2)).pvalue > 1e-3, counts
+    assert abs(st.resampled - 0.3 * n / 2) < 5 * np.sqrt(n / 2 * 0.3 * 0.7)  # the drawn run 1 is redrawn
 
 
 def test_resampling_never_keeps_the_base_where_some_run_changed_it():
