@@ -4,6 +4,7 @@ set that never reaches training, the draw command, the memory planner and config
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -23,10 +24,9 @@ from hbo_jax.models.llama import abstract_model
 from hbo_jax.mixing.draw import main as draw_main
 from hbo_jax.mixing.strategies import load_schedule
 from hbo_jax.parallel import make_mesh
-from hbo_jax.train import main, run
+from hbo_jax.train import main
 
 from conftest import FIXTURE, tiny_overrides
-from test_algorithm_seam import _StopAfter
 from test_resilience import rows, saved
 
 # sampling=weights: the sampler follows p, so a resume must restore the schedule too (the
@@ -84,18 +84,18 @@ def test_a_run_writes_the_usual_outputs_and_the_learned_weights(whole):
     assert len(sched.entries) == 1
 
 
-def test_resume_after_a_stop_is_exact(whole, tmp_path, shared_cache):
-    split = tmp_path / "split"
-    cfg = load_config(None, _overrides(split, shared_cache))
-    out = run(cfg, _StopAfter(3))  # the first check is before training; stops after step 2
-    assert out["stopped"] and out["step"] == 2
-    run(cfg)
-    a, b = saved(whole, 4, ITEMS), saved(split, 4, ITEMS)
+def test_resume_across_a_switch_is_exact(whole, tmp_path, shared_cache):
+    """A copy of the finished run, its step-4 checkpoint removed, resumes from step 2 (where u
+    and w draw new blocks and take their host-kept moments back) into the same state and logs."""
+    cut = Path(shutil.copytree(whole, tmp_path / "cut"))
+    shutil.rmtree(cut / "checkpoints" / "4")
+    assert main(_overrides(cut, shared_cache)) == 0
+    a, b = saved(whole, 4, ITEMS), saved(cut, 4, ITEMS)
     for item in ITEMS:
         for x, y in zip(jax.tree.leaves(a[item]), jax.tree.leaves(b[item]), strict=True):
             np.testing.assert_array_equal(x, y)
-    assert rows(whole, "mixing.jsonl") == rows(split, "mixing.jsonl")
-    assert rows(whole, "metrics.jsonl") == rows(split, "metrics.jsonl")
+    assert rows(whole, "mixing.jsonl") == rows(cut, "mixing.jsonl")
+    assert rows(whole, "metrics.jsonl") == rows(cut, "metrics.jsonl")
 
 
 def _digests(examples, seq_len, pad_id):

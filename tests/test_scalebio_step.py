@@ -11,6 +11,7 @@ import pytest
 
 from hbo_jax import lisa
 from hbo_jax.config import MeshConfig, ModelConfig, ScaleBiOConfig
+from hbo_jax.mixing.scalebio import ScaleBiOLisa
 from hbo_jax.mixing.scalebio_step import (LISA, init_lambda, lambda_grad, make_optimizers, make_scalebio_step,
                                           reference_schedule, source_means)
 from hbo_jax.models.llama import LlamaSpec, init_params
@@ -171,3 +172,12 @@ def test_lisa_optimizer_state_covers_only_the_view(lisa_step):
         moments = [x for x in jax.tree.leaves(state.opt_state) if np.asarray(x).dtype == np.float32]
         assert _nbytes(moments) == 2 * _nbytes(view)  # mu and nu of the view, nothing else in float32
         assert _nbytes(view) < _nbytes(base) * 0.6  # one of four blocks
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_u_and_w_draw_their_blocks_independently_unless_shared(shared):
+    sc = dataclasses.replace(LISA_SC, lisa_layers=2, lisa_interval=3, lisa_shared_choice=shared)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    draws = ScaleBiOLisa(sc, 6, 0, mesh, {"u": None, "w": None}, {}).schedules
+    same = [np.array_equal(draws["u"].active(s), draws["w"].active(s)) for s in range(0, 60, 3)]
+    assert all(same) if shared else not all(same)
