@@ -31,6 +31,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lisa_step import shape_arguments  # noqa: E402
 from train_step_cpu import SHAPES, jax_spec, random_batch  # noqa: E402
 
 NUM_SOURCES = 10  # the reference's v2 math setup
@@ -189,13 +190,7 @@ def peak_rss(shape: str, gammas, batch: int, seq: int, remat: bool, steps: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2_135m")
-    ap.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--remat", action="store_true")
-    ap.add_argument("--time", action="store_true", help="also time the steps on random weights")
-    ap.add_argument("--rounds", type=int, default=3)
+    shape_arguments(ap)
     ap.add_argument("--rss", action="store_true", help="also the peak RSS of each variant in its own process")
     ap.add_argument("--rss-steps", type=int, default=2)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
