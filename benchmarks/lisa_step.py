@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step_cpu import SHAPES, jax_spec, random_batch  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of a LISA comparison: shape, gammas, batch, sequence, remat and timing."""
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2_135m")
     ap.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--batch", type=int, default=4)
@@ -33,6 +33,11 @@ def main() -> None:
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--time", action="store_true", help="also time the steps on random weights")
     ap.add_argument("--rounds", type=int, default=3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shape_arguments(ap)
     args = ap.parse_args()
 
     import dataclasses

@@ -213,6 +213,17 @@ class ScaleBiOConfig:
     # uniform: batches uniform over the pooled training examples, p reweights the loss (the
     # reference); weights: the sampler draws subsets with p_global = p, the loss is the plain mean.
     sampling: str = "uniform"
+    # LISA layer sampling (needs model.scan_layers): only lisa_layers transformer blocks of u
+    # and of w train at a time (embeddings, final norm and head always), redrawn uniformly
+    # every lisa_interval steps; gradients and AdamW moments exist for those blocks only.
+    # 0 = off (every parameter trains). The reference: 2 by default, 4 in its math runs; 20.
+    lisa_layers: int = 0
+    lisa_interval: int = 20
+    # false: u and w draw their blocks independently (the reference); true: the same blocks.
+    lisa_shared_choice: bool = False
+    # A block's moments on a switch: reset (to zero, its bias correction restarting) or host
+    # (kept in host memory per layer and brought back when it is drawn again; checkpointed).
+    lisa_moments: str = "reset"
 
 
 @dataclass
@@ -349,6 +360,7 @@ _CHOICES = {
     "mixing.global_reward": ("auto", "gradnorm", "gradnorm_per_example", "cossim", "dev_cosine", "ppl_ratio"),
     "mixing.local_reward": ("ppl_ratio", "loss_ratio", "ifd_ratio"),
     "scalebio.sampling": ("uniform", "weights"),
+    "scalebio.lisa_moments": ("reset", "host"),
     "tracking.wandb_mode": ("online", "offline", "disabled"),
     "distributed.mode": ("auto", "on", "off"),
 }
@@ -425,6 +437,12 @@ def _validate_scalebio(cfg: Config) -> None:
         raise ConfigError(f"scalebio.validation_format={sc.validation_format!r} is not one of {list(DATA_FORMATS)}")
     if cfg.data.packing:
         raise ConfigError("algorithm=scalebio does not pack batches yet: set data.packing=false")
+    if sc.lisa_layers and not cfg.model.scan_layers:
+        raise ConfigError(f"scalebio.lisa_layers={sc.lisa_layers} (LISA) picks blocks by index from stacked "
+                          "transformer blocks: set model.scan_layers=true, or scalebio.lisa_layers=0")
+    if sc.lisa_layers > cfg.model.num_layers:
+        raise ConfigError(f"scalebio.lisa_layers={sc.lisa_layers} must be at most model.num_layers="
+                          f"{cfg.model.num_layers} (0 = LISA off)")
 
 
 _SUBSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -73,6 +73,8 @@ RULES: dict[str, Rule] = {
     "scalebio.clip": Rule(0, note="0 = no clipping"),
     "scalebio.tau": Rule(1, note="1 = constant alpha"),
     "scalebio.val_batch_size": Rule(0, note="0 = train.batch_size"),
+    "scalebio.lisa_layers": Rule(0, note="0 = LISA off; at most model.num_layers"),
+    "scalebio.lisa_interval": _POS,
     **{f"train.{k}": _POS for k in ("steps", "batch_size", "learning_rate", "log_every", "checkpoint_every",
                                     "keep_checkpoints", "max_nonfinite_steps")},
     **{f"train.{k}": _NONNEG for k in ("warmup_steps", "weight_decay", "seed")},

@@ -29,6 +29,8 @@ class Stream(IntEnum):
     EVAL_SAMPLE = 5  # the capped eval rows of a subset (seed 0 for every run); keys: crc32 of the subset name
     VALIDATION = 6  # ScaleBiO's validation batches: order of the validation set; keys: epoch
     DRAW = 7  # `python -m hbo_jax.mixing.draw`: examples of a subset; keys: subset index
+    LISA_U = 8  # ScaleBiO's LISA blocks of u (and of w with a shared choice); keys: switch index
+    LISA_W = 9  # ScaleBiO's LISA blocks of w drawn independently; keys: switch index
 
 
 def generator(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -1,14 +1,17 @@
 """`algorithm=scalebio` from the command line: the usual outputs, exact resume, a validation
 set that never reaches training, the draw command, the memory planner and config errors."""
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from hbo_jax import lisa
 from hbo_jax.config import MeshConfig, load_config
 from hbo_jax.data import prepare as prepare_lib
 from hbo_jax.data.store import collate
@@ -21,18 +24,22 @@ from hbo_jax.models.llama import abstract_model
 from hbo_jax.mixing.draw import main as draw_main
 from hbo_jax.mixing.strategies import load_schedule
 from hbo_jax.parallel import make_mesh
-from hbo_jax.train import main, run
+from hbo_jax.train import main
 
 from conftest import FIXTURE, tiny_overrides
-from test_algorithm_seam import _StopAfter
 from test_resilience import rows, saved
 
 # sampling=weights: the sampler follows p, so a resume must restore the schedule too (the
 # reference's uniform batches run in tests/test_multihost.py and tests/test_scalebio_step.py).
+# LISA with host-kept moments, one of two stacked blocks redrawn every 2 steps: the resume at
+# step 2 is a switch, so it needs the checkpointed host moments (the model is conftest's
+# SCANNED_RUN's, whose prepared data the session shares).
+LISA = ("model.scan_layers=true", "model.num_layers=2", "scalebio.lisa_layers=1", "scalebio.lisa_interval=2",
+        "scalebio.lisa_moments=host")
 EXTRA = ("algorithm=scalebio", "scalebio.validation_subsets=[arithmetic]", "scalebio.sampling=weights", "train.steps=4",
          "train.checkpoint_every=2", "eval.every=0", "eval.tasks=false", "tracking.tensorboard=false",
-         "distributed.trace=true")
-ITEMS = ("train", "u", "lambda")
+         "distributed.trace=true", *LISA)
+ITEMS = ("train", "u", "lambda", "lisa_host_u", "lisa_host_w")
 
 
 def _overrides(run_dir, cache, *extra):
@@ -73,21 +80,22 @@ def test_a_run_writes_the_usual_outputs_and_the_learned_weights(whole):
         np.testing.assert_allclose(e["p_global"], r["p_global"], rtol=1e-12)
     # The weights as a static mixture that a later run replays (mixing.replay_from).
     sched = load_schedule(summary["scalebio_weights_file"], summary["subsets"], 2)
-    assert sched.at(0)[0].tolist() == mixing[-1]["p_global"] and len(sched.entries) == 1
+    np.testing.assert_allclose(sched.at(0)[0], mixing[-1]["p_global"], rtol=1e-12)  # renormalised on load
+    assert len(sched.entries) == 1
 
 
-def test_resume_after_a_stop_is_exact(whole, tmp_path, shared_cache):
-    split = tmp_path / "split"
-    cfg = load_config(None, _overrides(split, shared_cache))
-    out = run(cfg, _StopAfter(3))  # the first check is before training; stops after step 2
-    assert out["stopped"] and out["step"] == 2
-    run(cfg)
-    a, b = saved(whole, 4, ITEMS), saved(split, 4, ITEMS)
+def test_resume_across_a_switch_is_exact(whole, tmp_path, shared_cache):
+    """A copy of the finished run, its step-4 checkpoint removed, resumes from step 2 (where u
+    and w draw new blocks and take their host-kept moments back) into the same state and logs."""
+    cut = Path(shutil.copytree(whole, tmp_path / "cut"))
+    shutil.rmtree(cut / "checkpoints" / "4")
+    assert main(_overrides(cut, shared_cache)) == 0
+    a, b = saved(whole, 4, ITEMS), saved(cut, 4, ITEMS)
     for item in ITEMS:
         for x, y in zip(jax.tree.leaves(a[item]), jax.tree.leaves(b[item]), strict=True):
             np.testing.assert_array_equal(x, y)
-    assert rows(whole, "mixing.jsonl") == rows(split, "mixing.jsonl")
-    assert rows(whole, "metrics.jsonl") == rows(split, "metrics.jsonl")
+    assert rows(whole, "mixing.jsonl") == rows(cut, "mixing.jsonl")
+    assert rows(whole, "metrics.jsonl") == rows(cut, "metrics.jsonl")
 
 
 def _digests(examples, seq_len, pad_id):
@@ -144,18 +152,26 @@ def _nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def test_the_memory_planner_compiles_the_scalebio_step_on_two_models_and_three_optimizers(tmp_path):
-    cfg = load_config(None, _overrides(tmp_path / "r", tmp_path / "cache", "scalebio.val_batch_size=16"))
+@pytest.mark.parametrize("lisa_layers", [0, 1])
+def test_the_memory_planner_compiles_the_scalebio_step_on_two_models_and_three_optimizers(tmp_path, lisa_layers):
+    """Its arguments: u and w (with LISA, optimizer states over one block's view), lambda, the batches."""
+    cfg = load_config(None, _overrides(tmp_path / "r", tmp_path / "cache", "scalebio.val_batch_size=16",
+                                       f"scalebio.lisa_layers={lisa_layers}"))
     (ours,) = [p for p in plan(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), num_datasets=3)[1]
-               if p.name == "scalebio step (u, w, lambda)"]
+               if p.name.startswith("scalebio step (u, w, lambda")]
     _, params = abstract_model(model_spec(cfg))
     txs = make_optimizers(cfg.scalebio, cfg.train.steps)
-    state = lambda tx: 4 + _nbytes(params) + _nbytes(jax.eval_shape(tx.init, params))  # step, params, moments
+    trainable = jax.eval_shape(lisa.view, params, np.zeros(lisa_layers, np.int32)) if lisa_layers else params
+    state = lambda tx: 4 + _nbytes(params) + _nbytes(jax.eval_shape(tx.init, trainable))  # step, params, moments
     logits = jax.ShapeDtypeStruct((3,), np.float32)
     lam = _nbytes(logits) + _nbytes(jax.eval_shape(txs.lam.init, logits))
     rows, val_rows, seq = cfg.train.batch_size, 16, cfg.data.seq_len
     batches = rows * seq * 4 * 3 + rows * 4 + val_rows * seq * 4 * 3  # ids, targets, mask (+ group ids)
-    assert ours.arguments == state(txs.u) + state(txs.w) + lam + batches
+    active = 2 * lisa_layers * 4  # u's and w's block indices
+    assert ours.arguments == state(txs.u) + state(txs.w) + lam + batches + active
+    if lisa_layers:  # the moments cover the outer parameters and one of the two blocks
+        assert _nbytes(jax.eval_shape(txs.u.init, trainable)) < 0.8 * _nbytes(jax.eval_shape(
+            make_optimizers(dataclasses.replace(cfg.scalebio, lisa_layers=0), 4).u.init, params))
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -163,6 +179,9 @@ def test_the_memory_planner_compiles_the_scalebio_step_on_two_models_and_three_o
     (("scalebio.validation_subsets=[a]", "scalebio.validation_files=[x.jsonl]"), "exactly one"),
     (("scalebio.validation_subsets=[a]", "data.packing=true"), "data.packing=false"),
     (("scalebio.validation_subsets=[a]", "scalebio.sampling=p"), "scalebio.sampling"),
+    (("scalebio.validation_subsets=[a]", "scalebio.lisa_layers=2"), "model.scan_layers=true"),
+    (("scalebio.validation_subsets=[a]", "scalebio.lisa_layers=9", "model.scan_layers=true"), "model.num_layers"),
+    (("scalebio.validation_subsets=[a]", "scalebio.lisa_moments=keep"), "scalebio.lisa_moments"),
 ])
 def test_config_errors_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):

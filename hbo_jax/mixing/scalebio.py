@@ -15,6 +15,10 @@ Outputs: p and lambda in `mixing.jsonl` every `train.log_every` steps and at the
 L1, L2_w, L2_u and their gap in `metrics.jsonl`, and the learned weights as a static
 schedule in `scalebio_weights.json` (`mixing.strategy=replay mixing.replay_from=<that
 file>` trains on them; `python -m hbo_jax.mixing.draw` draws a fixed-size set from them).
+
+LISA (`scalebio.lisa_layers` > 0, stacked blocks): u and w each train `lisa_layers`
+blocks at a time plus the embeddings, final norm and head, redrawn every
+`lisa_interval` steps (`ScaleBiOLisa`); their optimizer states cover that view only.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hbo_jax import lisa
 from hbo_jax.algorithm import Algorithm, PlanContext, RunContext
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.data.validation import ValidationBatches, training_duplicates, validation_examples
-from hbo_jax.mixing.scalebio_step import LambdaState, init_lambda, make_optimizers, make_scalebio_step
+from hbo_jax.mixing.scalebio_step import FULL, LISA, LambdaState, init_lambda, make_optimizers, make_scalebio_step
 from hbo_jax.mixing.strategies import save_schedule
 from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, replicated
+from hbo_jax.rng import Stream
 from hbo_jax.step import abstract_train_state, init_train_state, state_shardings
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,58 @@ def _copy(tree):
 
 def _lambda_shardings(lam, mesh):
     return jax.tree.map(lambda _: replicated(mesh), lam)
+
+
+def _num_layers(params) -> int:
+    return jax.tree.leaves(params.raw_mapping[lisa.BLOCKS])[0].shape[0]
+
+
+class ScaleBiOLisa:
+    """LISA for u and w: their layer draws, and what a switch does to their block moments.
+
+    u draws from stream LISA_U; w from LISA_W, or LISA_U too with `lisa_shared_choice`
+    (the reference draws independently). The draws depend on (seed, stream, switch index)
+    alone, so a resumed run recomputes them; host-kept moments (`lisa_moments=host`) go
+    into the checkpoint as the trees `lisa_host_u` and `lisa_host_w`.
+    """
+
+    def __init__(self, sc, num_layers: int, seed: int, mesh, opt_shardings: dict, opt_states: dict):
+        self.mesh = mesh
+        streams = {"u": Stream.LISA_U, "w": Stream.LISA_U if sc.lisa_shared_choice else Stream.LISA_W}
+        self.schedules = {k: lisa.LisaSchedule(num_layers, sc.lisa_layers, sc.lisa_interval, seed, int(s))
+                          for k, s in streams.items()}
+        self.host = None
+        if sc.lisa_moments == "host":
+            if jax.process_count() > 1:  # HostMoments gathers the block moments on one host
+                raise ValueError("scalebio.lisa_moments=host runs on one process only: use lisa_moments=reset")
+            self.host = {k: lisa.HostMoments(opt_states[k], num_layers) for k in ("u", "w")}
+        self._reset = {k: jax.jit(lisa.reset_block_moments, out_shardings=opt_shardings[k], donate_argnums=0)
+                       for k in ("u", "w")}
+
+    def active(self, step: int) -> dict:
+        """{"u": [gamma], "w": [gamma]} block indices at `step` (0-based), replicated."""
+        return {k: jax.device_put(s.active(step), replicated(self.mesh)) for k, s in self.schedules.items()}
+
+    def switch(self, step: int, name: str, opt_state):
+        """`opt_state` of model `name` ready for step `step`: its block moments reset or swapped on a new draw."""
+        schedule = self.schedules[name]
+        if not schedule.switches_at(step):
+            return opt_state
+        if self.host is None:
+            return self._reset[name](opt_state)
+        return self.host[name].swap(opt_state, schedule.active(step - 1), schedule.active(step))
+
+    def state(self) -> dict:
+        """The host-kept moments as arrays on the host's CPU device (a checkpoint restores arrays by their
+        sharding); a copy, so only checkpoints ask for it (`ScaleBiO.params` does not)."""
+        if self.host is None:
+            return {}
+        cpu = jax.devices("cpu")[0]
+        return {f"lisa_host_{k}": jax.device_put(h.state(), cpu) for k, h in self.host.items()}
+
+    def load_state(self, trees: dict) -> None:
+        for k, h in (self.host or {}).items():
+            h.load_state(jax.tree.map(np.array, trees[f"lisa_host_{k}"]))  # writable host copies
 
 
 class ScaleBiO(Algorithm):
@@ -77,22 +135,42 @@ class ScaleBiO(Algorithm):
                  sc.sampling)
         self.val = ValidationBatches(examples, self.val_rows, cfg.data.seq_len, data.pad_id, tc.resolved_data_seed)
         self.txs = make_optimizers(sc, tc.steps)
-        self.w = init_train_state(_copy(ctx.params), self.txs.w, mesh)
-        self.u = init_train_state(ctx.params, self.txs.u, mesh)
+        if sc.lisa_layers:
+            lisa.check_stacked(cfg.model)
+            init = lambda params, tx: lisa.init_lisa_state(params, tx, mesh, sc.lisa_layers)  # noqa: E731
+        else:
+            init = lambda params, tx: init_train_state(params, tx, mesh)  # noqa: E731
+        self.w = init(_copy(ctx.params), self.txs.w)
+        self.u = init(ctx.params, self.txs.u)
         self.lam = init_lambda(len(self.names), self.txs.lam, mesh)
         shardings = (state_shardings(self.u), state_shardings(self.w), _lambda_shardings(self.lam, mesh))
+        self.lisa = None
+        if sc.lisa_layers:
+            self.lisa = ScaleBiOLisa(sc, _num_layers(self.w.params), tc.resolved_data_seed, mesh,
+                                     {"u": shardings[0].opt_state, "w": shardings[1].opt_state},
+                                     {"u": self.u.opt_state, "w": self.w.opt_state})
+            log.info("scalebio: LISA, %d of %d blocks of u and of w at a time, redrawn every %d steps (%s choice, "
+                     "moments %s on a switch)", sc.lisa_layers, _num_layers(self.w.params), sc.lisa_interval,
+                     "shared" if sc.lisa_shared_choice else "independent",
+                     "reset" if self.lisa.host is None else "kept on the host")
         self._step = make_scalebio_step(ctx.graphdef, self.txs, mesh, len(self.names), self.k, sc, tc.steps,
-                                        shardings, self.uniform)
+                                        shardings, self.uniform, LISA if sc.lisa_layers else FULL)
         sizes = np.array([[len(leaf) for leaf in row] for row in data.leaves()], np.float64)
         self.p_local = sizes / sizes.sum(1, keepdims=True)  # uniform over a subset's examples
         p0 = sizes.sum(1) / sizes.sum() if self.uniform else softmax(np.zeros(len(self.names)))
         self.schedule = ProbabilitySchedule(p0, self.p_local)
 
     def state(self) -> dict:
-        return {"train": self.w, "u": self.u, "lambda": self.lam}
+        return {"train": self.w, "u": self.u, "lambda": self.lam, **(self.lisa.state() if self.lisa else {})}
 
     def load_state(self, trees: dict, meta: dict) -> None:
         self.w, self.u, self.lam = trees["train"], trees["u"], trees["lambda"]
+        if self.lisa:
+            self.lisa.load_state(trees)
+
+    @property
+    def params(self):
+        return self.w.params
 
     def start_probabilities(self) -> tuple:
         return softmax(np.zeros(len(self.names))), self.p_local  # lambda starts at 0
@@ -106,7 +184,13 @@ class ScaleBiO(Algorithm):
 
     def step(self, done: int, batch) -> tuple[dict, list[dict]]:
         val = global_batch_from_host(self.val.host_batch(done - 1, host_slice(self.val_rows)), self.mesh)
-        self.u, self.w, self.lam, metrics = self._step(self.u, self.w, self.lam, batch, val)
+        if self.lisa is None:
+            self.u, self.w, self.lam, metrics = self._step(self.u, self.w, self.lam, batch, val)
+        else:  # step done - 1 (0-based): a new draw first resets or swaps the block moments
+            self.u, self.w = (s.replace(opt_state=self.lisa.switch(done - 1, k, s.opt_state))
+                              for k, s in (("u", self.u), ("w", self.w)))
+            self.u, self.w, self.lam, metrics = self._step(self.u, self.w, self.lam, batch, val,
+                                                           self.lisa.active(done - 1))
         log_now = done % self.cfg.train.log_every == 0 or done == self.total_steps
         if self.uniform and not log_now:
             return metrics, []
@@ -141,16 +225,23 @@ class ScaleBiO(Algorithm):
     def programs(cls, plan: PlanContext) -> list[tuple[str, object]]:
         cfg, mesh, sc = plan.cfg, plan.mesh, plan.cfg.scalebio
         txs = make_optimizers(sc, cfg.train.steps)
-        u = abstract_train_state(plan.params, txs.u, mesh)
-        w = abstract_train_state(plan.params, txs.w, mesh)
+        if sc.lisa_layers:  # the optimizer states cover the view: gamma blocks and the outer parameters
+            u, w = (lisa.abstract_lisa_state(plan.params, tx, mesh, sc.lisa_layers) for tx in (txs.u, txs.w))
+        else:
+            u, w = (abstract_train_state(plan.params, tx, mesh) for tx in (txs.u, txs.w))
         rep = replicated(mesh)
         logits = jax.ShapeDtypeStruct((plan.num_datasets,), jnp.float32, sharding=rep)
         lam = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                            jax.eval_shape(lambda x: LambdaState(x, txs.lam.init(x)), logits))
         shardings = (state_shardings(u), state_shardings(w), _lambda_shardings(lam, mesh))
         step = make_scalebio_step(plan.graphdef, txs, mesh, plan.num_datasets, cfg.data.num_buckets, sc,
-                                  cfg.train.steps, shardings, sc.sampling == "uniform")
+                                  cfg.train.steps, shardings, sc.sampling == "uniform",
+                                  LISA if sc.lisa_layers else FULL)
         val = {k: v for k, v in plan.batch(sc.val_batch_size or cfg.train.batch_size).items()
                if k in ("input_ids", "targets", "loss_mask")}
-        compiled = step.lower(u, w, lam, plan.batch(cfg.train.batch_size), val).compile()
-        return [("scalebio step (u, w, lambda)", compiled)]
+        active = jax.ShapeDtypeStruct((sc.lisa_layers,), jnp.int32, sharding=rep)
+        extra = ({"u": active, "w": active},) if sc.lisa_layers else ()
+        compiled = step.lower(u, w, lam, plan.batch(cfg.train.batch_size), val, *extra).compile()
+        name = f"scalebio step (u, w, lambda; LISA {sc.lisa_layers} blocks)" if sc.lisa_layers else \
+            "scalebio step (u, w, lambda)"
+        return [(name, compiled)]

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from hbo_jax import lisa
 from hbo_jax.parallel import batch_sharding, replicated
 from hbo_jax.step import (Batch, TrainState, apply_update, clip_by_global_norm, example_nll, group_stats,
                           masked_mean_loss, nonfinite_metrics, skip_nonfinite, token_nll)
@@ -59,18 +60,26 @@ class Optimizers(NamedTuple):
 
 class Selection(NamedTuple):
     """Which parameters a step trains: `view(params, active)` -> the trainable tree (what the
-    gradient and the optimizer state cover), `write_back(params, trainable, active)` -> params.
+    gradient and the optimizer state cover), `write_back(params, trainable, active)` -> params,
+    and `token_nll(graphdef, params, trainable, active, input_ids, targets)` -> per-token NLL
+    of the model whose trainable part is `trainable` (differentiated in `trainable`).
 
-    `FULL` trains every parameter (`active` is None). Layer sampling (LISA) plugs in here:
-    a view of the active stacked blocks plus the always-trained embeddings, norm and head,
-    with `active` the block indices, an input of the step.
+    `FULL` trains every parameter (`active` is None). `LISA` trains the view of the active
+    stacked blocks plus the always-trained embeddings, norm and head (`hbo_jax.lisa`), with
+    `active` the block indices, an input of the step.
     """
 
     view: Callable[[Any, Any], Any]
     write_back: Callable[[Any, Any, Any], Any]
+    token_nll: Callable[..., jax.Array]
 
 
-FULL = Selection(view=lambda params, active: params, write_back=lambda params, trainable, active: trainable)
+FULL = Selection(view=lambda params, active: params, write_back=lambda params, trainable, active: trainable,
+                 token_nll=lambda graphdef, params, trainable, active, ids, targets: token_nll(
+                     graphdef, trainable, ids, targets))
+# The frozen stack serves the inactive blocks inside the scanned body, so no second copy of
+# the blocks is made and the gradient covers the view only.
+LISA = Selection(view=lisa.view, write_back=lisa.write_back, token_nll=lisa.lisa_token_nll)
 
 
 def reference_schedule(peak: float, steps: int, warmup_ratio: float, tau: float = 1.0,
@@ -101,12 +110,25 @@ def alpha_at(sc, steps: int, step) -> jax.Array:
 
 
 def make_optimizers(sc, steps: int) -> Optimizers:
-    """AdamW for u, w (clipped, in grad-L2 units: module docstring) and lambda, on the reference's schedules."""
+    """AdamW for u, w (clipped, in grad-L2 units: module docstring) and lambda, on the reference's schedules.
+
+    With LISA (`sc.lisa_layers` > 0) the models' Adam moments cover the trainable view
+    only, with one bias-correction count per active block slot (`lisa.lisa_moments`);
+    the rest of torch's AdamW (decoupled weight decay, then the learning rate) is
+    `optax.adamw`'s own chain.
+    """
     sched = lambda peak: reference_schedule(peak, steps, sc.warmup_ratio, sc.tau, sc.outer_iters)
     clip = clip_by_global_norm(sc.clip) if sc.clip > 0 else optax.identity()
     # eps / alpha: the reference's eps on alpha-scaled gradients (exact while alpha is constant).
-    model = lambda peak: skip_nonfinite(optax.chain(clip, optax.adamw(sched(peak), _B1, _B2, _EPS / sc.alpha,
-                                                                      weight_decay=sc.wd_uw)))
+    eps = _EPS / sc.alpha
+
+    def adamw(peak):
+        if not sc.lisa_layers:
+            return optax.adamw(sched(peak), _B1, _B2, eps, weight_decay=sc.wd_uw)
+        return optax.chain(lisa.lisa_moments(sc.lisa_layers, _B1, _B2, eps), optax.add_decayed_weights(sc.wd_uw),
+                           optax.scale_by_learning_rate(sched(peak)))
+
+    model = lambda peak: skip_nonfinite(optax.chain(clip, adamw(peak)))
     lam = optax.adamw(sched(sc.lr_lambda), _B1, _B2, _EPS, weight_decay=sc.wd_lambda)
     return Optimizers(model(sc.lr_u), model(sc.lr_w), lam)
 
@@ -164,18 +186,17 @@ def make_scalebio_step(graphdef, txs: Optimizers, mesh, num_datasets: int, num_b
         counts = jax.ops.segment_sum(jnp.ones(source.shape, jnp.float32), source, num_segments=num_datasets)
         weights = example_weights(p, source, counts, uniform)
 
-        def train_nll(params):
-            nll = token_nll(graphdef, params, batch["input_ids"], batch["targets"])
+        def train_nll(params, trainable, act):
+            nll = selection.token_nll(graphdef, params, trainable, act, batch["input_ids"], batch["targets"])
             return nll, example_nll(nll, batch["loss_mask"])[0]
 
         def loss_u(trainable):
-            _, ex = train_nll(selection.write_back(u.params, trainable, act_u))
+            _, ex = train_nll(u.params, trainable, act_u)
             return jnp.sum(weights * ex), ex
 
         def loss_w(trainable):
-            params = selection.write_back(w.params, trainable, act_w)
-            nll, ex = train_nll(params)
-            val_nll = token_nll(graphdef, params, val["input_ids"], val["targets"])
+            nll, ex = train_nll(w.params, trainable, act_w)
+            val_nll = selection.token_nll(graphdef, w.params, trainable, act_w, val["input_ids"], val["targets"])
             l1 = masked_mean_loss(val_nll, val["loss_mask"])
             return jnp.sum(weights * ex) + l1 / alpha, (nll, ex, l1)
 
@@ -206,5 +227,6 @@ def make_scalebio_step(graphdef, txs: Optimizers, mesh, num_datasets: int, num_b
     in_val = {"input_ids": bs, "targets": bs, "loss_mask": bs}
     su, sw, slam = shardings
     rep = replicated(mesh)
-    return jax.jit(step, in_shardings=(su, sw, slam, in_batch, in_val), out_shardings=(su, sw, slam, rep),
+    active_in = () if selection is FULL else (rep,)  # LISA's {"u": [gamma], "w": [gamma]} block indices
+    return jax.jit(step, in_shardings=(su, sw, slam, in_batch, in_val, *active_in), out_shardings=(su, sw, slam, rep),
                    donate_argnums=(0, 1, 2), keep_unused=True)
