@@ -19,6 +19,7 @@ from hbo_jax.data.validation import validation_examples
 from hbo_jax.distributed import _digest
 from hbo_jax.errors import ConfigError
 from hbo_jax.memory import model_spec, plan
+from hbo_jax.mixing.scalebio import ScaleBiOLisa
 from hbo_jax.mixing.scalebio_step import make_optimizers
 from hbo_jax.models.llama import abstract_model
 from hbo_jax.mixing.draw import main as draw_main
@@ -96,6 +97,33 @@ def test_resume_across_a_switch_is_exact(whole, tmp_path, shared_cache):
             np.testing.assert_array_equal(x, y)
     assert rows(whole, "mixing.jsonl") == rows(cut, "mixing.jsonl")
     assert rows(whole, "metrics.jsonl") == rows(cut, "metrics.jsonl")
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_lisa_trains_only_the_drawn_blocks_and_holds_moments_for_them_only(whole):
+    """Steps 2-3 (one draw): between the checkpoints of steps 2 and 4, u's and w's stacked
+    blocks change at their own drawn layer only, the outer parameters change, and each
+    optimizer holds float moments for the view only (one block + embeddings and norm)."""
+    cfg = load_config(None, _overrides(whole, Path("unused")))
+    a, b = saved(whole, 2, ("train", "u")), saved(whole, 4, ("train", "u"))
+    for item, name in (("u", "u"), ("train", "w")):
+        sc = dataclasses.replace(cfg.scalebio, lisa_moments="reset")  # the draws alone
+        drawn = ScaleBiOLisa(sc, 2, cfg.train.resolved_data_seed, None, {"u": None, "w": None},
+                             {}).schedules[name].active(2)
+        before, after = _flat(a[item]["params"]), _flat(b[item]["params"])
+        for key, x in before.items():
+            if "['layers']" in key:
+                changed = [not np.array_equal(x[i], after[key][i]) for i in range(2)]
+                assert changed == [i in drawn for i in range(2)], (item, key)
+            else:
+                assert not np.array_equal(x, after[key]), (item, key)
+        block = sum(x[0].nbytes for k, x in after.items() if "['layers']" in k)
+        outer = sum(x.nbytes for k, x in after.items() if "['layers']" not in k)
+        floats = sum(x.nbytes for x in _flat(b[item]["opt_state"]).values() if x.dtype == np.float32)
+        assert floats == 2 * (block + outer)  # mu and nu of the view: not of the other block
 
 
 def _digests(examples, seq_len, pad_id):
