@@ -65,9 +65,12 @@ SAMPLER_BATCH, SAMPLER_SEQ = 64, 2048
 # block, so that the compiles, not the shapes, are what the smoke run exercises.
 SMOKE_SHAPE = (32, 1, 2, 1, 64, 512, True)
 MIX_INTERVALS = (50, 200)
-# LISA: the dotted overrides that turn it on (TODO(lisa): fill in when hbo_jax.lisa lands;
-# until then a present module is reported as "not wired" rather than guessed at).
-LISA_OVERRIDES: tuple[str, ...] = ()
+# LISA inside ScaleBiO (two stacked-block models, optimizer state for the active blocks
+# only); `scalebio.lisa_layers` is added per shape (at most its layer count).
+# ScaleBiO as configs/scalebio.yaml runs it on the embedded mixture (the planner reads no data).
+SCALEBIO_OVERRIDES: tuple[str, ...] = ("algorithm=scalebio", "scalebio.validation_subsets=[math_word]")
+LISA_OVERRIDES: tuple[str, ...] = (*SCALEBIO_OVERRIDES, "model.scan_layers=true")
+LISA_LAYERS = 2
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -180,19 +183,16 @@ def phase_lisa_scalebio(smoke: bool) -> dict:
 
     wanted = {"hbo": ()}  # the baseline the others are read against (and, today, the code path)
     if "scalebio" in algorithm.names():
-        wanted["scalebio"] = ("algorithm=scalebio",)
-    if importlib.util.find_spec("hbo_jax.lisa") is not None:
-        wanted["lisa"] = LISA_OVERRIDES
-    out = {name: {"status": "not available"} for name in ("scalebio", "lisa") if name not in wanted}
+        wanted["scalebio"] = SCALEBIO_OVERRIDES
     d, layers, h, kv, f, v, _ = SMOKE_SHAPE if smoke else SHAPES["smollm2_135m"]
+    if importlib.util.find_spec("hbo_jax.lisa") is not None and "scalebio" in wanted:
+        wanted["lisa"] = (*LISA_OVERRIDES, f"scalebio.lisa_layers={min(LISA_LAYERS, layers)}")
+    out = {name: {"status": "not available"} for name in ("scalebio", "lisa") if name not in wanted}
     shape = [f"model.hidden_size={d}", f"model.num_layers={layers}", f"model.num_heads={h}",
              f"model.num_kv_heads={kv}", f"model.intermediate_size={f}", f"data.vocab_size={v}",
              "model.dtype=bfloat16", f"data.seq_len={64 if smoke else SAMPLER_SEQ}",
              f"train.batch_size={8 if smoke else 16}"]
     for name, overrides in wanted.items():
-        if name == "lisa" and not overrides:
-            out[name] = {"status": "not wired", "todo": "set LISA_OVERRIDES in benchmarks/accelerator_run.py"}
-            continue
         cfg = load_config(None, [*shape, *overrides])
         spec, programs = plan(cfg, make_mesh(cfg.mesh), num_datasets=8)
         out[name] = {"status": "ok", "overrides": list(overrides), "params": spec.num_params(),
