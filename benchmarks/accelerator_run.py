@@ -16,7 +16,8 @@ compile or an out-of-memory error costs that phase only; the whole run stays und
                   update intervals 50 and 200
   lisa_scalebio   memory of ScaleBiO / LISA runs (memory planner) once those modules exist;
                   "not available" before
-  study           the SmolLM2 study at a larger budget, if time remains (not wired yet)
+  study           the SmolLM2 study (benchmarks/study.py) at a GPU budget in the time the
+                  others left; its results go to DIR/study and a rerun continues them
 
 `--smoke` runs the very same code paths on the CPU with tiny shapes in well under a
 minute (CI runs it); its numbers mean nothing. Output (format: docs/accelerator.md):
@@ -201,10 +202,31 @@ def phase_lisa_scalebio(smoke: bool) -> dict:
 
 
 def phase_study(smoke: bool) -> dict:
-    # TODO(issue 19): the SmolLM2 study at a larger budget (more steps, longer sequences,
-    # the full arm list) when the study command lands: call it here with whatever time
-    # the driver passes as HBO_ACCEL_PHASE_BUDGET_S, and return its JSON's location.
-    return {"status": "not wired", "todo": "run the SmolLM2 study command at a larger budget"}
+    """`benchmarks/study.py` on SmolLM2-135M at the GPU budget of `benchmarks/studies/smollm2_135m_gpu.yaml`,
+    for whatever time the other phases left; results under <out>/study (a rerun continues them).
+    --smoke: one tiny arm and seed on the test fixture mixture (the same code path)."""
+    import study
+    import yaml
+
+    default = tempfile.mkdtemp(prefix="accelerator_study_") if smoke else ROOT / "benchmarks/results/accelerator"
+    out = Path(os.environ.get("HBO_ACCEL_OUT") or default) / "study"
+    budget = float(os.environ.get("HBO_ACCEL_PHASE_BUDGET_S", "0")) - 10.0  # 10 s to write the tables
+    spec = ROOT / "benchmarks" / "studies" / "smollm2_135m_gpu.yaml"
+    if smoke:
+        out.mkdir(parents=True, exist_ok=True)
+        spec = out / "smoke_study.yaml"
+        tiny = [f"data.source_dir={ROOT / 'tests' / 'fixtures' / 'mixture'}", f"data.cache_dir={out / 'cache'}",
+                "data.vocab_size=384", "data.seq_len=32", "data.num_buckets=2", "data.max_eval_per_subset=4",
+                "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+                "model.intermediate_size=64", "scorer.warmup_steps=2", "train.batch_size=8", "train.steps=2",
+                "eval.every=0", "eval.tasks=false", "tracking.tensorboard=false"]
+        spec.write_text(yaml.safe_dump({"name": "smoke", "overrides": tiny, "seeds": [0],
+                                        "arms": {"uniform": {"overrides": ["mixing.strategy=uniform"]}}}))
+    rc = study.main(["--study", str(spec), "--results", str(out / "results"), "--runs", str(out / "runs"),
+                     "--docs", str(out / "study.md"), "--budget-s", str(max(budget, 1.0))])
+    done = sorted(p.relative_to(out).as_posix() for p in (out / "results").glob("*/seed*.json"))
+    return {"status": "ok" if done else "no run finished in the time left", "exit": rc, "study": str(spec.name),
+            "results": done, "docs": str(out / "study.md")}
 
 
 # --- the driver -------------------------------------------------------------------------
@@ -291,6 +313,9 @@ def render(res: dict) -> str:
                                                             for p, v in r["programs"].items()))
         else:
             lines.append(f"\n{name} memory: {r['status']}.")
+    st = ph.get("study", {}).get("result", {})
+    if st.get("results"):
+        lines.append(f"\nStudy ({st['study']}): {len(st['results'])} arm-seed results; tables in `{st['docs']}`.")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -331,9 +356,11 @@ def main() -> int:
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     phases: dict = {}
     env = {}
+    if args.out:
+        env["HBO_ACCEL_OUT"] = str(Path(args.out).resolve())
     if args.smoke:  # the smoke's two train phases compile the same program: compile it once
         cache = tempfile.mkdtemp(prefix="accelerator_smoke_xla_")
-        env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        env |= {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
     for name, (budget, smoke_budget) in PHASES.items():
         left = args.budget_s - (time.perf_counter() - t0) - 5.0  # 5 s to write the outputs

@@ -119,6 +119,10 @@ class DataConfig:
     # | drop (skipped as a bad row would be, counted, whatever bad_input says).
     too_long: str = "truncate"
     max_eval_per_subset: int = 64
+    # Keep a fixed random fraction of each subset's training rows (the same rows for every
+    # seed and strategy: drawn by the subset's name). Subset sizes stay proportional, so
+    # the imbalance a strategy balances is kept; for studies sized to a budget.
+    train_fraction: float = 1.0
     # Sequence packing of training batches: each step's train.batch_size examples go,
     # first-fit, into pack_rows rows of seq_len tokens (segment-masked attention, exact
     # loss); a step that does not fit runs with one row per example (counted, no drop).

@@ -57,6 +57,7 @@ RULES: dict[str, Rule] = {
     "model.loss_chunk": Rule(0, note="0 = the whole sequence at once"),
     **{f"data.{k}": _POS for k in ("vocab_size", "seq_len", "num_buckets", "max_eval_per_subset")},
     "data.pack_rows": Rule(0, note="0 = sized from the mean example length"),
+    "data.train_fraction": Rule(0, 1, lo_open=True, note="1 = every training row"),
     "scorer.warmup_steps": _NONNEG,
     **{f"scorer.{k}": _POS for k in ("batch_size", "learning_rate", "score_batch_size")},
     "mixing.temperature": Rule(0, special=(math.inf,), note="0 = the strategy default, inf = uniform"),

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import sys
-import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,9 +29,9 @@ import jax
 import numpy as np
 
 from hbo_jax import tasks
+from hbo_jax.data.eval_sample import eval_sample
 from hbo_jax.data.scoring import score_examples
 from hbo_jax.records import dumps
-from hbo_jax.rng import Stream, generator
 
 log = logging.getLogger(__name__)
 TASK_KEYS = ("acc", "acc_norm", "exact_match")
@@ -46,33 +45,6 @@ def bucket_losses(nll: np.ndarray, tokens: np.ndarray, buckets: np.ndarray, k: i
         sel = buckets == j
         out.append(float((nll[sel] * tokens[sel]).sum() / tokens[sel].sum()) if tokens[sel].sum() else None)
     return out
-
-
-def eval_sample(strata: np.ndarray, cap: int, subset: str) -> np.ndarray:
-    """The rows (ascending) a capped evaluation of a subset uses: a stratified random sample.
-
-    Every row gets a place in one fixed random order in which each stratum's rows are
-    spread evenly (the k-th of a stratum's n rows, in random order, sits at (k + u) / n,
-    u random per stratum), so every prefix holds each stratum in proportion, to within a
-    row; a cap takes a prefix, so the periodic eval set lies inside the final one. Not
-    the first rows of the file: a file sorted by language, source or label would be
-    evaluated on its first block only. The order is seeded by the subset's name alone,
-    so every seed and strategy of a comparison is evaluated on the same rows.
-
-    Args:
-        strata: A stratum id per row (the callers use each eval example's difficulty bucket).
-        cap: How many rows to take.
-        subset: The subset's name (the seed).
-    """
-    n = len(strata)
-    if cap >= n:
-        return np.arange(n)
-    rng = generator(0, Stream.EVAL_SAMPLE, zlib.crc32(subset.encode()))
-    place = np.empty(n)
-    for s in np.unique(strata):
-        rows = rng.permutation(np.flatnonzero(strata == s))
-        place[rows] = (np.arange(len(rows)) + rng.random()) / len(rows)
-    return np.sort(np.lexsort((rng.random(n), place))[:cap])  # ties in random order
 
 
 def heldout_loss(nll_fn, params, stores: Sequence, names: Sequence[str], mesh, seq_len: int,

@@ -31,6 +31,7 @@ class Stream(IntEnum):
     DRAW = 7  # `python -m hbo_jax.mixing.draw`: examples of a subset; keys: subset index
     LISA_U = 8  # ScaleBiO's LISA blocks of u (and of w with a shared choice); keys: switch index
     LISA_W = 9  # ScaleBiO's LISA blocks of w drawn independently; keys: switch index
+    TRAIN_SAMPLE = 10  # data.train_fraction's rows of a subset (seed 0 for every run); keys: crc32 of the subset name
 
 
 def generator(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

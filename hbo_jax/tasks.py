@@ -194,7 +194,23 @@ def score_mc(items: Sequence[EvalItem], tokenizer, seq_len: int,
     raw, norm = mc_choices(per_row, [it.options for it in rows])
     gold = np.array([it.options.index(it.answer) for it in rows])
     return {"metric": "mc", "acc": float((raw == gold).mean()), "acc_norm": float((norm == gold).mean()),
-            "examples": len(rows)}
+            "examples": len(rows), **base_rates([it.options[i] for it, i in zip(rows, raw)],
+                                                 [it.answer for it in rows],
+                                                 chance=float(np.mean([1 / len(it.options) for it in rows])))}
+
+
+def base_rates(predictions: Sequence[str], references: Sequence[str], chance: float | None = None) -> dict:
+    """What a score means: the scores of answers that know nothing, and how varied the model's are.
+
+    `majority`: the score of always giving the most common reference (for multiple choice,
+    always picking the most common option); `chance`: of picking an option uniformly at
+    random; `pred_share`: the share of rows given the model's most common answer (1.0: the
+    same answer to every question, so its score is a base rate, not knowledge).
+    """
+    def top_share(xs):
+        return max(xs.count(x) for x in set(xs)) / len(xs) if xs else 0.0
+    out = {"majority": top_share(list(references)), "pred_share": top_share(list(predictions))}
+    return out if chance is None else {**out, "chance": chance}
 
 
 def generation_prompts(items: Sequence[EvalItem], tokenizer, max_len: int) -> list[list[int]]:
@@ -226,4 +242,5 @@ def score_exact_match(items: Sequence[EvalItem], tokenizer, generate_fn: Callabl
     em = exact_match(texts, [it.answer for it in items])
     samples = [{"reference": it.answer, "prediction": t} for it, t in list(zip(items, texts))[:3]]
     return {"metric": "exact_match", "exact_match": float(em.mean()), "examples": len(items),
-            "samples": samples}
+            "samples": samples, **base_rates([normalize_answer(first_answer_line(t)) for t in texts],
+                                             [normalize_answer(it.answer) for it in items])}

@@ -17,7 +17,8 @@ from hbo_jax.data import prepare as prepare_lib
 from hbo_jax.data.store import collate
 from hbo_jax.data.validation import validation_examples
 from hbo_jax.distributed import _digest
-from hbo_jax.errors import ConfigError
+from hbo_jax.errors import ConfigError, DataError
+from hbo_jax.evaluate import eval_sample
 from hbo_jax.memory import model_spec, plan
 from hbo_jax.mixing.scalebio import ScaleBiOLisa
 from hbo_jax.mixing.scalebio_step import make_optimizers
@@ -155,6 +156,23 @@ def test_validation_files_are_tokenized_like_the_mixture(whole, shared_cache):
     for (ids, mask), i in zip(got, range(len(ev))):
         np.testing.assert_array_equal(ids, ev[i][0])
         np.testing.assert_array_equal(mask, ev[i][1])
+
+
+def test_validation_subsets_take_the_eval_rows_the_run_is_not_evaluated_on(whole, shared_cache):
+    cfg = load_config(None, _overrides(whole, shared_cache))
+    data = prepare_lib.load(Path(json.loads((whole / "summary.json").read_text())["prepared"]), cfg)
+    i = data.names.index("arithmetic")
+    evaluated = set(eval_sample(data.eval_buckets[i], cfg.data.max_eval_per_subset, "arithmetic").tolist())
+    rest = [data.eval[i][j][0].tobytes() for j in range(len(data.eval[i])) if j not in evaluated]
+    assert 0 < len(evaluated) < len(data.eval[i])
+    assert [ids.tobytes() for ids, _ in validation_examples(cfg, data)] == rest
+
+
+def test_validation_subsets_all_evaluated_on_are_refused(whole, shared_cache):
+    cfg = load_config(None, _overrides(whole, shared_cache, "data.max_eval_per_subset=100"))
+    data = prepare_lib.load(Path(json.loads((whole / "summary.json").read_text())["prepared"]), cfg)
+    with pytest.raises(DataError, match="data.max_eval_per_subset=100"):
+        validation_examples(cfg, data)
 
 
 def test_draw_takes_floor_n_p_rows_per_subset_and_the_validation_set_only_when_asked(whole, tmp_path):

@@ -94,3 +94,13 @@ def test_letter_answers_without_options_tell_how_to_get_accuracy():
     note = tasks.letter_answers_note(_items(["A", "C", "B"]))
     assert note.startswith("3 of 3 answers are option letters") and "`options`" in note
     assert tasks.letter_answers_note(_items(["12", "7"])) is None
+
+
+def test_base_rates_flag_a_model_that_gives_one_answer_to_everything():
+    refs = ["A", "B", "A", "C"]
+    rates = tasks.base_rates(["A"] * 4, refs, chance=0.25)
+    assert rates == {"majority": 0.5, "pred_share": 1.0, "chance": 0.25}  # its score (0.5) is the majority rate
+
+
+def test_base_rates_of_varied_answers():
+    assert tasks.base_rates(["1", "2", "3", "3"], ["1", "2", "3", "4"]) == {"majority": 0.25, "pred_share": 0.5}

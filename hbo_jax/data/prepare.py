@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,7 @@ from hbo_jax.errors import ConfigError, DataError
 from hbo_jax.model_init import is_pretrained
 from hbo_jax.models.loading import save_params
 from hbo_jax.models.pretrained import fingerprint, pretrained_tokenizer
+from hbo_jax.rng import Stream, generator
 from hbo_jax.progress import progress
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,8 @@ def _key_settings(cfg: Config, subsets: list[Subset]) -> dict:
         settings["data"].pop(k)
     if settings["data"]["too_long"] == "truncate":  # the behaviour before the key existed: same key
         settings["data"].pop("too_long")
+    if settings["data"]["train_fraction"] == 1.0:  # the behaviour before the key existed: same key
+        settings["data"].pop("train_fraction")
     if not settings["model"]["scan_layers"]:  # the behaviour before the key existed: same key
         settings["model"].pop("scan_layers")
     init = settings["model"].pop("init")
@@ -236,6 +240,19 @@ def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: Skip
                 cut += len(ids) > max_len
                 out.append(kept)
     return out, cut
+
+
+def train_sample(examples: list, fraction: float, name: str, min_rows: int) -> list:
+    """`data.train_fraction` of a subset's examples, in their order: a fixed random sample.
+
+    Drawn from the subset's name alone (seed 0), so every seed and strategy trains on the
+    same rows; at least `min_rows` (the buckets need one example each) when there are.
+    """
+    if fraction >= 1.0:
+        return examples
+    n = min(len(examples), max(min_rows, round(fraction * len(examples))))
+    keep = generator(0, Stream.TRAIN_SAMPLE, zlib.crc32(name.encode())).choice(len(examples), n, replace=False)
+    return [examples[i] for i in np.sort(keep)]
 
 
 def _too_few(s: Subset, usable: int, report: SkipReport, num_buckets: int) -> str:
@@ -346,6 +363,7 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     for s in progress(mix, desc="tokenizing"):
         tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
         tr, tr_cut = encode(tokenizer, s.train, s.format, cfg, tr_report)
+        tr = train_sample(tr, cfg.data.train_fraction, s.name, cfg.data.num_buckets)
         if len(tr) < cfg.data.num_buckets:
             raise DataError(_too_few(s, len(tr), tr_report, cfg.data.num_buckets))
         ev, ev_cut = encode(tokenizer, s.eval, s.format, cfg, ev_report)

@@ -1,7 +1,9 @@
 """ScaleBiO's validation set: where it comes from, and its batches.
 
-The validation set is either the eval split of named subsets of the mixture
-(`scalebio.validation_subsets`) or files of its own (`scalebio.validation_files`, any
+The validation set is either the eval rows of named subsets of the mixture that the run
+is not evaluated on (`scalebio.validation_subsets`: the eval split minus the capped
+evaluation sample, `data.max_eval_per_subset`, so eval.json's loss stays held out) or
+files of its own (`scalebio.validation_files`, any
 input `data.subsets` reads), tokenized like the mixture. It is only ever read through
 `ValidationBatches`, never by the training sampler, so it does not leak into training
 (the reference's mixture builder appends it to the training set by default; here that is
@@ -22,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from hbo_jax.config import Config
+from hbo_jax.data.eval_sample import eval_sample
 from hbo_jax.data.formats import SkipReport
 from hbo_jax.data.prepare import PreparedData, encode
 from hbo_jax.data.sources import EVAL_SPLITS, expand
@@ -47,10 +50,18 @@ def validation_examples(cfg: Config, data: PreparedData) -> list[Example]:
         for name in sc.validation_subsets:
             if name not in data.names:
                 raise ConfigError(f"scalebio.validation_subsets: {name!r} is not a subset of the mixture {data.names}")
-            store = data.eval[data.names.index(name)]
+            i = data.names.index(name)
+            store = data.eval[i]
             if not len(store):
                 raise DataError(f"scalebio.validation_subsets: subset {name!r} has no eval examples")
-            out += [store[i] for i in range(len(store))]
+            cap = cfg.data.max_eval_per_subset
+            rows = np.setdiff1d(np.arange(len(store)), eval_sample(data.eval_buckets[i], cap, name))
+            if not len(rows):
+                raise DataError(
+                    f"scalebio.validation_subsets: all {len(store)} eval rows of subset {name!r} are in the rows the "
+                    f"run is evaluated on (data.max_eval_per_subset={cap}), so none is left to validate on: lower "
+                    "data.max_eval_per_subset, or give the validation set its own files (scalebio.validation_files)")
+            out += [store[int(j)] for j in rows]
         return out
     report = SkipReport()
     sources = expand(list(sc.validation_files), "scalebio.validation_files", EVAL_SPLITS)

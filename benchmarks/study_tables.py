@@ -1,0 +1,290 @@
+"""The tables and figures of a study (`benchmarks/study.py`), from its result JSON files alone.
+
+Every number in the docs section comes from `<results>/<arm>/seed<S>.json`; rerunning
+`python benchmarks/study.py --report-only` rewrites the same section and figures.
+
+Metrics, per arm and seed, on the held-out rows of every subset:
+  - macro relative loss reduction: the mean over subsets of (loss before - loss after) /
+    loss before. The raw macro loss is also shown, but one high-loss subset can decide
+    it (a 4.0 -> 3.6 subset moves it as much as ten 0.4 -> 0.36 ones).
+  - macro accuracy (multiple-choice subsets) and exact match (short-answer subsets).
+Comparisons against the best static arm (the static arm with the highest mean macro
+relative loss reduction) are paired by seed: seed S of both arms saw the same prepared
+data and starting model. An arm "beats" it when its mean paired difference is positive
+and larger than the seed spread (the larger of the two arms' standard deviations over
+seeds) and every paired difference is positive.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+TASK_METRICS = (("acc", "accuracy (mc)"), ("exact_match", "exact match"))
+PRIMARY = "rel_reduction"
+
+
+def load_results(results: Path) -> dict[str, dict[int, dict]]:
+    """arm -> seed -> result, for every result file under `results`."""
+    out: dict[str, dict[int, dict]] = {}
+    for path in sorted(results.glob("*/seed*.json")):
+        res = json.loads(path.read_text())
+        out.setdefault(res["arm"], {})[int(res["seed"])] = res
+    return out
+
+
+def subset_names(res: dict) -> list[str]:
+    return [k for k in res["before"] if k != "macro_avg"]
+
+
+def rel_reductions(res: dict) -> dict[str, float]:
+    """(before - after) / before of each subset's held-out loss."""
+    return {s: (res["before"][s]["loss"] - res["after"][s]["loss"]) / res["before"][s]["loss"]
+            for s in subset_names(res) if res["before"][s].get("loss") and res["after"].get(s, {}).get("loss")}
+
+
+def metrics(res: dict) -> dict[str, float]:
+    """The macro metrics of one arm and seed."""
+    rr = rel_reductions(res)
+    out = {PRIMARY: statistics.mean(rr.values()), "loss": res["after"]["macro_avg"]["loss"]}
+    for key, _ in TASK_METRICS:
+        if key in res["after"]["macro_avg"]:
+            out[key] = res["after"]["macro_avg"][key]
+    return out
+
+
+def _ms(vals: list[float], digits: int = 4) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f} (1 seed)"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _sd(vals: list[float]) -> float:
+    return statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def best_static(table: dict[str, dict[int, dict]], static: list[str]) -> str | None:
+    """The static arm with the highest mean macro relative loss reduction."""
+    have = [a for a in static if table.get(a)]
+    return max(have, key=lambda a: statistics.mean(m[PRIMARY] for m in table[a].values())) if have else None
+
+
+def summary_rows(per_arm: dict[str, dict[int, dict]], before: dict) -> list[str]:
+    keys = [PRIMARY, "loss"] + [k for k, _ in TASK_METRICS]
+    rows = ["| arm | seeds | macro rel. loss reduction | macro loss after | "
+            + " | ".join(h for _, h in TASK_METRICS) + " |", "|---|---|---:|---:|" + "---:|" * len(TASK_METRICS)]
+    rows.append("| starting model | - | 0 | " + f"{before['loss']:.4f} | "
+                + " | ".join(f"{before[k]:.4f}" if k in before else "-" for k, _ in TASK_METRICS) + " |")
+    for arm, seeds in per_arm.items():
+        cells = [_ms([m[k] for m in seeds.values() if k in m]) for k in keys]
+        rows.append(f"| {arm} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def paired_rows(per_arm: dict[str, dict[int, dict]], best: str, merge_arms: set[str]) -> tuple[list[str], dict]:
+    """Differences against the best static arm, per metric; and each arm's verdict on the primary metric."""
+    keys = [PRIMARY, "loss"] + [k for k, _ in TASK_METRICS]
+    rows = [f"| arm (minus {best}) | paired seeds | " + " | ".join(
+        ["macro rel. loss reduction", "macro loss after"] + [h for _, h in TASK_METRICS]) + " | verdict |",
+        "|---|---|" + "---:|" * len(keys) + "---|"]
+    verdicts = {}
+    for arm, seeds in per_arm.items():
+        if arm == best:
+            continue
+        cells, verdict = [], "-"
+        common = sorted(set(seeds) & set(per_arm[best])) if arm not in merge_arms else []
+        for k in keys:
+            a = [seeds[s][k] for s in common if k in seeds[s]] if common else [m[k] for m in seeds.values() if k in m]
+            b = [per_arm[best][s][k] for s in common if k in per_arm[best][s]] if common else \
+                [m[k] for m in per_arm[best].values() if k in m]
+            if not a or not b:
+                cells.append("-")
+                continue
+            diffs = [x - y for x, y in zip(a, b)] if common else [statistics.mean(a) - statistics.mean(b)]
+            d = statistics.mean(diffs)
+            spread = max(_sd(a), _sd(b))
+            sign = "+" if d >= 0 else ""
+            cells.append(f"{sign}{d:.4f} (spread {spread:.4f})" + ("" if common else " unpaired"))
+            if k == PRIMARY:
+                if len(a) < 2 or len(b) < 2:
+                    verdict = "one seed: no verdict"
+                elif d > spread and all(x > 0 for x in diffs):
+                    verdict = "**beats it** (by more than the seed spread)"
+                elif -d > spread and all(x < 0 for x in diffs):
+                    verdict = "worse (by more than the seed spread)"
+                else:
+                    verdict = "within the seed spread"
+                if common:
+                    verdict += " (per seed: " + ", ".join(f"{x:+.4f}" for x in diffs) + ")"
+                verdicts[arm] = (d, spread, verdict)
+        pairs = ",".join(map(str, common)) if common else "unpaired (merge seeds)"
+        rows.append(f"| {arm} | {pairs} | " + " | ".join(cells) + f" | {verdict} |")
+    return rows, verdicts
+
+
+def subset_rows(per_arm: dict[str, dict[int, dict]], subsets: list[str]) -> list[str]:
+    rows = ["| arm | " + " | ".join(subsets) + " |", "|---|" + "---:|" * len(subsets)]
+    for arm, seeds in per_arm.items():
+        rr = [rel_reductions(r) for r in seeds.values()]
+        rows.append(f"| {arm} | " + " | ".join(
+            f"{statistics.mean(x[s] for x in rr):.3f}" if all(s in x for x in rr) else "-" for s in subsets) + " |")
+    return rows
+
+
+def task_subset_rows(per_arm: dict[str, dict[int, dict]], subsets: list[str], first: dict) -> list[str]:
+    """Per task subset: its metric before and after (mean over seeds) per arm, with its base rates."""
+    tasks = [s for s in subsets if first["before"][s].get("metric") in ("mc", "exact_match")]
+    if not tasks:
+        return []
+    head = ["| subset | metric | rows | chance | majority answer | before (most common answer's share) | "
+            + " | ".join(per_arm) + " | most common answer's share after (max over runs) |",
+            "|---|---|---:|---:|---:|---:|" + "---:|" * len(per_arm) + "---:|"]
+    for s in tasks:
+        b = first["before"][s]
+        key = "acc" if b["metric"] == "mc" else "exact_match"
+        if key not in b:
+            continue
+        after = []
+        shares = []
+        for seeds in per_arm.values():
+            vals = [r["after"][s][key] for r in seeds.values() if key in r["after"].get(s, {})]
+            shares += [r["after"][s]["pred_share"] for r in seeds.values() if "pred_share" in r["after"].get(s, {})]
+            after.append(f"{statistics.mean(vals):.3f}" if vals else "-")
+        chance = f"{b['chance']:.3f}" if "chance" in b else "-"
+        maj = f"{b['majority']:.3f}" if "majority" in b else "-"
+        share = f" ({b['pred_share']:.2f})" if "pred_share" in b else ""
+        top = f"{max(shares):.2f}" if shares else "-"
+        head.append(f"| {s} | {b['metric']} | {b.get('task_examples', b.get('examples', '-'))} | {chance} | {maj} | "
+                    f"{b[key]:.3f}{share} | " + " | ".join(after) + f" | {top} |")
+    return head
+
+
+def time_rows(per_arm: dict[str, dict[int, dict]]) -> list[str]:
+    rows = ["| arm | training loop, s (mean) | whole run, s (mean) |", "|---|---:|---:|"]
+    for arm, seeds in per_arm.items():
+        loop = [r["seconds"]["train_loop_seconds"] for r in seeds.values() if r["seconds"].get("train_loop_seconds")]
+        wall = [r["seconds"]["study_wall"] for r in seeds.values() if r["seconds"].get("study_wall")]
+        rows.append(f"| {arm} | {statistics.mean(loop):.0f} | " if loop else f"| {arm} | - | ")
+        rows[-1] += f"{statistics.mean(wall):.0f} |" if wall else "- |"
+    return rows
+
+
+def figures(per_arm: dict[str, dict[int, dict]], subsets: list[str], out_prefix: Path) -> list[Path]:
+    """The compare figure (relative loss reduction per subset and arm) and the learned probabilities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    arms = list(per_arm)
+    cols = subsets + ["macro"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) + 2), 4.5))
+    width = 0.8 / max(len(arms), 1)
+    for i, arm in enumerate(arms):
+        rr = [rel_reductions(r) for r in per_arm[arm].values()]
+        per_seed = np.array([[x.get(s, np.nan) for s in subsets] + [np.mean(list(x.values()))] for x in rr])
+        mean = np.nanmean(per_seed, axis=0)
+        sd = np.nanstd(per_seed, axis=0, ddof=1) if len(per_seed) > 1 else np.zeros_like(mean)
+        ax.bar(np.arange(len(cols)) + i * width - 0.4 + width / 2, mean, width, yerr=sd, label=arm, capsize=1.5)
+    ax.set_xticks(np.arange(len(cols)), cols, rotation=30, ha="right")
+    ax.set_ylabel("relative loss reduction\n(before - after) / before")
+    ax.set_title("Held-out loss reduction per subset (mean over seeds; bars: sd)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.axhline(0, color="k", lw=0.5)
+    fig.tight_layout()
+    paths.append(out_prefix.with_name(out_prefix.name + "_compare.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    learned = {a: s for a, s in per_arm.items() if any(_moves(r["mixing"]) for r in s.values())}
+    if learned:
+        n = len(learned)
+        fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), sharey=True, squeeze=False)
+        for ax, (arm, seeds) in zip(axes[0], learned.items()):
+            seed = min(seeds)
+            mix = seeds[seed]["mixing"]
+            p = np.array(mix["p_global"])
+            for j, name in enumerate(subsets[: p.shape[1]]):
+                ax.plot(mix["step"], p[:, j], label=name)
+            ax.set_title(f"{arm} (seed {seed})")
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("probability of the subset")
+        axes[0][-1].legend(fontsize=6, loc="upper right")
+        fig.tight_layout()
+        paths.append(out_prefix.with_name(out_prefix.name + "_p_global.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _moves(mix: dict) -> bool:
+    p = mix.get("p_global") or []
+    return len(p) > 1 and any(abs(a - b) > 1e-9 for a, b in zip(p[0], p[-1]))
+
+
+def section(study, results: Path, docs: Path, study_path: Path) -> tuple[str, list[Path]]:
+    """The generated markdown of a study and the figures it refers to."""
+    table = load_results(results)
+    order = [a.name for a in study.arms if a.name in table]
+    table = {a: table[a] for a in order}  # the study's order; results of arms it no longer has are left out
+    per_arm = {a: {s: metrics(r) for s, r in sorted(table[a].items())} for a in order}
+    rel = lambda p: Path(p).resolve().relative_to(docs.resolve().parent.parent) \
+        if Path(p).resolve().is_relative_to(docs.resolve().parent.parent) else Path(p)  # noqa: E731
+    lines = [f"Study file `{rel(study_path)}`; raw results `{rel(results)}/<arm>/seed<S>.json`; regenerate "
+             f"this section and its figures with `python benchmarks/study.py --study {rel(study_path)} --report-only` "
+             "(without `--report-only` it first trains whatever arm and seed has no result yet).", ""]
+    if not order:
+        return "\n".join(lines + ["No results yet."]), []
+    first = table[order[0]][min(table[order[0]])]
+    subsets = subset_names(first)
+    merge_arms = {a.name for a in study.arms if a.merge}
+    lines += ["Shared settings (after the study's configs): `" + " ".join(study.overrides) + "`.", ""]
+    for a in study.arms:
+        if a.name in table:
+            what = (f"merge of `{a.merge['of']}` seeds {a.merge.get('replica_seeds', [0, 1, 2])}: method="
+                    + a.merge.get("method", "select") + " "
+                    + " ".join(f"{k}={v}" for k, v in a.merge.items() if k not in ("of", "replica_seeds"))
+                    ) if a.merge else " ".join([Path(c).name for c in a.configs] + a.overrides) or "(shared only)"
+            lines.append(f"- `{a.name}`: {what}")
+    lines += ["", "### Macro metrics (mean ± sd over seeds)", ""]
+    lines += summary_rows(per_arm, {"loss": first["before"]["macro_avg"]["loss"],
+                                   **{k: first["before"]["macro_avg"][k] for k, _ in TASK_METRICS
+                                      if k in first["before"]["macro_avg"]}})
+    best = best_static(per_arm, study.static_arms)
+    if best:
+        rows, _ = paired_rows(per_arm, best, merge_arms)
+        lines += ["", f"### Against the best static arm ({best}), paired by seed", "",
+                  "Differences of the arm minus the best static arm (higher is better except loss); "
+                  "spread: the larger seed standard deviation of the two arms.", ""] + rows
+    lines += ["", "### Relative loss reduction per subset (mean over seeds)", ""] + subset_rows(table, subsets)
+    tasks = task_subset_rows(table, subsets, first) if table else []
+    if tasks:
+        lines += ["", "### Task metrics per subset, with their base rates", "",
+                  "chance: picking an option at random; majority answer: always giving the most common reference; "
+                  "most common answer's share: how many rows got the model's most common answer (1.00: the same "
+                  "answer to every question, a base rate, not knowledge).", ""] + tasks
+    lines += ["", "### Time per run", ""] + time_rows(table)
+    figs = figures(table, subsets, docs.parent / f"study_{study.name}")
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in figs]
+    return "\n".join(lines), figs
+
+
+def write_docs(study, results: Path, docs: Path, study_path: Path) -> None:
+    """Rewrites the study's section of `docs` (between its markers; appended when absent)."""
+    body, _ = section(study, results, docs, study_path)
+    begin, end = f"<!-- study:{study.name}:begin -->", f"<!-- study:{study.name}:end -->"
+    text = docs.read_text() if docs.is_file() else ""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n## Study: {study.name}\n\n{block}\n"
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text)
+    print(f"wrote {docs}")
