@@ -295,7 +295,8 @@ def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> 
     # A key only one side knows is a version change. The data seed comes last, so a changed
     # train.seed (which moves a resolved -1 too) is named as itself.
     for key in sorted(old.keys() & new.keys(), key=lambda k: (k == _DATA_SEED, k)):
-        if old[key] == new[key] or matches(key, RESUME_FREE) or not key.startswith(RESUME_SECTIONS):
+        if old[key] == new[key] or matches(key, RESUME_FREE) or not (key.startswith(RESUME_SECTIONS)
+                                                                      or key in RESUME_NEVER):
             continue
         change = f"{key} changed from {old[key]!r} to {new[key]!r} since {where}"
         if key == _DATA_SEED:

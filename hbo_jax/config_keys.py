@@ -27,7 +27,9 @@ RESUME_FREE = (*BOOKKEEPING, "data.max_eval_per_subset")
 # Refused even with train.allow_config_change: the checkpoint cannot be read into the new
 # shapes, or the sampler's stream is keyed by the value (train.data_seed by its resolved
 # value: -1 means train.seed).
-RESUME_NEVER = {"train.seed", "train.data_seed", "data.num_buckets", *(f"model.{k}" for k in (
+# `algorithm`: the checkpoint holds another algorithm's state (ScaleBiO's u, lambda and
+# three optimizers are not a sampling run's actors).
+RESUME_NEVER = {"algorithm", "train.seed", "train.data_seed", "data.num_buckets", *(f"model.{k}" for k in (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
     "tie_embeddings", "qkv_bias", "param_dtype", "vocab_multiple", "scan_layers"))}
 # Allowed with a warning (key -> why the continuation differs): extending a run is the

@@ -280,6 +280,14 @@ def test_check_resume_config_names_nested_keys():
     assert check_resume_config(to_dict(a), to_dict(c), allow=False, where="here") == []
 
 
+def test_a_resume_with_another_algorithm_is_refused_even_when_allowed():
+    from hbo_jax.config import to_dict
+
+    with pytest.raises(ConfigError, match="algorithm changed from 'sampling' to 'scalebio'.*Use a new run_dir"):
+        check_resume_config(to_dict(load_config(None, [])), to_dict(load_config(None, ["algorithm=scalebio", "scalebio.validation_subsets=[a]"])),
+                            allow=True, where="here")
+
+
 def test_resume_compares_the_resolved_data_seed():
     from hbo_jax.config import to_dict
 
