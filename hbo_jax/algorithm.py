@@ -24,9 +24,23 @@ _REGISTRY: dict[str, str | type] = {"sampling": "hbo_jax.mixing.sampling_algorit
                                      "scalebio": "hbo_jax.mixing.scalebio:ScaleBiO"}
 
 
-def register(name: str, algorithm: str | type) -> None:
-    """Makes `algorithm=<name>` select `algorithm` (a class or a "module:Class" path)."""
+# name -> the config section the algorithm reads (the report compares runs on it alone).
+_SECTIONS: dict[str, str] = {"sampling": "mixing", "scalebio": "scalebio"}
+
+
+def register(name: str, algorithm: str | type, section: str | None = None) -> None:
+    """Makes `algorithm=<name>` select `algorithm` (a class or a "module:Class" path).
+
+    `section`: the top-level config section it reads its settings from, if any.
+    """
     _REGISTRY[name] = algorithm
+    if section:
+        _SECTIONS[name] = section
+
+
+def config_sections() -> dict[str, str]:
+    """algorithm name -> the config section it reads (algorithms that read one)."""
+    return dict(_SECTIONS)
 
 
 def names() -> list[str]:

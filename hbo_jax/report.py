@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hbo_jax.algorithm import config_sections
 from hbo_jax.config import MixingConfig
 from hbo_jax.config_keys import GROUP_IGNORE, flatten, matches
 from hbo_jax.errors import ConfigError
@@ -47,10 +48,6 @@ TASK_METRICS = ("acc", "acc_norm", "exact_match")
 # Where each eval set's per-subset cap is configured.
 EVAL_SETS = {"full": ("data", "max_eval_per_subset"), "periodic": ("eval", "periodic_max_per_subset")}
 FIGURES = ("p_global", "p_local", "rewards", "drawn", "eval")
-
-
-# algorithm -> the config section it reads
-_ALGORITHM_SECTIONS = {"sampling": "mixing", "scalebio": "scalebio"}
 
 
 def _ignored(key: str) -> bool:
@@ -158,7 +155,7 @@ class Run:
         algorithm = self.config.get("algorithm", "sampling")
         # Each algorithm reads only its own section: a ScaleBiO run's `mixing.*` keys (and
         # a sampling run's `scalebio.*` keys) are defaults nobody used.
-        unread = tuple(f"{s}." for a, s in _ALGORITHM_SECTIONS.items() if a != algorithm)
+        unread = tuple(f"{s}." for a, s in config_sections().items() if a != algorithm)
         flat = {k: v for k, v in flatten(self.config).items() if not _ignored(k) and not k.startswith(unread)}
         if algorithm != "sampling":
             return flat
