@@ -13,6 +13,8 @@ compiles against its shapes:
 
 from __future__ import annotations
 
+import logging
+
 from flax import nnx
 
 from hbo_jax.config import Config
@@ -21,6 +23,8 @@ from hbo_jax.models.hf import load_hf_tokenizer
 from hbo_jax.models.llama import LlamaSpec, abstract_model, init_params
 from hbo_jax.models.loading import load_params
 from hbo_jax.models.pretrained import load_pretrained, pretrained_spec
+
+log = logging.getLogger(__name__)
 
 
 def base_spec(cfg: Config, vocab_size: int | None = None) -> LlamaSpec:
@@ -45,6 +49,23 @@ def base_spec(cfg: Config, vocab_size: int | None = None) -> LlamaSpec:
         if cfg.data.tokenizer != "train":
             vocab_size = len(load_hf_tokenizer(cfg.data.tokenizer))
     return LlamaSpec.from_config(m, vocab_size=vocab_size)
+
+
+_WARNED: set = set()
+
+
+def warn_context(spec, seq_len: int, init: str) -> None:
+    """Warns (once per model and length) when data.seq_len exceeds the context the model was trained for.
+
+    Positions are not limited, so such a run works, but RoPE positions the base model never
+    saw make its start worse than its published quality, and nothing else would say so.
+    """
+    context = spec.max_position_embeddings
+    if context and seq_len > context and (init, seq_len) not in _WARNED:
+        _WARNED.add((init, seq_len))
+        log.warning("data.seq_len=%d is longer than the %d-token context model.init=%s was trained with: positions "
+                    "beyond it are new to the model (lower data.seq_len, or expect a worse start)", seq_len, context,
+                    init)
 
 
 def base_model(cfg: Config, mesh, data=None, abstract: bool = False):
@@ -73,9 +94,13 @@ def base_model(cfg: Config, mesh, data=None, abstract: bool = False):
         return graphdef, params, spec
     if init != "random" and data is not None and data.scorer_model is not None:
         (graphdef, params), data.scorer_model = data.scorer_model, None
-        return graphdef, params, nnx.merge(graphdef, params).spec
+        spec = nnx.merge(graphdef, params).spec
+        warn_context(spec, cfg.data.seq_len, init)
+        return graphdef, params, spec
     if is_pretrained(init):
-        return load_pretrained(init, mesh, cfg.model)
+        graphdef, params, spec = load_pretrained(init, mesh, cfg.model)
+        warn_context(spec, cfg.data.seq_len, init)
+        return graphdef, params, spec
     if data is None:
         raise ValueError(f"model.init={init}: the base model needs the run's prepared data")
     spec = base_spec(cfg, len(data.tokenizer))
