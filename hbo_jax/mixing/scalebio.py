@@ -222,7 +222,8 @@ class ScaleBiO(Algorithm):
                 "sampled_p_global_final": dict(zip(self.names, self.schedule.at(self.total_steps)[0].tolist()))}
 
     @classmethod
-    def programs(cls, plan: PlanContext) -> list[tuple[str, object]]:
+    def programs(cls, plan: PlanContext) -> list[tuple[str, object, int]]:
+        """The u-step, the w-step and the lambda step (`ScaleBiOStep`), each with the state it does not take."""
         cfg, mesh, sc = plan.cfg, plan.mesh, plan.cfg.scalebio
         txs = make_optimizers(sc, cfg.train.steps)
         if sc.lisa_layers:  # the optimizer states cover the view: gamma blocks and the outer parameters
@@ -241,7 +242,4 @@ class ScaleBiO(Algorithm):
                if k in ("input_ids", "targets", "loss_mask")}
         active = jax.ShapeDtypeStruct((sc.lisa_layers,), jnp.int32, sharding=rep)
         extra = ({"u": active, "w": active},) if sc.lisa_layers else ()
-        compiled = step.lower(u, w, lam, plan.batch(cfg.train.batch_size), val, *extra).compile()
-        name = f"scalebio step (u, w, lambda; LISA {sc.lisa_layers} blocks)" if sc.lisa_layers else \
-            "scalebio step (u, w, lambda)"
-        return [(name, compiled)]
+        return step.compile(u, w, lam, plan.batch(cfg.train.batch_size), val, *extra)
