@@ -201,29 +201,28 @@ def _model_programs(graphdef, txs: Optimizers, selection: Selection, num_dataset
     XLA kept both passes' temporaries (the w-step's scratch was twice the u-step's).
     """
     train_loss = _weighted_train_loss(graphdef, selection, num_datasets, num_buckets, uniform)
-    source_of = lambda batch: batch["group_id"] // num_buckets  # noqa: E731
 
-    def u_step(state: TrainState, logits, batch: Batch, *rest):
-        act = _active(rest)
-        trainable = selection.view(state.params, act)
-        (_, (_, ex)), grads = jax.value_and_grad(train_loss, 1, has_aux=True)(state.params, trainable, logits,
-                                                                                batch, act)
-        new, opt_state = apply_update(txs.u, grads, state.opt_state, trainable)
-        out = {"m": source_means(jax.lax.stop_gradient(ex), source_of(batch), num_datasets)[0],
-               "grad_norm_u": optax.tree.norm(grads), **nonfinite_metrics(opt_state)}
-        return TrainState(state.step + 1, selection.write_back(state.params, new, act), opt_state), out
-
-    def w_grads(state: TrainState, logits, batch: Batch, *rest):
-        act = _active(rest)
+    def train_pass(state: TrainState, logits, batch: Batch, act):
+        """(trainable view, grad L2 in it, token NLL, example NLL, per-source means m)."""
         trainable = selection.view(state.params, act)
         (_, (nll, ex)), grads = jax.value_and_grad(train_loss, 1, has_aux=True)(state.params, trainable, logits,
                                                                                   batch, act)
+        m = source_means(jax.lax.stop_gradient(ex), batch["group_id"] // num_buckets, num_datasets)[0]
+        return trainable, grads, nll, ex, m
+
+    def u_step(state: TrainState, logits, batch: Batch, *rest):
+        act = _active(rest)
+        trainable, grads, _, _, m = train_pass(state, logits, batch, act)
+        new, opt_state = apply_update(txs.u, grads, state.opt_state, trainable)
+        out = {"m": m, "grad_norm_u": optax.tree.norm(grads), **nonfinite_metrics(opt_state)}
+        return TrainState(state.step + 1, selection.write_back(state.params, new, act), opt_state), out
+
+    def w_grads(state: TrainState, logits, batch: Batch, *rest):
+        _, grads, nll, ex, m = train_pass(state, logits, batch, _active(rest))
         mask = batch["loss_mask"]
-        out = {"m": source_means(jax.lax.stop_gradient(ex), source_of(batch), num_datasets)[0],
-               "loss": masked_mean_loss(nll, mask), "tokens": jnp.sum(mask),
-               **group_stats(ex, jnp.sum(nll * mask, -1), jnp.sum(mask, -1), batch["group_id"],
-                             num_datasets * num_buckets)}
-        return grads, out
+        return grads, {"m": m, "loss": masked_mean_loss(nll, mask), "tokens": jnp.sum(mask),
+                       **group_stats(ex, jnp.sum(nll * mask, -1), jnp.sum(mask, -1), batch["group_id"],
+                                     num_datasets * num_buckets)}
 
     def w_update(state: TrainState, grads, val: Batch, *rest):
         act = _active(rest)
@@ -276,6 +275,7 @@ class ScaleBiOStep:
         u, out_u = self.u_step(u, lam.logits, batch, *self._active(active, "u"))
         grads, out_train = self.w_grads(w, lam.logits, batch, *act_w)
         w, out_val = self.w_update(w, grads, val, *act_w)
+        del grads  # freed before the lambda step, as `compile` counts it
         lam, metrics = self.lam_step(lam, out_u, out_train, out_val)
         drop = ("m", "alpha", "nonfinite", "nonfinite_streak")
         return u, w, lam, {**{k: v for k, v in {**out_train, **out_val}.items() if k not in drop},
