@@ -24,8 +24,10 @@ Here the blocks are stacked (`model.scan_layers`) and:
   a choice with the same stream and draw independently with different streams.
 - `active` is a device array: switching layers never recompiles.
 
-`LisaRunner` ties them into a plain fine-tuning step with the metrics of
-`hbo_jax.step.make_train_step`.
+`LisaSwitcher` follows one model's draws over a run (its indices put on the device once
+per draw, its moments reset or swapped on a switch); `LisaRunner` ties it into a plain
+fine-tuning step with the metrics of `hbo_jax.step.make_train_step`, and ScaleBiO runs
+one for u and one for w.
 """
 
 from __future__ import annotations
