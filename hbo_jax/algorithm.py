@@ -175,6 +175,8 @@ class Algorithm(abc.ABC):
         return {}
 
     @classmethod
-    def programs(cls, plan: PlanContext) -> list[tuple[str, Any]]:
-        """(name, compiled program) of every device program a run compiles, for `hbo_jax.memory`."""
+    def programs(cls, plan: PlanContext) -> list[tuple]:
+        """(name, compiled program) of every device program a run compiles, for `hbo_jax.memory`;
+        a third element, when given, is the bytes of the run's device state the program does
+        not take but that stays on the device while it runs (it counts toward the peak)."""
         return []

@@ -24,8 +24,10 @@ Here the blocks are stacked (`model.scan_layers`) and:
   a choice with the same stream and draw independently with different streams.
 - `active` is a device array: switching layers never recompiles.
 
-`LisaRunner` ties them into a plain fine-tuning step with the metrics of
-`hbo_jax.step.make_train_step`.
+`LisaSwitcher` follows one model's draws over a run (its indices put on the device once
+per draw, its moments reset or swapped on a switch); `LisaRunner` ties it into a plain
+fine-tuning step with the metrics of `hbo_jax.step.make_train_step`, and ScaleBiO runs
+one for u and one for w.
 """
 
 from __future__ import annotations
@@ -311,6 +313,40 @@ def make_lisa_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, pa
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,), keep_unused=True)
 
 
+class LisaSwitcher:
+    """One model's LISA layers over a run: its draws, the active indices on the device, and
+    what a new draw does to its block moments (reset, or swapped with the host-kept ones).
+
+    Args:
+        schedule: The model's layer draws.
+        mesh: The device mesh (the indices are replicated on it).
+        opt_state: The model's LISA optimizer state (shapes of the host-kept moments).
+        opt_sharding: Its shardings (the reset keeps them).
+        keep_moments: Keep each layer's moments on the host across switches (default: reset).
+    """
+
+    def __init__(self, schedule: LisaSchedule, mesh, opt_state=None, opt_sharding=None, keep_moments: bool = False):
+        self.schedule, self.mesh = schedule, mesh
+        self._reset = jax.jit(reset_block_moments, out_shardings=opt_sharding, donate_argnums=0)
+        self.host = HostMoments(opt_state, schedule.num_layers) if keep_moments else None
+        self._active = (None, None)  # (draw, its indices on the device): put once per draw
+
+    def active(self, step: int) -> jax.Array:
+        """The active layers at `step` as a replicated device array."""
+        draw = self.schedule.switch(step)
+        if self._active[0] != draw:
+            self._active = (draw, jax.device_put(self.schedule.active(step), replicated(self.mesh)))
+        return self._active[1]
+
+    def switch(self, step: int, opt_state):
+        """`opt_state` ready for step `step`: its block moments reset or swapped when a new draw starts there."""
+        if not self.schedule.switches_at(step):
+            return opt_state
+        if self.host is None:
+            return self._reset(opt_state)
+        return self.host.swap(opt_state, self.schedule.active(step - 1), self.schedule.active(step))
+
+
 class LisaRunner:
     """Plain fine-tuning with LISA: draws, switches and the train step, driven by the step count.
 
@@ -328,25 +364,14 @@ class LisaRunner:
     def __init__(self, graphdef, tx, mesh, num_groups: int, state: TrainState, schedule: LisaSchedule,
                  keep_moments: bool = False, packing: bool = False):
         check_stacked(nnx.merge(graphdef, state.params).spec)
-        self.schedule, self.mesh = schedule, mesh
         shardings = jax.tree.map(lambda x: x.sharding, state)
         self._step = make_lisa_train_step(graphdef, tx, mesh, num_groups, shardings, packing)
-        self._reset = jax.jit(reset_block_moments, out_shardings=shardings.opt_state, donate_argnums=0)
-        self.host = HostMoments(state.opt_state, schedule.num_layers) if keep_moments else None
-
-    def active(self, step: int) -> jax.Array:
-        """The active layers at `step` as a replicated device array."""
-        return jax.device_put(self.schedule.active(step), replicated(self.mesh))
+        self.layers = LisaSwitcher(schedule, mesh, state.opt_state, shardings.opt_state, keep_moments)
 
     def step(self, done: int, state: TrainState, batch) -> tuple[TrainState, dict]:
         """Takes step `done` (0-based): switches the layers first when a new draw starts there."""
-        if self.schedule.switches_at(done):
-            if self.host is None:
-                state = TrainState(state.step, state.params, self._reset(state.opt_state))
-            else:
-                opt = self.host.swap(state.opt_state, self.schedule.active(done - 1), self.schedule.active(done))
-                state = TrainState(state.step, state.params, opt)
-        return self._step(state, batch, self.active(done))
+        state = TrainState(state.step, state.params, self.layers.switch(done, state.opt_state))
+        return self._step(state, batch, self.layers.active(done))
 
 
 def compile_lisa_step(graphdef, params, tx, mesh, num_active: int, batch: dict, num_groups: int = 1,

@@ -8,6 +8,8 @@ XLA allocates on one device for each:
                      global reward comes from training: `mixing.global_source=train`)
   global probes      the probe-based global reward (per-example gradients for
                      `gradnorm_per_example`), when the strategy uses one
+  (ScaleBiO)         its u-step, w-step and lambda step, each with the state it
+                     does not take ("held": the other model's) counted in its peak
   scoring /          the per-example NLL forward of difficulty scoring and evaluation,
   evaluation         `scorer.score_batch_size` rows
 
@@ -45,16 +47,19 @@ class ProgramMemory:
     outputs: int
     aliased: int  # outputs written into donated inputs (counted once)
     scratch: int  # temporaries: activations, gradients, collectives' buffers
+    # The run's other device state, held while this program runs but not among its inputs
+    # (ScaleBiO's u-step runs while w's state waits): part of the device's peak.
+    held: int = 0
 
     @property
     def peak(self) -> int:
-        return self.arguments + self.outputs - self.aliased + self.scratch
+        return self.arguments + self.outputs - self.aliased + self.scratch + self.held
 
     @classmethod
-    def of(cls, name: str, compiled) -> "ProgramMemory":
+    def of(cls, name: str, compiled, held: int = 0) -> "ProgramMemory":
         m = compiled.memory_analysis()
         return cls(name, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-                   m.temp_size_in_bytes)
+                   m.temp_size_in_bytes, held)
 
 
 def model_spec(cfg: Config) -> LlamaSpec:
@@ -97,7 +102,8 @@ def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[Llama
     num_datasets = count_subsets(cfg) if num_datasets is None else num_datasets
     ctx = PlanContext(cfg, mesh, graphdef, params, num_datasets,
                       lambda n, **kw: _rows(n, seq, mesh, **kw))
-    out = [ProgramMemory.of(name, compiled) for name, compiled in algorithm_class(cfg.algorithm).programs(ctx)]
+    # (name, compiled) or (name, compiled, bytes held outside its inputs): `Algorithm.programs`.
+    out = [ProgramMemory.of(*program) for program in algorithm_class(cfg.algorithm).programs(ctx)]
     # Scoring and evaluation: score_batch_size rows (rounded up to the mesh), widest at seq_len.
     ev = _rows(round_up_rows(cfg.scorer.score_batch_size, mesh), seq, mesh)
     nll = make_example_nll_fn(graphdef, mesh)
@@ -116,14 +122,16 @@ def format_plan(spec: LlamaSpec, programs: list[ProgramMemory], mesh, limit: int
     """A table of the programs' per-device memory, and whether the largest fits `limit` bytes."""
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_model(spec)[1]))
     worst = max(programs, key=lambda p: p.peak)
+    width = max(34, *(len(p.name) + 2 for p in programs))
     unit, div = ("GiB", 1024**3) if max(worst.peak, limit or 0) >= 1024**3 else ("MiB", 1024**2)
     lines = [f"model: {n / 1e6:,.1f} M parameters ({spec.param_dtype}), compute {spec.dtype}, "
              f"remat {spec.remat_policy if spec.remat else 'off'}",
              f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].device_kind} device(s)",
-             "", f"{'per device (' + unit + ')':<34}{'inputs':>10}{'outputs':>10}{'scratch':>10}{'peak':>10}"]
+             "", f"{'per device (' + unit + ')':<{width}}"
+             + "".join(f"{c:>10}" for c in ("inputs", "outputs", "scratch", "held", "peak"))]
     for p in programs:
-        lines.append(f"{p.name:<34}{p.arguments / div:>10.2f}{(p.outputs - p.aliased) / div:>10.2f}"
-                     f"{p.scratch / div:>10.2f}{p.peak / div:>10.2f}")
+        lines.append(f"{p.name:<{width}}{p.arguments / div:>10.2f}{(p.outputs - p.aliased) / div:>10.2f}"
+                     f"{p.scratch / div:>10.2f}{p.held / div:>10.2f}{p.peak / div:>10.2f}")
     head = f"\nlargest: {worst.name}, {worst.peak / div:.2f} {unit} per device"
     if limit:
         verdict = "fits" if worst.peak <= limit else "does NOT fit"

@@ -199,12 +199,16 @@ def _nbytes(tree) -> int:
 
 
 @pytest.mark.parametrize("lisa_layers", [0, 1])
-def test_the_memory_planner_compiles_the_scalebio_step_on_two_models_and_three_optimizers(tmp_path, lisa_layers):
-    """Its arguments: u and w (with LISA, optimizer states over one block's view), lambda, the batches."""
+def test_the_memory_planner_counts_both_models_and_three_optimizers_in_every_scalebio_program(tmp_path, lisa_layers):
+    """u-step, w's two programs and the lambda step: each one's inputs plus what it holds
+    outside them are the run's whole state (u and w, with LISA optimizer states over one
+    block's view, lambda, the batches) and the earlier programs' outputs still alive."""
     cfg = load_config(None, _overrides(tmp_path / "r", tmp_path / "cache", "scalebio.val_batch_size=16",
                                        f"scalebio.lisa_layers={lisa_layers}"))
-    (ours,) = [p for p in plan(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]), num_datasets=3)[1]
-               if p.name.startswith("scalebio step (u, w, lambda")]
+    programs = {p.name.split(" [")[0]: p for p in plan(cfg, make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1]),
+                                                         num_datasets=3)[1] if p.name.startswith("scalebio")}
+    assert list(programs) == ["scalebio u-step", "scalebio w train gradient", "scalebio w-step (validation)",
+                              "scalebio lambda step"]
     _, params = abstract_model(model_spec(cfg))
     txs = make_optimizers(cfg.scalebio, cfg.train.steps)
     trainable = jax.eval_shape(lisa.view, params, np.zeros(lisa_layers, np.int32)) if lisa_layers else params
@@ -212,9 +216,15 @@ def test_the_memory_planner_compiles_the_scalebio_step_on_two_models_and_three_o
     logits = jax.ShapeDtypeStruct((3,), np.float32)
     lam = _nbytes(logits) + _nbytes(jax.eval_shape(txs.lam.init, logits))
     rows, val_rows, seq = cfg.train.batch_size, 16, cfg.data.seq_len
-    batches = rows * seq * 4 * 3 + rows * 4 + val_rows * seq * 4 * 3  # ids, targets, mask (+ group ids)
-    active = 2 * lisa_layers * 4  # u's and w's block indices
-    assert ours.arguments == state(txs.u) + state(txs.w) + lam + batches + active
+    train, val = rows * seq * 4 * 3 + rows * 4, val_rows * seq * 4 * 3  # ids, targets, mask (+ group ids)
+    active = lisa_layers * 4  # one model's block indices
+    run = state(txs.u) + state(txs.w) + lam + train + val + 2 * active
+    u_step = programs["scalebio u-step"]
+    assert u_step.arguments == state(txs.u) + _nbytes(logits) + train + active
+    assert u_step.arguments + u_step.held == run
+    w_step = programs["scalebio w-step (validation)"]  # takes the train gradient of the view as an input
+    assert w_step.arguments == state(txs.w) + _nbytes(trainable) + val + active
+    assert w_step.arguments + w_step.held > run + _nbytes(trainable)
     if lisa_layers:  # the moments cover the outer parameters and one of the two blocks
         assert _nbytes(jax.eval_shape(txs.u.init, trainable)) < 0.8 * _nbytes(jax.eval_shape(
             make_optimizers(dataclasses.replace(cfg.scalebio, lisa_layers=0), 4).u.init, params))

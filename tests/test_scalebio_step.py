@@ -123,6 +123,41 @@ def test_the_source_that_matches_the_validation_set_gains_the_most_weight(unifor
     assert p[0] > p[1:].max() + 0.05, p
 
 
+def test_no_scalebio_program_holds_more_than_one_pass_of_activations():
+    """At a shape whose activations (the logits) dwarf the parameters, every ScaleBiO program's
+    temporaries stay within a plain train step's on the same batch: u's pass, w's train pass
+    and w's validation pass run one at a time (in one program they were live together)."""
+    from hbo_jax.memory import ProgramMemory
+    from hbo_jax.models.llama import abstract_model
+    from hbo_jax.parallel import batch_sharding, tree_shardings
+    from hbo_jax.step import abstract_train_state, make_optimizer, make_train_step
+
+    spec = dataclasses.replace(SPEC, vocab_size=4096)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    graphdef, abstract = abstract_model(spec)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                          tree_shardings(abstract, mesh))
+    rows = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((16, 128), jnp.int32, sharding=rows) for k in ("input_ids", "targets")}
+    batch.update(loss_mask=jax.ShapeDtypeStruct((16, 128), jnp.float32, sharding=rows),
+                 group_id=jax.ShapeDtypeStruct((16,), jnp.int32, sharding=batch_sharding(mesh, 1)))
+    val = {k: batch[k] for k in ("input_ids", "targets", "loss_mask")}
+    tx = make_optimizer(1e-3, STEPS, 0, 0.0, 1.0)
+    state = abstract_train_state(params, tx, mesh)
+    plain = ProgramMemory.of("plain", make_train_step(graphdef, tx, mesh, D * K, state_shardings(state))
+                             .lower(state, batch).compile())
+    txs = make_optimizers(SC, STEPS)
+    u, w = (abstract_train_state(params, t, mesh) for t in (txs.u, txs.w))
+    lam = jax.eval_shape(lambda: init_lambda(D, txs.lam, mesh))
+    lam = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), lam)
+    step = make_scalebio_step(graphdef, txs, mesh, D, K, SC, STEPS,
+                              (state_shardings(u), state_shardings(w), jax.tree.map(lambda _: replicated(mesh), lam)),
+                              True)
+    scratch = {name: ProgramMemory.of(name, c, held).scratch for name, c, held in step.compile(u, w, lam, batch, val)}
+    assert plain.scratch > 8 * 2 ** 20, plain  # the logits, 16 x 128 x 4096 fp32 and their gradient, dominate
+    assert max(scratch.values()) <= 1.1 * plain.scratch, (scratch, plain)
+
+
 # ----------------------------------------------------------------------------- LISA
 
 LISA_SC = dataclasses.replace(SC, lisa_layers=1)

@@ -75,30 +75,26 @@ class ScaleBiOLisa:
     """
 
     def __init__(self, sc, num_layers: int, seed: int, mesh, opt_shardings: dict, opt_states: dict):
-        self.mesh = mesh
         streams = {"u": Stream.LISA_U, "w": Stream.LISA_U if sc.lisa_shared_choice else Stream.LISA_W}
-        self.schedules = {k: lisa.LisaSchedule(num_layers, sc.lisa_layers, sc.lisa_interval, seed, int(s))
-                          for k, s in streams.items()}
-        self.host = None
-        if sc.lisa_moments == "host":
-            if jax.process_count() > 1:  # HostMoments gathers the block moments on one host
-                raise ValueError("scalebio.lisa_moments=host runs on one process only: use lisa_moments=reset")
-            self.host = {k: lisa.HostMoments(opt_states[k], num_layers) for k in ("u", "w")}
-        self._reset = {k: jax.jit(lisa.reset_block_moments, out_shardings=opt_shardings[k], donate_argnums=0)
-                       for k in ("u", "w")}
+        keep = sc.lisa_moments == "host"
+        if keep and jax.process_count() > 1:  # HostMoments gathers the block moments on one host
+            raise ValueError("scalebio.lisa_moments=host runs on one process only: use lisa_moments=reset")
+        self.models = {k: lisa.LisaSwitcher(lisa.LisaSchedule(num_layers, sc.lisa_layers, sc.lisa_interval, seed,
+                                                              int(s)), mesh, opt_states.get(k), opt_shardings[k], keep)
+                       for k, s in streams.items()}
+        self.host = {k: m.host for k, m in self.models.items()} if keep else None
+
+    @property
+    def schedules(self) -> dict:
+        return {k: m.schedule for k, m in self.models.items()}
 
     def active(self, step: int) -> dict:
         """{"u": [gamma], "w": [gamma]} block indices at `step` (0-based), replicated."""
-        return {k: jax.device_put(s.active(step), replicated(self.mesh)) for k, s in self.schedules.items()}
+        return {k: m.active(step) for k, m in self.models.items()}
 
     def switch(self, step: int, name: str, opt_state):
         """`opt_state` of model `name` ready for step `step`: its block moments reset or swapped on a new draw."""
-        schedule = self.schedules[name]
-        if not schedule.switches_at(step):
-            return opt_state
-        if self.host is None:
-            return self._reset[name](opt_state)
-        return self.host[name].swap(opt_state, schedule.active(step - 1), schedule.active(step))
+        return self.models[name].switch(step, opt_state)
 
     def state(self) -> dict:
         """The host-kept moments as arrays on the host's CPU device (a checkpoint restores arrays by their
@@ -222,7 +218,8 @@ class ScaleBiO(Algorithm):
                 "sampled_p_global_final": dict(zip(self.names, self.schedule.at(self.total_steps)[0].tolist()))}
 
     @classmethod
-    def programs(cls, plan: PlanContext) -> list[tuple[str, object]]:
+    def programs(cls, plan: PlanContext) -> list[tuple[str, object, int]]:
+        """The u-step, the w-step and the lambda step (`ScaleBiOStep`), each with the state it does not take."""
         cfg, mesh, sc = plan.cfg, plan.mesh, plan.cfg.scalebio
         txs = make_optimizers(sc, cfg.train.steps)
         if sc.lisa_layers:  # the optimizer states cover the view: gamma blocks and the outer parameters
@@ -241,7 +238,4 @@ class ScaleBiO(Algorithm):
                if k in ("input_ids", "targets", "loss_mask")}
         active = jax.ShapeDtypeStruct((sc.lisa_layers,), jnp.int32, sharding=rep)
         extra = ({"u": active, "w": active},) if sc.lisa_layers else ()
-        compiled = step.lower(u, w, lam, plan.batch(cfg.train.batch_size), val, *extra).compile()
-        name = f"scalebio step (u, w, lambda; LISA {sc.lisa_layers} blocks)" if sc.lisa_layers else \
-            "scalebio step (u, w, lambda)"
-        return [(name, compiled)]
+        return step.compile(u, w, lam, plan.batch(cfg.train.batch_size), val, *extra)

@@ -1,4 +1,4 @@
-"""ScaleBiO's jitted step: u, w and the data-weight logits lambda updated together.
+"""ScaleBiO's step: u, w and the data-weight logits lambda updated together.
 
 The first-order penalty (minimax) form the reference code solves is
 
@@ -21,6 +21,10 @@ grad L2(w) + grad L1(w) / alpha. The reference feeds AdamW alpha times these, cl
 alpha (`--clip_model`); clipping g at 1 and running Adam with eps / alpha is the same
 update (Adam's step is invariant to the scale of its gradients but for eps), and keeps
 the clip a static threshold that XLA fuses into the update (`make_optimizers`).
+
+The step runs as four compiled programs, one pass each where a pass is taken (u's; w's
+on B_t; w's on V_t with w's update; lambda's closed form), so the device's peak is one
+pass's temporaries over the run's state, not the three passes' together (`ScaleBiOStep`).
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ class Optimizers(NamedTuple):
 class Selection(NamedTuple):
     """Which parameters a step trains: `view(params, active)` -> the trainable tree (what the
     gradient and the optimizer state cover), `write_back(params, trainable, active)` -> params,
-    and `token_nll(graphdef, params, trainable, active, input_ids, targets)` -> per-token NLL
-    of the model whose trainable part is `trainable` (differentiated in `trainable`).
+    `token_nll(graphdef, params, trainable, active, input_ids, targets)` -> per-token NLL
+    of the model whose trainable part is `trainable` (differentiated in `trainable`), and
+    `view_shardings(param_shardings)` -> the trainable tree's shardings (its gradient's).
 
     `FULL` trains every parameter (`active` is None). `LISA` trains the view of the active
     stacked blocks plus the always-trained embeddings, norm and head (`hbo_jax.lisa`), with
@@ -72,14 +77,16 @@ class Selection(NamedTuple):
     view: Callable[[Any, Any], Any]
     write_back: Callable[[Any, Any, Any], Any]
     token_nll: Callable[..., jax.Array]
+    view_shardings: Callable[[Any], Any]
 
 
 FULL = Selection(view=lambda params, active: params, write_back=lambda params, trainable, active: trainable,
                  token_nll=lambda graphdef, params, trainable, active, ids, targets: token_nll(
-                     graphdef, trainable, ids, targets))
+                     graphdef, trainable, ids, targets), view_shardings=lambda shardings: shardings)
 # The frozen stack serves the inactive blocks inside the scanned body, so no second copy of
 # the blocks is made and the gradient covers the view only.
-LISA = Selection(view=lisa.view, write_back=lisa.write_back, token_nll=lisa.lisa_token_nll)
+LISA = Selection(view=lisa.view, write_back=lisa.write_back, token_nll=lisa.lisa_token_nll,
+                 view_shardings=lisa.view_shardings)
 
 
 def reference_schedule(peak: float, steps: int, warmup_ratio: float, tau: float = 1.0,
@@ -163,9 +170,137 @@ def lambda_grad(p: jax.Array, m_w: jax.Array, m_u: jax.Array, alpha) -> jax.Arra
     return alpha * p * (d - jnp.dot(p, d))
 
 
+def _weighted_train_loss(graphdef, selection: Selection, num_datasets: int, num_buckets: int, uniform: bool):
+    """`loss(params, trainable, logits, batch, active) -> (L2, (token NLL [B, T], example NLL [B]))`:
+    the p-weighted train loss of the model whose trainable part is `trainable`."""
+
+    def loss(params, trainable, logits, batch: Batch, act):
+        source = batch["group_id"] // num_buckets
+        counts = jax.ops.segment_sum(jnp.ones(source.shape, jnp.float32), source, num_segments=num_datasets)
+        weights = example_weights(jax.nn.softmax(logits), source, counts, uniform)
+        nll = selection.token_nll(graphdef, params, trainable, act, batch["input_ids"], batch["targets"])
+        ex = example_nll(nll, batch["loss_mask"])[0]
+        return jnp.sum(weights * ex), (nll, ex)
+
+    return loss
+
+
+def _active(rest):
+    return rest[0] if rest else None  # LISA's block indices; none for FULL
+
+
+def _model_programs(graphdef, txs: Optimizers, selection: Selection, num_datasets: int, num_buckets: int,
+                    uniform: bool, sc, steps: int) -> tuple[Callable, Callable, Callable]:
+    """The unjitted u-step, w's train-gradient program and w's validation-and-update program.
+
+    u_step(u, logits, batch[, active]) -> (u, {m, grad_norm_u, nonfinite...}): descent on L2(u).
+    w_grads(w, logits, batch[, active]) -> (grad L2(w), {m, loss, tokens, group sums}).
+    w_update(w, grads, val[, active]) -> (w, {alpha, L1, grad_norm, nonfinite...}): descent on
+    grads + grad L1(w) / alpha. w's two passes are two programs so that only one pass's
+    activations are live at a time: in one program, even ordered by an optimization barrier,
+    XLA kept both passes' temporaries (the w-step's scratch was twice the u-step's).
+    """
+    train_loss = _weighted_train_loss(graphdef, selection, num_datasets, num_buckets, uniform)
+
+    def train_pass(state: TrainState, logits, batch: Batch, act):
+        """(trainable view, grad L2 in it, token NLL, example NLL, per-source means m)."""
+        trainable = selection.view(state.params, act)
+        (_, (nll, ex)), grads = jax.value_and_grad(train_loss, 1, has_aux=True)(state.params, trainable, logits,
+                                                                                  batch, act)
+        m = source_means(jax.lax.stop_gradient(ex), batch["group_id"] // num_buckets, num_datasets)[0]
+        return trainable, grads, nll, ex, m
+
+    def u_step(state: TrainState, logits, batch: Batch, *rest):
+        act = _active(rest)
+        trainable, grads, _, _, m = train_pass(state, logits, batch, act)
+        new, opt_state = apply_update(txs.u, grads, state.opt_state, trainable)
+        out = {"m": m, "grad_norm_u": optax.tree.norm(grads), **nonfinite_metrics(opt_state)}
+        return TrainState(state.step + 1, selection.write_back(state.params, new, act), opt_state), out
+
+    def w_grads(state: TrainState, logits, batch: Batch, *rest):
+        _, grads, nll, ex, m = train_pass(state, logits, batch, _active(rest))
+        mask = batch["loss_mask"]
+        return grads, {"m": m, "loss": masked_mean_loss(nll, mask), "tokens": jnp.sum(mask),
+                       **group_stats(ex, jnp.sum(nll * mask, -1), jnp.sum(mask, -1), batch["group_id"],
+                                     num_datasets * num_buckets)}
+
+    def w_update(state: TrainState, grads, val: Batch, *rest):
+        act = _active(rest)
+        alpha = alpha_at(sc, steps, state.step)
+        trainable = selection.view(state.params, act)
+
+        def loss_val(t):
+            l1 = masked_mean_loss(selection.token_nll(graphdef, state.params, t, act, val["input_ids"],
+                                                      val["targets"]), val["loss_mask"])
+            return l1 / alpha, l1
+
+        (_, l1), g_val = jax.value_and_grad(loss_val, has_aux=True)(trainable)
+        grads = jax.tree.map(jnp.add, grads, g_val)
+        new, opt_state = apply_update(txs.w, grads, state.opt_state, trainable)
+        out = {"alpha": alpha, "L1": l1, "grad_norm": optax.tree.norm(grads), **nonfinite_metrics(opt_state)}
+        return TrainState(state.step + 1, selection.write_back(state.params, new, act), opt_state), out
+
+    return u_step, w_grads, w_update
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of `tree`'s arrays (or sharded ShapeDtypeStructs)."""
+    def nbytes(x):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+
+    return sum(nbytes(x) for x in jax.tree.leaves(tree))
+
+
+class ScaleBiOStep:
+    """`step(u, w, lam, batch, val, active=None) -> (u, w, lam, metrics)` as four compiled programs.
+
+    The u-step, w's train-gradient program, w's validation-and-update program and the
+    lambda step run one after the other, each donating what it replaces, so the device
+    holds one pass's temporaries at a time: the peak is the largest program's (with the
+    state it does not take), where one program holding all three passes kept their
+    activations live together. Every gradient is still taken at (u_t, w_t, lambda_t):
+    u and w read lambda before the lambda step replaces it.
+    """
+
+    def __init__(self, programs: tuple, lisa: bool, names: tuple[str, ...]):
+        self.u_step, self.w_grads, self.w_update, self.lam_step = programs
+        self.lisa, self.names = lisa, names
+
+    def _active(self, active, key):
+        return (active[key],) if self.lisa else ()
+
+    def __call__(self, u: TrainState, w: TrainState, lam: LambdaState, batch: Batch, val: Batch, active=None):
+        act_w = self._active(active, "w")
+        u, out_u = self.u_step(u, lam.logits, batch, *self._active(active, "u"))
+        grads, out_train = self.w_grads(w, lam.logits, batch, *act_w)
+        w, out_val = self.w_update(w, grads, val, *act_w)
+        del grads  # freed before the lambda step, as `compile` counts it
+        lam, metrics = self.lam_step(lam, out_u, out_train, out_val)
+        drop = ("m", "alpha", "nonfinite", "nonfinite_streak")
+        return u, w, lam, {**{k: v for k, v in {**out_train, **out_val}.items() if k not in drop},
+                           "grad_norm_u": out_u["grad_norm_u"], **metrics}
+
+    def compile(self, u, w, lam, batch, val, active=None) -> list[tuple[str, Any, int]]:
+        """(name, compiled program, bytes the run holds on the device outside its inputs while it
+        runs) of each program, from sharded ShapeDtypeStructs (`hbo_jax.memory`)."""
+        act_u, act_w = self._active(active, "u"), self._active(active, "w")
+        out_u = jax.eval_shape(self.u_step, u, lam.logits, batch, *act_u)[1]
+        grads, out_train = jax.eval_shape(self.w_grads, w, lam.logits, batch, *act_w)
+        out_val = jax.eval_shape(self.w_update, w, grads, val, *act_w)[1]
+        state = device_bytes((u, w, lam, batch, val, active))
+        calls = (((u, lam.logits, batch, *act_u), ()),  # (arguments, earlier outputs still on the device)
+                 ((w, lam.logits, batch, *act_w), (out_u,)),
+                 ((w, grads, val, *act_w), (out_u, grads, out_train)),
+                 ((lam, out_u, out_train, out_val), (out_u, out_train, out_val)))
+        programs = (self.u_step, self.w_grads, self.w_update, self.lam_step)
+        return [(name, fn.lower(*args).compile(), state + device_bytes(live) - device_bytes(args))
+                for name, fn, (args, live) in zip(self.names, programs, calls)]
+
+
 def make_scalebio_step(graphdef, txs: Optimizers, mesh, num_datasets: int, num_buckets: int, sc, steps: int,
-                       shardings: tuple, uniform: bool, selection: Selection = FULL) -> Callable:
-    """Returns jitted `step(u, w, lam, batch, val, active=None) -> (u, w, lam, metrics)`.
+                       shardings: tuple, uniform: bool, selection: Selection = FULL) -> ScaleBiOStep:
+    """Returns `step(u, w, lam, batch, val, active=None) -> (u, w, lam, metrics)` (`ScaleBiOStep`).
 
     `u` and `w` are TrainStates (their optimizer states cover `selection.view` of the
     parameters), `lam` a LambdaState; all three are donated. `batch` is a training batch
@@ -176,57 +311,33 @@ def make_scalebio_step(graphdef, txs: Optimizers, mesh, num_datasets: int, num_b
     clipping), `tokens`, w's per-group sums (`group_stats`), `nonfinite`/`nonfinite_streak`
     (u or w skipped), and L1, L2_w, L2_u, gap = L2_w - L2_u, grad_norm_u.
     """
-    groups = num_datasets * num_buckets
+    u_step, w_grads, w_update = _model_programs(graphdef, txs, selection, num_datasets, num_buckets, uniform,
+                                                sc, steps)
 
-    def step(u: TrainState, w: TrainState, lam: LambdaState, batch: Batch, val: Batch, active=None):
-        act_u, act_w = (None, None) if active is None else (active["u"], active["w"])
-        alpha = alpha_at(sc, steps, w.step)
+    def lam_step(lam: LambdaState, out_u: dict, out_train: dict, out_val: dict):
         p = jax.nn.softmax(lam.logits)
-        source = batch["group_id"] // num_buckets
-        counts = jax.ops.segment_sum(jnp.ones(source.shape, jnp.float32), source, num_segments=num_datasets)
-        weights = example_weights(p, source, counts, uniform)
-
-        def train_nll(params, trainable, act):
-            nll = selection.token_nll(graphdef, params, trainable, act, batch["input_ids"], batch["targets"])
-            return nll, example_nll(nll, batch["loss_mask"])[0]
-
-        def loss_u(trainable):
-            _, ex = train_nll(u.params, trainable, act_u)
-            return jnp.sum(weights * ex), ex
-
-        def loss_w(trainable):
-            nll, ex = train_nll(w.params, trainable, act_w)
-            val_nll = selection.token_nll(graphdef, w.params, trainable, act_w, val["input_ids"], val["targets"])
-            l1 = masked_mean_loss(val_nll, val["loss_mask"])
-            return jnp.sum(weights * ex) + l1 / alpha, (nll, ex, l1)
-
-        (_, ex_u), g_u = jax.value_and_grad(loss_u, has_aux=True)(selection.view(u.params, act_u))
-        (_, (nll_w, ex_w, l1)), g_w = jax.value_and_grad(loss_w, has_aux=True)(selection.view(w.params, act_w))
-        m_u, _ = source_means(jax.lax.stop_gradient(ex_u), source, num_datasets)
-        m_w, _ = source_means(jax.lax.stop_gradient(ex_w), source, num_datasets)
-
-        new_u, opt_u = apply_update(txs.u, g_u, u.opt_state, selection.view(u.params, act_u))
-        new_w, opt_w = apply_update(txs.w, g_w, w.opt_state, selection.view(w.params, act_w))
-        g_lam = lambda_grad(p, m_w, m_u, alpha)
-        upd, opt_lam = txs.lam.update(g_lam, lam.opt_state, lam.logits)
-
-        mask = batch["loss_mask"]
+        m_u, m_w = out_u["m"], out_train["m"]
+        upd, opt_lam = txs.lam.update(lambda_grad(p, m_w, m_u, out_val["alpha"]), lam.opt_state, lam.logits)
         l2_w, l2_u = jnp.dot(p, m_w), jnp.dot(p, m_u)
-        nf_u, nf_w = nonfinite_metrics(opt_u), nonfinite_metrics(opt_w)
-        metrics = {"loss": masked_mean_loss(nll_w, mask), "grad_norm": optax.tree.norm(g_w), "tokens": jnp.sum(mask),
-                   "nonfinite": jnp.maximum(nf_u["nonfinite"], nf_w["nonfinite"]),
-                   "nonfinite_streak": jnp.maximum(nf_u["nonfinite_streak"], nf_w["nonfinite_streak"]),
-                   "L1": l1, "L2_w": l2_w, "L2_u": l2_u, "gap": l2_w - l2_u, "grad_norm_u": optax.tree.norm(g_u)}
-        metrics.update(group_stats(ex_w, jnp.sum(nll_w * mask, -1), jnp.sum(mask, -1), batch["group_id"], groups))
-        u = TrainState(u.step + 1, selection.write_back(u.params, new_u, act_u), opt_u)
-        w = TrainState(w.step + 1, selection.write_back(w.params, new_w, act_w), opt_w)
-        return u, w, LambdaState(optax.apply_updates(lam.logits, upd), opt_lam), metrics
+        metrics = {"L2_w": l2_w, "L2_u": l2_u, "gap": l2_w - l2_u,
+                   **{k: jnp.maximum(out_u[k], out_val[k]) for k in ("nonfinite", "nonfinite_streak")}}
+        return LambdaState(optax.apply_updates(lam.logits, upd), opt_lam), metrics
 
     bs = batch_sharding(mesh)
     in_batch = {"input_ids": bs, "targets": bs, "loss_mask": bs, "group_id": batch_sharding(mesh, 1)}
     in_val = {"input_ids": bs, "targets": bs, "loss_mask": bs}
     su, sw, slam = shardings
     rep = replicated(mesh)
-    active_in = () if selection is FULL else (rep,)  # LISA's {"u": [gamma], "w": [gamma]} block indices
-    return jax.jit(step, in_shardings=(su, sw, slam, in_batch, in_val, *active_in), out_shardings=(su, sw, slam, rep),
-                   donate_argnums=(0, 1, 2), keep_unused=True)
+    lisa_on = selection is not FULL
+    active_in = (rep,) if lisa_on else ()  # LISA's [gamma] block indices
+    jit = lambda fn, ins, outs, donate=(0,): jax.jit(fn, in_shardings=ins, out_shardings=outs,  # noqa: E731
+                                                     donate_argnums=donate, keep_unused=True)
+    grad_sh = selection.view_shardings(sw.params)
+    programs = (jit(u_step, (su, rep, in_batch, *active_in), (su, rep)),
+                jit(w_grads, (sw, rep, in_batch, *active_in), (grad_sh, rep), donate=()),
+                jit(w_update, (sw, grad_sh, in_val, *active_in), (sw, rep)),
+                jit(lam_step, (slam, rep, rep, rep), (slam, rep)))
+    what = f" [LISA {sc.lisa_layers}]" if lisa_on else ""
+    names = tuple(f"scalebio {n}{what}" for n in ("u-step", "w train gradient", "w-step (validation)",
+                                                   "lambda step"))
+    return ScaleBiOStep(programs, lisa_on, names)
