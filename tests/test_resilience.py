@@ -284,7 +284,8 @@ def test_a_resume_with_another_algorithm_is_refused_even_when_allowed():
     from hbo_jax.config import to_dict
 
     with pytest.raises(ConfigError, match="algorithm changed from 'sampling' to 'scalebio'.*Use a new run_dir"):
-        check_resume_config(to_dict(load_config(None, [])), to_dict(load_config(None, ["algorithm=scalebio", "scalebio.validation_subsets=[a]"])),
+        scalebio = load_config(None, ["algorithm=scalebio", "scalebio.validation_subsets=[a]"])
+        check_resume_config(to_dict(load_config(None, [])), to_dict(scalebio),
                             allow=True, where="here")
 
 
