@@ -283,10 +283,9 @@ def test_check_resume_config_names_nested_keys():
 def test_a_resume_with_another_algorithm_is_refused_even_when_allowed():
     from hbo_jax.config import to_dict
 
+    scalebio = load_config(None, ["algorithm=scalebio", "scalebio.validation_subsets=[a]"])
     with pytest.raises(ConfigError, match="algorithm changed from 'sampling' to 'scalebio'.*Use a new run_dir"):
-        scalebio = load_config(None, ["algorithm=scalebio", "scalebio.validation_subsets=[a]"])
-        check_resume_config(to_dict(load_config(None, [])), to_dict(scalebio),
-                            allow=True, where="here")
+        check_resume_config(to_dict(load_config(None, [])), to_dict(scalebio), allow=True, where="here")
 
 
 def test_resume_compares_the_resolved_data_seed():
