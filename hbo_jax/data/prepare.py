@@ -213,12 +213,14 @@ def _tokenizer(cfg: Config, subsets: list[Subset]):
 TOO_LONG = "longer than data.seq_len (data.too_long=drop)"  # the skip reason of a dropped example
 
 
-def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport) -> tuple[list, int]:
+def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport,
+           cut_rows: list | None = None) -> tuple[list, int]:
     """(ids, mask) of every usable row of the inputs, in order, and how many of them were cut.
 
     Bad rows go by `data.bad_input`; rows longer than data.seq_len by `data.too_long`. This is
     the one place an example is cut to fit (the stores hold at most seq_len + 1 tokens, so
-    `collate` and `pack` never cut one), so it is counted here.
+    `collate` and `pack` never cut one), so it is counted here; `cut_rows`, when given,
+    receives whether each returned example was cut.
     """
     out, cut = [], 0
     max_len = cfg.data.seq_len + 1  # seq_len + 1 ids give seq_len predicted positions
@@ -239,6 +241,8 @@ def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: Skip
             else:
                 cut += len(ids) > max_len
                 out.append(kept)
+                if cut_rows is not None:
+                    cut_rows.append(len(ids) > max_len)
     return out, cut
 
 
@@ -362,8 +366,10 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     encoded, counts = {}, {}
     for s in progress(mix, desc="tokenizing"):
         tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
-        tr, tr_cut = encode(tokenizer, s.train, s.format, cfg, tr_report)
-        tr = train_sample(tr, cfg.data.train_fraction, s.name, cfg.data.num_buckets)
+        tr_cut_rows: list[bool] = []
+        tr, _ = encode(tokenizer, s.train, s.format, cfg, tr_report, tr_cut_rows)
+        keep = train_sample(list(range(len(tr))), cfg.data.train_fraction, s.name, cfg.data.num_buckets)
+        tr, tr_cut = [tr[i] for i in keep], sum(tr_cut_rows[i] for i in keep)  # counted among the rows kept
         if len(tr) < cfg.data.num_buckets:
             raise DataError(_too_few(s, len(tr), tr_report, cfg.data.num_buckets))
         ev, ev_cut = encode(tokenizer, s.eval, s.format, cfg, ev_report)
