@@ -24,6 +24,11 @@ such a run is never drawn). The redraw among a set S of runs maps its 16 bits `r
 `t = r * W(S) >> 16` with W(S) the sum of S's `q_k`, and takes the run whose slice of
 [0, W(S)) holds `t`: each run's conditional probability is again within 2**-16 of
 q_k / W(S). Both are far below what a chi-square test of millions of elements detects.
+
+Two implementations of the same rule give the same bytes (a test pins both to the
+same digests): pieces of `fused.PIECES` elements, exact equality and dtypes of at most
+4 bytes run as one XLA loop on the host (`hbo_jax.merging.fused`); the rest (short
+tails, a tolerance, 8-byte dtypes) as branch-free NumPy passes over reused work arrays.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import hashlib
 import threading
 
 import numpy as np
+
+from hbo_jax.merging import fused
 
 SUBCHUNK = 1 << 17  # elements per pass inside a block: its temporaries (random bits, masks) stay in cache
 MAX_MODELS = 16  # a block of every input is held at once; shares of the draw are 2**-16 (module doc)
@@ -130,9 +137,14 @@ def changed(models: list[np.ndarray], base: np.ndarray, atol: float) -> list[np.
     return [np.abs(m.astype(np.float32) - b) > atol for m in models]
 
 
-def _parts(n: int, pool, fn):
-    """fn(lo, hi) over the SUBCHUNK pieces of 0..n, on `pool` (a ThreadPoolExecutor) when given."""
-    spans = [(lo, min(lo + SUBCHUNK, n)) for lo in range(0, n, SUBCHUNK)]
+def _parts(n: int, pool, fn, sizes: tuple[int, ...] = (SUBCHUNK,)):
+    """fn(lo, hi) over pieces of 0..n, on `pool` (a ThreadPoolExecutor) when given: as many of sizes[0]
+    as fit, then of sizes[1], ..., the last of sizes[-1] possibly shorter."""
+    spans, lo = [], 0
+    for size in sizes:
+        while n - lo >= size or (size == sizes[-1] and lo < n):
+            spans.append((lo, min(lo + size, n)))
+            lo = spans[-1][1]
     return list(pool.map(lambda s: fn(*s), spans)) if pool is not None and len(spans) > 1 else \
         [fn(*s) for s in spans]
 
@@ -195,14 +207,15 @@ def select_block(models: list[np.ndarray], base: np.ndarray | None, probs: np.nd
         return _select([m[lo:hi] for m in flat], b, probs, element_bits(key, start + lo, hi - lo), resample, atol,
                        raw[lo:hi])
 
-    return out.reshape(models[0].shape), _sum(_parts(out.size, pool, part))
+    sizes = fused.PIECES if fused.usable(out.dtype, atol) else (SUBCHUNK,)
+    return out.reshape(models[0].shape), _sum(_parts(out.size, pool, part, sizes))
 
 
-_SCRATCH = threading.local()  # per thread: work arrays of SUBCHUNK elements, reused piece after piece
+_SCRATCH = threading.local()  # per thread: work arrays of a piece, reused piece after piece
 
 
 def _scratch(tag: str, dtype, n: int) -> np.ndarray:
-    """A work array of this thread, `n` (<= SUBCHUNK) elements of `dtype`, its content undefined. Reused:
+    """A work array of this thread, `n` elements of `dtype`, its content undefined. Reused:
     fresh temporaries of this size are fresh pages (page faults) and cost more than the passes over them."""
     pool = getattr(_SCRATCH, "arrays", None)
     if pool is None:
@@ -238,7 +251,38 @@ def _changed_into(model: np.ndarray, base: np.ndarray, atol: float, out: np.ndar
 
 def _select(models, base, probs, bits, resample: bool, atol: float, out: np.ndarray) -> BlockStats:
     """Selection on one piece into `out` (the unsigned view of the merged piece); `bits` are the piece's
-    `element_bits`; see `select_block`. Every work array is this thread's, reused (`_scratch`)."""
+    `element_bits`; see `select_block`. A piece of a compiled length goes through `fused`, the rest
+    through NumPy passes over this thread's reused work arrays (`_scratch`): the same bytes."""
+    if bits.size in fused.PIECES and fused.usable(models[0].dtype, atol):
+        return _select_fused(models, base, probs, bits, resample, out)
+    return _select_numpy(models, base, probs, bits, resample, atol, out)
+
+
+def _select_fused(models, base, probs, bits, resample: bool, out: np.ndarray) -> BlockStats:
+    """`_select` by `fused.select` (exact equality); the per-model counts by NumPy."""
+    n = bits.size
+    q, edges = _weights(tuple(probs.tolist()))
+    unchanged = fused.select([_bits_view(m) for m in models], None if base is None else _bits_view(base), q,
+                             edges[:-1], bits, resample, out)
+    stats = BlockStats(elements=n)
+    if base is None:
+        return stats
+    cond, some = _scratch("cond", bool, n), _scratch("some", bool, n)
+    some.fill(False)
+    stats.equal_base = []
+    for j, m in enumerate(models):
+        c = _changed_into(m, base, 0.0, cond)
+        stats.equal_base.append(int(n - np.count_nonzero(c)))
+        if resample and q[j]:  # some run of positive share changed the element
+            np.logical_or(some, c, out=some)
+    if resample:
+        stats.kept_base = n - int(np.count_nonzero(some))
+        stats.resampled = unchanged - stats.kept_base  # a drawn run that changed it has a positive share
+    return stats
+
+
+def _select_numpy(models, base, probs, bits, resample: bool, atol: float, out: np.ndarray) -> BlockStats:
+    """`_select` by NumPy passes (any dtype and tolerance)."""
     n, k = bits.size, len(models)
     q, edges = _weights(tuple(probs.tolist()))
     vals = [_bits_view(m) for m in models]
