@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import mmap
 import os
 import re
 import shutil
@@ -106,12 +107,21 @@ class TensorReader(abc.ABC):
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows `start:stop` of a tensor (axis 0), reading little beyond them."""
+        return self._read(name, self._rows(name, start, stop))
+
+    def _rows(self, name: str, start: int, stop: int) -> slice:
+        """The checked slice of rows `start:stop` of a tensor."""
         shape = self.info(name).shape
         if not shape:
             raise ValueError(f"{self.where}: tensor {name!r} is a scalar (it has no rows)")
         if not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"{self.where}: rows {start}:{stop} of tensor {name!r} outside 0:{shape[0]}")
-        return self._read(name, slice(start, stop))
+        return slice(start, stop)
+
+    def map_block(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """`read(name)` (rows None) or `read_rows(name, *rows)`, as an array that may be read-only and
+        share memory with the file (no copy; see `SafetensorsReader`). Here: the copy `read` makes."""
+        return self.read(name) if rows is None else self.read_rows(name, *rows)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, tensor) pairs, one tensor in memory at a time."""
@@ -136,9 +146,10 @@ class SafetensorsReader(TensorReader):
 
     Tensors are listed in the index's order (one file: its header's), with their stored
     names and dtypes. `read`/`read_rows` read the bytes of a tensor or row block with
-    `os.preadv` straight into the array (no memory map, whose touched pages would stay
-    resident and count towards the process's memory while it streams whole models; the
-    read releases the GIL, so several threads read at once); `slice` gives safetensors'
+    `os.preadv` straight into the array (no memory map of the file, whose touched pages
+    would stay resident and count towards the process's memory while it streams whole
+    models; the read releases the GIL, so several threads read at once); `map_block` maps
+    the bytes of one block alone, read-only, without the copy; `slice` gives safetensors'
     memory-mapped lazy slice.
 
     Args:
@@ -208,7 +219,8 @@ class SafetensorsReader(TensorReader):
                                                 if k != "__metadata__"})
         return self._offsets[fname]
 
-    def _read(self, name: str, rows: slice | None) -> np.ndarray:
+    def _span(self, name: str, rows: slice | None) -> tuple[int, int, int, tuple[int, ...], np.dtype]:
+        """(descriptor, file position, bytes, shape, dtype) of a tensor or its rows."""
         info, fname = self._infos[name], self._file_of[name]
         fd, data_start, offsets = self._data_offsets(fname)
         begin, end = offsets[name]
@@ -217,15 +229,39 @@ class SafetensorsReader(TensorReader):
                                      f"its shape {info.shape} and dtype {info.dtype} need {info.nbytes}")
         total = info.shape[0] if info.shape else 1
         lo, hi = (0, total) if rows is None else (rows.start, rows.stop)
-        out = np.empty(((hi - lo), *info.shape[1:]) if info.shape else (), info.dtype.newbyteorder("<"))
+        row_bytes = info.nbytes // max(total, 1)
+        shape = ((hi - lo), *info.shape[1:]) if info.shape else ()
+        return fd, data_start + begin + lo * row_bytes, (hi - lo) * row_bytes, shape, info.dtype.newbyteorder("<")
+
+    def _read(self, name: str, rows: slice | None) -> np.ndarray:
+        fd, pos, nbytes, shape, dtype = self._span(name, rows)
+        out = np.empty(shape, dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
-        pos, done = data_start + begin + lo * (info.nbytes // max(total, 1)), 0
+        done = 0
         while done < len(view):
             got = os.preadv(fd, [view[done:]], pos + done)
             if got == 0:
-                raise CheckpointMismatch(f"{self.dir / fname}: file ends inside tensor {name!r}")
+                raise CheckpointMismatch(f"{self.dir / self._file_of[name]}: file ends inside tensor {name!r}")
             done += got
         return out
+
+    def map_block(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor or its rows as a read-only array over a memory map of those bytes alone (unmapped
+        when the array is freed): no copy into the process, which costs more CPU than the rest of
+        reading (a streaming merge hashes and merges the pages where they are). Only the block is
+        resident, as with `read`; a file truncated while a block of it is mapped ends the process
+        (SIGBUS), so a tool that holds blocks long should `read` them."""
+        self.info(name)
+        fd, pos, nbytes, shape, dtype = self._span(name, None if rows is None else self._rows(name, *rows))
+        if nbytes == 0:
+            return np.empty(shape, dtype)
+        if pos + nbytes > os.fstat(fd).st_size:
+            raise CheckpointMismatch(f"{self.dir / self._file_of[name]}: file ends inside tensor {name!r}")
+        at = pos - pos % mmap.ALLOCATIONGRANULARITY  # a mapping starts at a page boundary
+        mapped = mmap.mmap(fd, pos + nbytes - at, offset=at, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_WILLNEED"):
+            mapped.madvise(mmap.MADV_WILLNEED)  # the whole block read ahead, not page by page on faults
+        return np.frombuffer(mapped, dtype, count=nbytes // dtype.itemsize, offset=pos - at).reshape(shape)
 
     def close(self) -> None:
         self._handles.clear()
