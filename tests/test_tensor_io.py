@@ -125,10 +125,10 @@ def test_a_row_block_is_the_slice_of_the_whole_tensor(kind, request, tmp_path):
         for name, whole in reader.items():
             n = whole.shape[0]
             for start, stop in ((0, n), (1, max(1, n // 3)), (n // 2, n), (n - 1, n), (3, 3)):
-                for block in (reader.read_rows(name, start, stop), reader.map_block(name, (start, stop))):
+                for block in (reader.read_rows(name, start, stop), reader.stream_block(name, (start, stop))):
                     assert block.dtype == whole.dtype, name
                     np.testing.assert_array_equal(block, whole[start:stop], err_msg=f"{name}[{start}:{stop}]")
-            np.testing.assert_array_equal(reader.map_block(name), whole)
+            np.testing.assert_array_equal(reader.stream_block(name), whole)
 
 
 def test_a_file_cut_short_after_opening_is_named_by_read_and_map(tmp_path):
@@ -137,7 +137,7 @@ def test_a_file_cut_short_after_opening_is_named_by_read_and_map(tmp_path):
     with SafetensorsReader(tmp_path) as reader:  # safetensors checks the size when it opens the file
         last = max(reader.names(), key=lambda n: reader._span(n, None)[1])  # its bytes end the file
         os.truncate(tmp_path / "model.safetensors", len(data) - 4)
-        for read in (reader.read, reader.map_block):
+        for read in (reader.read, reader.stream_block):
             with pytest.raises(CheckpointMismatch, match=f"ends inside tensor '{last}'"):
                 read(last)
 

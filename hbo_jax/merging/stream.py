@@ -88,7 +88,7 @@ class InputStream:
                     if h is not None:
                         self.tensor_digests[current] = h.hexdigest()
                     current, h = name, hashlib.sha256()
-                block = np.ascontiguousarray(self.reader.map_block(name, rows))  # hashed and merged in place
+                block = np.ascontiguousarray(self.reader.stream_block(name, rows))  # hashed and merged in place
                 h.update(block.reshape(-1).view(np.uint8))
                 if self.dtypes is not None:
                     block = block.astype(self.dtypes[name], copy=False)
