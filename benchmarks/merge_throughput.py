@@ -196,11 +196,12 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print("\n| shape | K | page cache | input GB | merge s | merge GB/s | CPU ns / element | disk GB/s: 1 stream "
-          "cold / warm / O_DIRECT, K+1 streams cold | merge / disk: 1 stream cold, O_DIRECT | peak RSS GB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | K | code | page cache | input GB | merge s | merge GB/s | CPU ns / element | disk GB/s: "
+          "1 stream cold / warm / O_DIRECT, K+1 streams cold | merge / disk: 1 stream cold, O_DIRECT | "
+          "peak RSS GB | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['k']} | {r['cache']} | {r['input_GB']:.2f} | {r['seconds']:.1f} | "
+        print(f"| {r['shape']} | {r['k']} | {r['code']} | {r['cache']} | {r['input_GB']:.2f} | {r['seconds']:.1f} | "
               f"{r['GB_per_s']:.2f} | {r['cpu_ns_per_element']:.1f} | {r['disk_cold_GB_per_s']:.2f} / "
               f"{r['disk_warm_GB_per_s']:.2f} / {r['disk_direct_GB_per_s']:.2f} / "
               f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f}, {r['vs_direct_disk']:.2f} | "
