@@ -56,16 +56,23 @@ def _compiled(k: int, resample: bool):
         # packed above the value's bits, is one pass
         return merged.astype(jnp.uint32) | (not_kept.astype(jnp.uint32) << 16)
 
-    return jax.jit(rule), jax.devices("cpu")[0]
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS leaves the host's backend out
+        cpu = None
+    return jax.jit(rule), cpu
 
 
 def select(vals: list[np.ndarray], base: np.ndarray | None, shares: np.ndarray, edges: np.ndarray,
-           bits: np.ndarray, resample: bool, out: np.ndarray) -> int:
+           bits: np.ndarray, resample: bool, out: np.ndarray) -> int | None:
     """The selection of one piece into `out` (unsigned bit patterns, as `select._select`'s arguments);
-    returns the number of elements whose drawn run left them at the base when resampling, else 0."""
+    returns the number of elements whose drawn run left them at the base when resampling, else 0;
+    None (nothing done) where JAX has no host backend."""
     import jax
 
     fn, cpu = _compiled(len(vals), resample)
+    if cpu is None:
+        return None
     with jax.default_device(cpu):  # on the host whatever the default device: the blocks are there
         res = fn(bits, shares, edges, vals[0] if base is None else base, *vals)
     if not resample:

@@ -254,16 +254,20 @@ def _select(models, base, probs, bits, resample: bool, atol: float, out: np.ndar
     `element_bits`; see `select_block`. A piece of a compiled length goes through `fused`, the rest
     through NumPy passes over this thread's reused work arrays (`_scratch`): the same bytes."""
     if bits.size in fused.PIECES and fused.usable(models[0].dtype, atol):
-        return _select_fused(models, base, probs, bits, resample, out)
+        stats = _select_fused(models, base, probs, bits, resample, out)
+        if stats is not None:
+            return stats
     return _select_numpy(models, base, probs, bits, resample, atol, out)
 
 
-def _select_fused(models, base, probs, bits, resample: bool, out: np.ndarray) -> BlockStats:
-    """`_select` by `fused.select` (exact equality); the per-model counts by NumPy."""
+def _select_fused(models, base, probs, bits, resample: bool, out: np.ndarray) -> BlockStats | None:
+    """`_select` by `fused.select` (exact equality); the per-model counts by NumPy. None: not done."""
     n = bits.size
     q, edges = _weights(tuple(probs.tolist()))
     unchanged = fused.select([_bits_view(m) for m in models], None if base is None else _bits_view(base), q,
                              edges[:-1], bits, resample, out)
+    if unchanged is None:
+        return None
     stats = BlockStats(elements=n)
     if base is None:
         return stats
