@@ -8,6 +8,7 @@ Llama with tied embeddings and its transformers logits in `reference.npz`) and c
 it with perturbed elements.
 """
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from scipy import stats as sps
 
 from hbo_jax.merge import main as merge_main, merge, merge_inputs
-from hbo_jax.merging import inputs as mi
+from hbo_jax.merging import fused, inputs as mi
 from hbo_jax.merging.select import average_block, element_bits, select_block, tensor_key
 from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter
 
@@ -112,6 +113,28 @@ def test_resampling_never_keeps_the_base_where_some_run_changed_it():
     assert st.kept_base == int((~some).sum()) and st.resampled > 0
     plain, _ = select_block(models, base, np.full(3, 1 / 3), tensor_key(1, "t"), 0, resample=False)
     assert np.any(plain[some] == base[some])  # without resampling the base does survive
+
+
+@pytest.mark.parametrize("pieces", [None, (4096, 1024)], ids=["numpy", "fused"])
+@pytest.mark.parametrize("k, resample, probs, digest, resampled, kept_base", [
+    (3, True, [1 / 3] * 3, "abf57d548dfe25b5", 6123, 3818),
+    (5, True, [0.1, 0.0, 0.4, 0.3, 0.2], "f6a2de89e41c68e8", 6718, 3135),  # a run of probability 0
+    (3, False, [0.5, 0.3, 0.2], "5f9c7b163bde0f54", 0, 0),
+])
+def test_selection_bytes_are_pinned(k, resample, probs, digest, resampled, kept_base, pieces, monkeypatch):
+    # A merge's bytes are a function of (seed, name, position) that users may re-derive: each
+    # implementation must give the same ones (pinned from the first version of the rules). "fused":
+    # short compiled pieces, so the 21000 elements go through XLA (4096, 1024) and NumPy (the tail)
+    if pieces is not None:
+        monkeypatch.setattr(fused, "PIECES", pieces)
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(70, 300)).astype(ml_dtypes.bfloat16)
+    models = [np.where(rng.random(base.shape) < 0.4, base,
+                       (base.astype(np.float32) * 1.01 + 0.01).astype(ml_dtypes.bfloat16)) for _ in range(k)]
+    out, st = select_block(models, base, np.array(probs), tensor_key(9, "model.layers.3.mlp.up_proj.weight"),
+                           1234567, resample=resample)
+    assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == digest
+    assert (st.resampled, st.kept_base, st.equal_base[:3]) == (resampled, kept_base, [9943, 9973, 9925])
 
 
 def test_average_equals_the_direct_computation():

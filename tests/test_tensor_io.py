@@ -8,6 +8,7 @@ bfloat16 parameters) with its `python -m hbo_jax.export` output as the reference
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.models.gguf import GgufReader
 from hbo_jax.models.readers import RunReader, open_reader
 from hbo_jax.models.tensor_io import INDEX_FILE, SafetensorsReader, SafetensorsWriter
@@ -123,9 +125,21 @@ def test_a_row_block_is_the_slice_of_the_whole_tensor(kind, request, tmp_path):
         for name, whole in reader.items():
             n = whole.shape[0]
             for start, stop in ((0, n), (1, max(1, n // 3)), (n // 2, n), (n - 1, n), (3, 3)):
-                block = reader.read_rows(name, start, stop)
-                assert block.dtype == whole.dtype, name
-                np.testing.assert_array_equal(block, whole[start:stop], err_msg=f"{name}[{start}:{stop}]")
+                for block in (reader.read_rows(name, start, stop), reader.stream_block(name, (start, stop))):
+                    assert block.dtype == whole.dtype, name
+                    np.testing.assert_array_equal(block, whole[start:stop], err_msg=f"{name}[{start}:{stop}]")
+            np.testing.assert_array_equal(reader.stream_block(name), whole)
+
+
+def test_a_file_cut_short_after_opening_is_named_by_read_and_map(tmp_path):
+    data = (PARITY / "tied" / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with SafetensorsReader(tmp_path) as reader:  # safetensors checks the size when it opens the file
+        last = max(reader.names(), key=lambda n: reader._span(n, None)[1])  # its bytes end the file
+        os.truncate(tmp_path / "model.safetensors", len(data) - 4)
+        for read in (reader.read, reader.stream_block):
+            with pytest.raises(CheckpointMismatch, match=f"ends inside tensor '{last}'"):
+                read(last)
 
 
 def test_rows_outside_the_tensor_are_refused():

@@ -24,6 +24,11 @@ such a run is never drawn). The redraw among a set S of runs maps its 16 bits `r
 `t = r * W(S) >> 16` with W(S) the sum of S's `q_k`, and takes the run whose slice of
 [0, W(S)) holds `t`: each run's conditional probability is again within 2**-16 of
 q_k / W(S). Both are far below what a chi-square test of millions of elements detects.
+
+Two implementations of the same rule give the same bytes (a test pins both to the
+same digests): pieces of `fused.PIECES` elements, exact equality and dtypes of at most
+4 bytes run as one XLA loop on the host (`hbo_jax.merging.fused`); the rest (short
+tails, a tolerance, 8-byte dtypes) as branch-free NumPy passes over reused work arrays.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import hashlib
 import threading
 
 import numpy as np
+
+from hbo_jax.merging import fused
 
 SUBCHUNK = 1 << 17  # elements per pass inside a block: its temporaries (random bits, masks) stay in cache
 MAX_MODELS = 16  # a block of every input is held at once; shares of the draw are 2**-16 (module doc)
@@ -130,9 +137,14 @@ def changed(models: list[np.ndarray], base: np.ndarray, atol: float) -> list[np.
     return [np.abs(m.astype(np.float32) - b) > atol for m in models]
 
 
-def _parts(n: int, pool, fn):
-    """fn(lo, hi) over the SUBCHUNK pieces of 0..n, on `pool` (a ThreadPoolExecutor) when given."""
-    spans = [(lo, min(lo + SUBCHUNK, n)) for lo in range(0, n, SUBCHUNK)]
+def _parts(n: int, pool, fn, sizes: tuple[int, ...] = (SUBCHUNK,)):
+    """fn(lo, hi) over pieces of 0..n, on `pool` (a ThreadPoolExecutor) when given: as many of sizes[0]
+    as fit, then of sizes[1], ..., the last of sizes[-1] possibly shorter."""
+    spans, lo = [], 0
+    for size in sizes:
+        while n - lo >= size or (size == sizes[-1] and lo < n):
+            spans.append((lo, min(lo + size, n)))
+            lo = spans[-1][1]
     return list(pool.map(lambda s: fn(*s), spans)) if pool is not None and len(spans) > 1 else \
         [fn(*s) for s in spans]
 
@@ -188,64 +200,141 @@ def select_block(models: list[np.ndarray], base: np.ndarray | None, probs: np.nd
     flat = [m.reshape(-1) for m in models]
     flat_base = None if base is None else base.reshape(-1)
     out = np.empty(flat[0].size, flat[0].dtype)
+    raw = _bits_view(out)
 
     def part(lo, hi):
         b = None if flat_base is None else flat_base[lo:hi]
-        out[lo:hi], stats = _select([m[lo:hi] for m in flat], b, probs, element_bits(key, start + lo, hi - lo),
-                                    resample, atol)
-        return stats
+        return _select([m[lo:hi] for m in flat], b, probs, element_bits(key, start + lo, hi - lo), resample, atol,
+                       raw[lo:hi])
 
-    return out.reshape(models[0].shape), _sum(_parts(out.size, pool, part))
-
-
-def _blend(out: np.ndarray, src: np.ndarray, cond: np.ndarray) -> None:
-    """out[cond] = src[cond], in place on unsigned bit patterns (out ^= (out ^ src) & mask): a few branch-free
-    integer passes; masked copies (np.copyto where=, np.where) branch per element, ~20x slower on random masks."""
-    mask = cond.view(np.uint8).astype(out.dtype)
-    np.negative(mask, out=mask)  # 0 or all ones
-    diff = np.bitwise_xor(out, src)
-    np.bitwise_and(diff, mask, out=diff)
-    np.bitwise_xor(out, diff, out=out)
+    sizes = fused.PIECES if fused.usable(out.dtype, atol) else (SUBCHUNK,)
+    return out.reshape(models[0].shape), _sum(_parts(out.size, pool, part, sizes))
 
 
-def _take(values: list[np.ndarray], conds: list[np.ndarray]) -> np.ndarray:
-    """Per element, values[k] for the first k whose conds[k] holds (values[-1] where none does): blends
-    from the last run down, so the first true condition is written last. Unsigned or bool values."""
-    out = values[-1].copy()
-    raw = out.view(np.uint8) if out.dtype == bool else out
-    for v, c in zip(values[-2::-1], conds[::-1]):
-        _blend(raw, v.view(np.uint8) if v.dtype == bool else v, c)
+_SCRATCH = threading.local()  # per thread: work arrays of a piece, reused piece after piece
+
+
+def _scratch(tag: str, dtype, n: int) -> np.ndarray:
+    """A work array of this thread, `n` elements of `dtype`, its content undefined. Reused:
+    fresh temporaries of this size are fresh pages (page faults) and cost more than the passes over them."""
+    pool = getattr(_SCRATCH, "arrays", None)
+    if pool is None:
+        pool = _SCRATCH.arrays = {}
+    arr = pool.get((tag, np.dtype(dtype)))
+    if arr is None or arr.size < n:
+        arr = pool[(tag, np.dtype(dtype))] = np.empty(max(n, SUBCHUNK), dtype)
+    return arr[:n]
+
+
+class _Blender:
+    """`out[cond] = src[cond]` on unsigned bit patterns, as out ^= (out ^ src) & mask: a few branch-free
+    integer passes over reused arrays; masked copies (np.copyto where=, np.where) branch per element
+    and cost ~20x more on random masks, np.choose more still."""
+
+    def __init__(self, dtype, n: int):
+        self.mask, self.diff = _scratch("mask", dtype, n), _scratch("diff", dtype, n)
+
+    def __call__(self, out: np.ndarray, src: np.ndarray, cond: np.ndarray) -> None:
+        np.negative(cond.view(np.int8), out=self.mask, casting="unsafe")  # True (1) -> -1 -> all ones
+        np.bitwise_xor(out, src, out=self.diff)
+        np.bitwise_and(self.diff, self.mask, out=self.diff)
+        np.bitwise_xor(out, self.diff, out=out)
+
+
+def _changed_into(model: np.ndarray, base: np.ndarray, atol: float, out: np.ndarray) -> np.ndarray:
+    """`changed` of one model, into the bool array `out`."""
+    if atol == 0:
+        return np.not_equal(_bits_view(model), _bits_view(base), out=out)
+    out[...] = changed([model], base, atol)[0]
     return out
 
 
-def _select(models, base, probs, bits, resample: bool, atol: float):
-    """Selection on one piece: `bits` are the piece's `element_bits`; see `select_block`."""
+def _select(models, base, probs, bits, resample: bool, atol: float, out: np.ndarray) -> BlockStats:
+    """Selection on one piece into `out` (the unsigned view of the merged piece); `bits` are the piece's
+    `element_bits`; see `select_block`. A piece of a compiled length goes through `fused`, the rest
+    through NumPy passes over this thread's reused work arrays (`_scratch`): the same bytes."""
+    if bits.size in fused.PIECES and fused.usable(models[0].dtype, atol):
+        stats = _select_fused(models, base, probs, bits, resample, out)
+        if stats is not None:
+            return stats
+    return _select_numpy(models, base, probs, bits, resample, atol, out)
+
+
+def _select_fused(models, base, probs, bits, resample: bool, out: np.ndarray) -> BlockStats | None:
+    """`_select` by `fused.select` (exact equality); the per-model counts by NumPy. None: not done."""
+    n = bits.size
     q, edges = _weights(tuple(probs.tolist()))
-    draw = bits >> np.uint32(16)
-    before = [draw < e for e in edges[:-1]]  # drawn run <= k
-    vals = [_bits_view(m) for m in models]
-    stats = BlockStats(elements=bits.size)
+    unchanged = fused.select([_bits_view(m) for m in models], None if base is None else _bits_view(base), q,
+                             edges[:-1], bits, resample, out)
+    if unchanged is None:
+        return None
+    stats = BlockStats(elements=n)
     if base is None:
-        return _take(vals, before).view(models[0].dtype), stats
-    ch = changed(models, base, atol)
-    stats.equal_base = [int(c.size - np.count_nonzero(c)) for c in ch]
+        return stats
+    cond, some = _scratch("cond", bool, n), _scratch("some", bool, n)
+    some.fill(False)
+    stats.equal_base = []
+    for j, m in enumerate(models):
+        c = _changed_into(m, base, 0.0, cond)
+        stats.equal_base.append(int(n - np.count_nonzero(c)))
+        if resample and q[j]:  # some run of positive share changed the element
+            np.logical_or(some, c, out=some)
+    if resample:
+        stats.kept_base = n - int(np.count_nonzero(some))
+        stats.resampled = unchanged - stats.kept_base  # a drawn run that changed it has a positive share
+    return stats
+
+
+def _select_numpy(models, base, probs, bits, resample: bool, atol: float, out: np.ndarray) -> BlockStats:
+    """`_select` by NumPy passes (any dtype and tolerance)."""
+    n, k = bits.size, len(models)
+    q, edges = _weights(tuple(probs.tolist()))
+    vals = [_bits_view(m) for m in models]
+    blend, cond = _Blender(out.dtype, n), _scratch("cond", bool, n)
+    draw = np.right_shift(bits, np.uint32(16), out=_scratch("draw", np.uint32, n))
+    # the drawn run: the first k with draw < edges[k]; blended from the last run down, so it is written last
+    np.copyto(out, vals[-1])
+    for j in range(k - 2, -1, -1):
+        blend(out, vals[j], np.less(draw, edges[j], out=cond))
+    stats = BlockStats(elements=n)
+    if base is None:
+        return stats
+    ch = [_changed_into(m, base, atol, _scratch(f"changed{j}", bool, n)) for j, m in enumerate(models)]
+    stats.equal_base = [int(n - np.count_nonzero(c)) for c in ch]
     if not resample:
-        return _take(vals, before).view(models[0].dtype), stats
-    # the redraw among the runs that changed the element: prefix sums of their shares
-    cum, total = [], np.zeros(bits.size, np.uint32)
-    for c, share in zip(ch, q):
-        total += np.multiply(c, share, dtype=np.uint32)
-        cum.append(total.copy())
-    target = np.bitwise_and(bits, np.uint32(0xFFFF))
-    target *= total  # < 2**32: r < 2**16, total <= 2**16
-    target >>= np.uint32(16)  # uniform on [0, total): the run whose slice holds it
-    again = _take(vals, [c > target for c in cum[:-1]])
-    keep = _take(ch, before)  # the drawn run changed the element: keep its value
-    out = _take(vals, before)
-    some = total > 0  # some run of positive share changed it
-    redo = np.logical_and(some, np.logical_not(keep))
-    _blend(out, again, redo)
-    kept_base = np.logical_not(some)  # nobody changed it: the base value itself (not a run's within atol)
-    _blend(out, _bits_view(base), kept_base)
-    stats.resampled, stats.kept_base = int(np.count_nonzero(redo)), int(np.count_nonzero(kept_base))
-    return out.view(models[0].dtype), stats
+        return stats
+    # The redraw among the runs that changed the element: with their shares' prefix sums cum[j] (total:
+    # the last), t = r * total >> 16 for the lower 16 bits r, the run is the first j with cum[j] > t. The
+    # drawn run kept where it changed the element, the redrawn one elsewhere; with total 0 (no run of
+    # positive share changed it) nothing is > t and the element keeps the base's own value.
+    shares = [_scratch(f"share{j}", np.uint32, n) for j in range(k)]
+    total = _scratch("total", np.uint32, n)
+    for j, (c, s) in enumerate(zip(ch, shares)):
+        np.negative(c.view(np.int8), out=s, casting="unsafe")
+        np.bitwise_and(s, q[j], out=s)
+        if j == 0:
+            np.copyto(total, s)
+        else:
+            np.add(total, s, out=total)
+    target = np.bitwise_and(bits, np.uint32(0xFFFF), out=_scratch("target", np.uint32, n))
+    np.multiply(target, total, out=target)  # < 2**32: r < 2**16, total <= 2**16
+    np.right_shift(target, np.uint32(16), out=target)  # uniform on [0, total)
+    some = int(np.count_nonzero(total))
+    # again = vals[number of j with cum[j] <= t] (base after the last run), going up: cum[j] <= t holds
+    # for the j below that number, so the last write is the one
+    again, cum = _scratch("again", out.dtype, n), total  # total's array is free now: it holds the prefix sum
+    np.copyto(again, vals[0])
+    for j in range(k):
+        if j == 0:
+            np.copyto(cum, shares[0])
+        else:
+            np.add(cum, shares[j], out=cum)
+        blend(again, vals[j + 1] if j + 1 < k else _bits_view(base), np.less_equal(cum, target, out=cond))
+    # the drawn value left at the base (`changed` is elementwise: the drawn run's own mask) takes the redraw
+    not_kept = _changed_into(out.view(models[0].dtype), base, atol, cond)
+    np.logical_not(not_kept, out=not_kept)
+    unchanged = int(np.count_nonzero(not_kept))
+    blend(out, again, not_kept)
+    stats.kept_base = n - some
+    stats.resampled = unchanged - stats.kept_base  # a drawn run that changed it has a positive share
+    return stats

@@ -1,7 +1,9 @@
 """Streams a merge: one block of rows of one tensor from every input at a time.
 
-Each input has its own reader thread that reads the blocks in the merge's order, hashes
-them (the input's digest in merge.json) and hands them over through a queue of
+Each input has its own reader thread that reads the blocks in the merge's order
+(`TensorReader.stream_block`: O_DIRECT for safetensors files, around the page cache,
+whose filling and copying cost more CPU than anything but the hashing and the
+selection), hashes them (the input's digest in merge.json) and hands them over through a queue of
 `PREFETCH` blocks; the main thread merges a block of all K models (+ the base) and
 writes it while the readers fetch the next ones. Memory is at most (K+1) x (PREFETCH+2)
 blocks (queued, being read, being merged) plus two output blocks (one being written on
@@ -88,8 +90,7 @@ class InputStream:
                     if h is not None:
                         self.tensor_digests[current] = h.hexdigest()
                     current, h = name, hashlib.sha256()
-                block = self.reader.read(name) if rows is None else self.reader.read_rows(name, *rows)
-                block = np.ascontiguousarray(block)
+                block = np.ascontiguousarray(self.reader.stream_block(name, rows))
                 h.update(block.reshape(-1).view(np.uint8))
                 if self.dtypes is not None:
                     block = block.astype(self.dtypes[name], copy=False)
