@@ -60,7 +60,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH
 # the cheaper and more important measurements first, the study last.
 # The smoke budgets are loose: they guard against a hang, not a slow shared CI machine.
 PHASES = {"env": (30, 60), "train_smollm2": (100, 90), "train_1b": (120, 90), "sampler": (45, 60),
-          "mixing": (120, 120), "lisa_scalebio": (45, 60), "study": (0, 0)}
+          "mixing": (120, 120), "lisa_scalebio": (45, 180), "study": (0, 0)}
 SAMPLER_BATCH, SAMPLER_SEQ = 64, 2048
 # --smoke's model (hidden, layers, heads, kv heads, intermediate, vocab, tied): one small
 # block, so that the compiles, not the shapes, are what the smoke run exercises.
