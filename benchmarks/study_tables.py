@@ -167,7 +167,9 @@ def time_rows(per_arm: dict[str, dict[int, dict]]) -> list[str]:
     rows = ["| arm | training loop, s (mean) | whole run, s (mean) |", "|---|---:|---:|"]
     for arm, seeds in per_arm.items():
         loop = [r["seconds"]["train_loop_seconds"] for r in seeds.values() if r["seconds"].get("train_loop_seconds")]
-        wall = [r["seconds"]["study_wall"] for r in seeds.values() if r["seconds"].get("study_wall")]
+        # The run's own wall clock (evaluations included); a merge's is the study's clock around it.
+        wall = [r["seconds"].get("wall_seconds") or r["seconds"].get("study_wall") for r in seeds.values()]
+        wall = [w for w in wall if w]
         rows.append(f"| {arm} | {statistics.mean(loop):.0f} | " if loop else f"| {arm} | - | ")
         rows[-1] += f"{statistics.mean(wall):.0f} |" if wall else "- |"
     return rows
