@@ -217,6 +217,11 @@ class ScaleBiOConfig:
     # uniform: batches uniform over the pooled training examples, p reweights the loss (the
     # reference); weights: the sampler draws subsets with p_global = p, the loss is the plain mean.
     sampling: str = "uniform"
+    # With sampling=weights: HBO's local actors choose the difficulty buckets inside each
+    # subset (logits over buckets, updated every mixing.local_every steps from w's PPL ratio
+    # to the start on the training batches, as mixing.local_source=train); false: buckets
+    # are drawn in proportion to their sizes.
+    local_actors: bool = False
     # LISA layer sampling (needs model.scan_layers): only lisa_layers transformer blocks of u
     # and of w train at a time (embeddings, final norm and head always), redrawn uniformly
     # every lisa_interval steps; gradients and AdamW moments exist for those blocks only.
@@ -441,12 +446,29 @@ def _validate_scalebio(cfg: Config) -> None:
         raise ConfigError(f"scalebio.validation_format={sc.validation_format!r} is not one of {list(DATA_FORMATS)}")
     if cfg.data.packing:
         raise ConfigError("algorithm=scalebio does not pack batches yet: set data.packing=false")
+    if sc.local_actors:
+        _validate_scalebio_local(cfg)
     if sc.lisa_layers and not cfg.model.scan_layers:
         raise ConfigError(f"scalebio.lisa_layers={sc.lisa_layers} (LISA) picks blocks by index from stacked "
                           "transformer blocks: set model.scan_layers=true, or scalebio.lisa_layers=0")
     if sc.lisa_layers > cfg.model.num_layers:
         raise ConfigError(f"scalebio.lisa_layers={sc.lisa_layers} must be at most model.num_layers="
                           f"{cfg.model.num_layers} (0 = LISA off)")
+
+
+def _validate_scalebio_local(cfg: Config) -> None:
+    """scalebio.local_actors: batches drawn by the sampler, rewards from the training batches."""
+    if cfg.scalebio.sampling != "weights":
+        raise ConfigError(f"scalebio.local_actors=true needs scalebio.sampling=weights (got "
+                          f"{cfg.scalebio.sampling!r}): with uniform batches no sampler draws the buckets")
+    if cfg.mixing.local_reward != "ppl_ratio":
+        raise ConfigError(f"scalebio.local_actors=true rewards the local actors from the training batches, which "
+                          f"carry only the PPL ratio: set mixing.local_reward=ppl_ratio (got "
+                          f"{cfg.mixing.local_reward!r})")
+    if cfg.model.init == "random":
+        raise ConfigError("scalebio.local_actors=true measures progress against the scoring model's NLLs, so it "
+                          "needs the scoring model to be the starting model (model.init=scorer or a pretrained "
+                          "model), not model.init=random")
 
 
 _SUBSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -39,7 +39,7 @@ from hbo_jax.algorithm import config_sections
 from hbo_jax.config import MixingConfig
 from hbo_jax.config_keys import GROUP_IGNORE, flatten, matches
 from hbo_jax.errors import ConfigError
-from hbo_jax.mixing.strategy import settings_that_matter
+from hbo_jax.mixing.strategy import SCALEBIO_LOCAL_KEYS, settings_that_matter
 from hbo_jax.records import dumps
 
 log = logging.getLogger("hbo_jax.report")
@@ -157,6 +157,9 @@ class Run:
         # a sampling run's `scalebio.*` keys) are defaults nobody used.
         unread = tuple(f"{s}." for a, s in config_sections().items() if a != algorithm)
         flat = {k: v for k, v in flatten(self.config).items() if not _ignored(k) and not k.startswith(unread)}
+        if algorithm == "scalebio" and (self.config.get("scalebio") or {}).get("local_actors"):
+            mixing = self.config.get("mixing") or {}  # HBO's local actors inside ScaleBiO read these
+            flat.update({f"mixing.{k}": mixing.get(k) for k in SCALEBIO_LOCAL_KEYS})
         if algorithm != "sampling":
             return flat
         mixing = mixing_settings(self.config.get("mixing"))

@@ -113,6 +113,13 @@ def group_stats(ex_nll, tok_sum, count, group_id, num_groups: int) -> dict[str, 
             "group_tokens": seg(count), "group_examples": seg(jnp.ones_like(ex_nll))}
 
 
+def group_ppl_ratio(ex_nll, ref_nll, group_id, num_groups: int) -> jax.Array:
+    """Per-group sum of each example's PPL_theta / PPL_theta0 = exp(NLL - NLL under the
+    starting model): the local HBO reward's statistic, measured on a training batch."""
+    ratio = jnp.exp(jax.lax.stop_gradient(ex_nll) - ref_nll)
+    return jax.ops.segment_sum(ratio, group_id, num_segments=num_groups)
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """Scales the updates by min(1, max_norm / global norm); `optax.clip_by_global_norm`'s result.
 
@@ -315,8 +322,7 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
             norms = example_grad_norms(sq_norms, count, jnp.sum(mask))
             metrics["group_gradnorm"] = jax.ops.segment_sum(norms, batch["group_id"], num_segments=num_groups)
         if ref_nll:
-            ratio = jnp.exp(jax.lax.stop_gradient(ex_nll) - batch["ref_nll"])
-            metrics["group_ppl_ratio"] = jax.ops.segment_sum(ratio, batch["group_id"], num_segments=num_groups)
+            metrics["group_ppl_ratio"] = group_ppl_ratio(ex_nll, batch["ref_nll"], batch["group_id"], num_groups)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     in_batch = train_batch_shardings(mesh, packing, ref_nll)

@@ -333,3 +333,19 @@ def test_each_algorithm_is_grouped_by_its_own_section_only(tmp_path):
             run("hbo0", 0, "sampling", "scalebio", {"alpha": 10.0}),  # scalebio.* unread by sampling
             run("hbo1", 1, "sampling", "scalebio", {"alpha": 1.0})]
     assert [[r.path.name for r in g] for g in group_runs(runs)] == [["sb0", "sb1"], ["sb_a"], ["hbo0", "hbo1"]]
+
+
+def test_scalebio_runs_with_local_actors_are_also_grouped_by_the_mixing_keys_the_actors_read(tmp_path):
+    from hbo_jax.report import group_runs, load_run
+
+    def run(name, seed, mixing):
+        run_dir = write_run(tmp_path / name, seed=seed)
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg.update(algorithm="scalebio", scalebio={"local_actors": True})
+        cfg.setdefault("mixing", {}).update(mixing)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return load_run(run_dir)
+
+    runs = [run("a0", 0, {"actor_lr": 0.1, "strategy": "uniform"}), run("a1", 1, {"actor_lr": 0.1, "strategy": "hbo"}),
+            run("b0", 0, {"actor_lr": 0.2})]
+    assert [[r.path.name for r in g] for g in group_runs(runs)] == [["a0", "a1"], ["b0"]]

@@ -35,13 +35,16 @@ from test_resilience import rows, saved
 # reference's uniform batches run in tests/test_multihost.py and tests/test_scalebio_step.py).
 # LISA with host-kept moments, one of two stacked blocks redrawn every 2 steps: the resume at
 # step 2 is a switch, so it needs the checkpointed host moments (the model is conftest's
-# SCANNED_RUN's, whose prepared data the session shares).
+# SCANNED_RUN's, whose prepared data the session shares). HBO's local actors choose the
+# buckets (scalebio.local_actors), updated after step 3: the resume at step 2 needs their
+# checkpointed state and the reward sums of steps 1-2.
+LOCAL = ("scalebio.local_actors=true", "mixing.local_every=3")
 LISA = ("model.scan_layers=true", "model.num_layers=2", "scalebio.lisa_layers=1", "scalebio.lisa_interval=2",
         "scalebio.lisa_moments=host")
 EXTRA = ("algorithm=scalebio", "scalebio.validation_subsets=[arithmetic]", "scalebio.sampling=weights", "train.steps=4",
          "train.checkpoint_every=2", "eval.every=0", "eval.tasks=false", "tracking.tensorboard=false",
-         "distributed.trace=true", *LISA)
-ITEMS = ("train", "u", "lambda", "lisa_host_u", "lisa_host_w")
+         "distributed.trace=true", *LISA, *LOCAL)
+ITEMS = ("train", "u", "lambda", "lisa_host_u", "lisa_host_w", "mixer")
 
 
 def _overrides(run_dir, cache, *extra):
@@ -86,9 +89,10 @@ def test_a_run_writes_the_usual_outputs_and_the_learned_weights(whole):
     assert len(sched.entries) == 1
 
 
-def test_resume_across_a_switch_is_exact(whole, tmp_path, shared_cache):
+def test_resume_across_a_switch_and_a_local_update_is_exact(whole, tmp_path, shared_cache):
     """A copy of the finished run, its step-4 checkpoint removed, resumes from step 2 (where u
-    and w draw new blocks and take their host-kept moments back) into the same state and logs."""
+    and w draw new blocks and take their host-kept moments back, and the local actors' reward
+    sums of steps 1-2 feed their update after step 3) into the same state and logs."""
     cut = Path(shutil.copytree(whole, tmp_path / "cut"))
     shutil.rmtree(cut / "checkpoints" / "4")
     assert main(_overrides(cut, shared_cache)) == 0
@@ -98,6 +102,40 @@ def test_resume_across_a_switch_is_exact(whole, tmp_path, shared_cache):
             np.testing.assert_array_equal(x, y)
     assert rows(whole, "mixing.jsonl") == rows(cut, "mixing.jsonl")
     assert rows(whole, "metrics.jsonl") == rows(cut, "metrics.jsonl")
+
+
+def test_local_actors_move_p_local_from_their_start_and_every_output_records_it(whole):
+    """Uniform over the buckets until the update after step 3; then the learned p_local
+    reaches the sampler (schedule.json), mixing.jsonl and scalebio_weights.json."""
+    mixing = _lines(whole, "mixing.jsonl")
+    start = json.loads((whole / "probabilities_start.json").read_text())["p_local"]
+    assert start == [[0.5, 0.5]] * 5
+    assert [r["p_local"] for r in mixing[:2]] == [start] * 2
+    learned = np.asarray(mixing[2]["p_local"])
+    assert np.abs(learned - 0.5).max() > 1e-3 and mixing[3]["p_local"] == mixing[2]["p_local"]
+    np.testing.assert_allclose(learned.sum(1), 1.0, rtol=1e-6)  # a float32 softmax
+    assert [len(r.get("reward_local", [])) for r in mixing] == [0, 0, 5, 0]  # logged with the update
+    entries = json.loads((whole / "schedule.json").read_text())["entries"]
+    assert [e["p_local"] for e in entries[:3]] == [start] * 3  # the sampler renormalises in float64:
+    np.testing.assert_allclose(entries[3]["p_local"], learned, rtol=1e-6)
+    weights = json.loads((whole / "scalebio_weights.json").read_text())["entries"]
+    np.testing.assert_allclose(weights[0]["p_local"], learned, rtol=1e-6)
+    assert json.loads((whole / "summary.json").read_text())["local_actor_updates"] == 1
+
+
+def test_without_local_actors_p_local_stays_proportional_to_the_bucket_sizes(tmp_path, shared_cache):
+    run_dir = tmp_path / "fixed"
+    # Every parameter trained (the module's other runs use LISA): one more set of compiled programs.
+    assert main(_overrides(run_dir, shared_cache, "scalebio.local_actors=false", "scalebio.lisa_layers=0",
+                           "train.steps=3", "distributed.trace=false")) == 0
+    start = json.loads((run_dir / "probabilities_start.json").read_text())["p_local"]
+    mixing = _lines(run_dir, "mixing.jsonl")
+    assert [r["p_local"] for r in mixing] == [start] * 3 and mixing[-1]["p_global"] != [0.2] * 5
+    assert all(e["p_local"] == start for e in json.loads((run_dir / "schedule.json").read_text())["entries"])
+    cfg = load_config(None, _overrides(run_dir, shared_cache))
+    data = prepare_lib.load(Path(json.loads((run_dir / "summary.json").read_text())["prepared"]), cfg)
+    sizes = np.array([[len(leaf) for leaf in row] for row in data.leaves()], np.float64)
+    np.testing.assert_allclose(start, sizes / sizes.sum(1, keepdims=True), rtol=1e-12)
 
 
 def _flat(tree) -> dict:
@@ -216,7 +254,8 @@ def test_the_memory_planner_counts_both_models_and_three_optimizers_in_every_sca
     logits = jax.ShapeDtypeStruct((3,), np.float32)
     lam = _nbytes(logits) + _nbytes(jax.eval_shape(txs.lam.init, logits))
     rows, val_rows, seq = cfg.train.batch_size, 16, cfg.data.seq_len
-    train, val = rows * seq * 4 * 3 + rows * 4, val_rows * seq * 4 * 3  # ids, targets, mask (+ group ids)
+    # ids, targets, mask (+ group ids and, for the local actors, the starting NLLs)
+    train, val = rows * seq * 4 * 3 + 2 * rows * 4, val_rows * seq * 4 * 3
     active = lisa_layers * 4  # one model's block indices
     run = state(txs.u) + state(txs.w) + lam + train + val + 2 * active
     u_step = programs["scalebio u-step"]
@@ -238,6 +277,12 @@ def test_the_memory_planner_counts_both_models_and_three_optimizers_in_every_sca
     (("scalebio.validation_subsets=[a]", "scalebio.lisa_layers=2"), "model.scan_layers=true"),
     (("scalebio.validation_subsets=[a]", "scalebio.lisa_layers=9", "model.scan_layers=true"), "model.num_layers"),
     (("scalebio.validation_subsets=[a]", "scalebio.lisa_moments=keep"), "scalebio.lisa_moments"),
+    (("scalebio.validation_subsets=[a]", "scalebio.local_actors=true"),
+     "scalebio.local_actors=true needs scalebio.sampling=weights"),
+    (("scalebio.validation_subsets=[a]", "scalebio.local_actors=true", "scalebio.sampling=weights",
+      "mixing.local_reward=ifd_ratio"), "set mixing.local_reward=ppl_ratio"),
+    (("scalebio.validation_subsets=[a]", "scalebio.local_actors=true", "scalebio.sampling=weights",
+      "model.init=random"), "scalebio.local_actors=true .*model.init=random"),
 ])
 def test_config_errors_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,7 +8,10 @@ the model that is evaluated, exported and checkpointed as `train`.
 Batches (`scalebio.sampling`): `uniform` draws them uniformly over the pooled training
 examples and p reweights the loss, as the reference does; `weights` has the hierarchical
 sampler draw subsets with p_global = p (refreshed after every step) and examples
-uniformly within a subset, and the loss is the plain mean.
+uniformly within a subset, and the loss is the plain mean. With `scalebio.local_actors`
+(sampling=weights only) HBO's local actors choose the difficulty buckets inside each
+subset as the sampling strategies do with `mixing.local_source=train` (`local_actors`):
+ScaleBiO decides across subsets, HBO within them.
 
 Outputs: p and lambda in `mixing.jsonl` every `train.log_every` steps and at the end
 (as `p_global`, with the sampler's `p_local`, so the plots and the report read them),
@@ -23,7 +26,9 @@ blocks at a time plus the embeddings, final norm and head, redrawn every
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -35,7 +40,8 @@ from hbo_jax.algorithm import Algorithm, PlanContext, RunContext
 from hbo_jax.data.sampler import ProbabilitySchedule
 from hbo_jax.data.validation import ValidationBatches, training_duplicates, validation_examples
 from hbo_jax.mixing.scalebio_step import FULL, LISA, LambdaState, init_lambda, make_optimizers, make_scalebio_step
-from hbo_jax.mixing.strategies import save_schedule
+from hbo_jax.mixing.strategies import Mixer, save_schedule
+from hbo_jax.mixing.strategy import resolve
 from hbo_jax.parallel import check_batch_size, global_batch_from_host, host_slice, replicated
 from hbo_jax.rng import Stream
 from hbo_jax.step import abstract_train_state, init_train_state, state_shardings
@@ -59,6 +65,24 @@ def _copy(tree):
 
 def _lambda_shardings(lam, mesh):
     return jax.tree.map(lambda _: replicated(mesh), lam)
+
+
+def local_actors(ctx: RunContext) -> Mixer:
+    """HBO's local actors alone, for `scalebio.local_actors`: the sampling strategies' Mixer
+    with the local-only strategy (`hbo_local`) rewarded from the training batches.
+
+    Its state, update and reward are the sampling strategies' with `mixing.local_source=train`:
+    logits over each subset's difficulty buckets, updated every `mixing.local_every` steps
+    (`mixing.actor_lr`, `inner_steps`, `kl_to_prior`; `min_prob` floors p_local) from the PPL
+    ratio of w on the training batches to the scoring pass's NLLs, relative to the subset's
+    bucket mean. Its global actor is a fixed uniform prior nobody reads (ScaleBiO's p is the
+    subsets' distribution); the `mixing.*` keys of a global actor are not read.
+    """
+    cfg, data = ctx.cfg, ctx.data
+    mc = dataclasses.replace(cfg.mixing, strategy="hbo_local", local_source="train", temperature=math.inf,
+                             global_reward="auto", global_source="probes", replay_from="")
+    return Mixer(resolve(mc), mc, data.sizes, data.leaves(), data.train, ctx.graphdef, ctx.mesh, cfg.data.seq_len,
+                 data.pad_id, cfg.train.resolved_data_seed, train_batch=cfg.train.batch_size)
 
 
 def _num_layers(params) -> int:
@@ -149,20 +173,37 @@ class ScaleBiO(Algorithm):
                      "moments %s on a switch)", sc.lisa_layers, _num_layers(self.w.params), sc.lisa_interval,
                      "shared" if sc.lisa_shared_choice else "independent",
                      "reset" if self.lisa.host is None else "kept on the host")
+        # HBO's local actors (`local_actors`): the batches carry each row's starting NLL for their reward.
+        self.local = local_actors(ctx) if sc.local_actors else None
+        self.batch_fields = frozenset({"ref_nll"}) if self.local else frozenset()
         self._step = make_scalebio_step(ctx.graphdef, self.txs, mesh, len(self.names), self.k, sc, tc.steps,
-                                        shardings, self.uniform, LISA if sc.lisa_layers else FULL)
+                                        shardings, self.uniform, LISA if sc.lisa_layers else FULL,
+                                        ref_nll=self.local is not None)
         sizes = np.array([[len(leaf) for leaf in row] for row in data.leaves()], np.float64)
-        self.p_local = sizes / sizes.sum(1, keepdims=True)  # uniform over a subset's examples
+        # Without local actors: uniform over a subset's examples; with them: the actors' start (uniform over buckets).
+        self.p_local = self.local.probabilities()[1] if self.local else sizes / sizes.sum(1, keepdims=True)
         p0 = sizes.sum(1) / sizes.sum() if self.uniform else softmax(np.zeros(len(self.names)))
         self.schedule = ProbabilitySchedule(p0, self.p_local)
 
     def state(self) -> dict:
-        return {"train": self.w, "u": self.u, "lambda": self.lam, **(self.lisa.state() if self.lisa else {})}
+        return {"train": self.w, "u": self.u, "lambda": self.lam, **(self.lisa.state() if self.lisa else {}),
+                **({"mixer": self.local.state} if self.local else {})}
 
     def load_state(self, trees: dict, meta: dict) -> None:
         self.w, self.u, self.lam = trees["train"], trees["u"], trees["lambda"]
         if self.lisa:
             self.lisa.load_state(trees)
+        if self.local:  # the actors, their reward sums since the last update, and the p_local they give
+            self.local.state = trees["mixer"]
+            self.local.load_statistics(meta.get("mix_acc"))
+            self.p_local = self.local.probabilities()[1]
+
+    def meta(self) -> dict:
+        return {"mix_acc": self.local.saved_statistics()} if self.local else {}
+
+    @property
+    def mixing_seconds(self) -> float:
+        return self.local.seconds if self.local else 0.0
 
     @property
     def params(self):
@@ -172,7 +213,7 @@ class ScaleBiO(Algorithm):
         return softmax(np.zeros(len(self.names))), self.p_local  # lambda starts at 0
 
     def traced_state(self) -> dict:
-        return {"lambda": self.lam}
+        return {"lambda": self.lam, **({"mixer": self.local.state} if self.local else {})}
 
     def p(self) -> np.ndarray:
         """The current data weights p = softmax(lambda) (identical on every process: lambda is replicated)."""
@@ -187,7 +228,11 @@ class ScaleBiO(Algorithm):
                               for k, s in (("u", self.u), ("w", self.w)))
             self.u, self.w, self.lam, metrics = self._step(self.u, self.w, self.lam, batch, val,
                                                            self.lisa.active(done - 1))
-        log_now = done % self.cfg.train.log_every == 0 or done == self.total_steps
+        rewards = {}
+        if self.local is not None:
+            metrics, rewards = self._local_update(done, metrics)
+        # A local update is logged at its step, with its rewards, as the sampling strategies log theirs.
+        log_now = done % self.cfg.train.log_every == 0 or done == self.total_steps or bool(rewards)
         if self.uniform and not log_now:
             return metrics, []
         p = self.p()
@@ -198,9 +243,19 @@ class ScaleBiO(Algorithm):
         host = jax.device_get({k: metrics[k] for k in self.mean_metrics})
         record = {"step": done, "p_global": p.tolist(), "p_local": self.p_local.tolist(),
                   "lambda": np.asarray(jax.device_get(self.lam.logits), np.float64).tolist(),
-                  **{k: float(v) for k, v in host.items()}}
+                  **{k: float(v) for k, v in host.items()}, **rewards}
         self.save_weights(p)
         return metrics, [record]
+
+    def _local_update(self, done: int, metrics: dict) -> tuple[dict, dict]:
+        """The local actors take the step's statistics and, when due (never after the last step), update
+        p_local. Returns (metrics, the update's `reward_local` and `ppl_ratio` for mixing.jsonl, or {})."""
+        metrics = self.local.observe(dict(metrics))
+        record = self.local.update(done, self.w.params) if done < self.total_steps else None
+        if record is None:
+            return metrics, {}
+        self.p_local = np.asarray(record["p_local"], np.float64)
+        return metrics, {k: record[k] for k in ("reward_local", "ppl_ratio")}
 
     def save_weights(self, p: np.ndarray) -> None:
         """The learned weights as a one-entry schedule (`mixing.replay_from` reads it)."""
@@ -210,7 +265,8 @@ class ScaleBiO(Algorithm):
     def summary(self) -> dict:
         p = self.p()
         weights = dict(zip(self.names, p.tolist()))
-        return {"strategy": "scalebio", "sampling": self.cfg.scalebio.sampling,
+        local = {"local_actor_updates": int(jax.device_get(self.local.state.num_updates)[1])} if self.local else {}
+        return {"strategy": "scalebio", "sampling": self.cfg.scalebio.sampling, **local,
                 "scalebio_weights": weights, "scalebio_lambda": jax.device_get(self.lam.logits).tolist(),
                 "scalebio_weights_file": str(self.run_dir / WEIGHTS_FILE),
                 # What the report shows as the final mixture: the learned weights, whichever batches were drawn.
@@ -233,9 +289,9 @@ class ScaleBiO(Algorithm):
         shardings = (state_shardings(u), state_shardings(w), _lambda_shardings(lam, mesh))
         step = make_scalebio_step(plan.graphdef, txs, mesh, plan.num_datasets, cfg.data.num_buckets, sc,
                                   cfg.train.steps, shardings, sc.sampling == "uniform",
-                                  LISA if sc.lisa_layers else FULL)
+                                  LISA if sc.lisa_layers else FULL, ref_nll=sc.local_actors)
         val = {k: v for k, v in plan.batch(sc.val_batch_size or cfg.train.batch_size).items()
                if k in ("input_ids", "targets", "loss_mask")}
         active = jax.ShapeDtypeStruct((sc.lisa_layers,), jnp.int32, sharding=rep)
         extra = ({"u": active, "w": active},) if sc.lisa_layers else ()
-        return step.compile(u, w, lam, plan.batch(cfg.train.batch_size), val, *extra)
+        return step.compile(u, w, lam, plan.batch(cfg.train.batch_size, ref_nll=sc.local_actors), val, *extra)

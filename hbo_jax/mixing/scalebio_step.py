@@ -39,8 +39,9 @@ from flax import struct
 
 from hbo_jax import lisa
 from hbo_jax.parallel import batch_sharding, replicated
-from hbo_jax.step import (Batch, TrainState, apply_update, clip_by_global_norm, example_nll, group_stats,
-                          masked_mean_loss, nonfinite_metrics, skip_nonfinite, token_nll)
+from hbo_jax.step import (Batch, TrainState, apply_update, clip_by_global_norm, example_nll, group_ppl_ratio,
+                          group_stats, masked_mean_loss, nonfinite_metrics, skip_nonfinite, token_nll,
+                          train_batch_shardings)
 
 # torch.optim.AdamW's defaults: the reference sets only the learning rate and (u, w) the weight decay.
 _B1, _B2, _EPS = 0.9, 0.999, 1e-8
@@ -194,7 +195,8 @@ def _model_programs(graphdef, txs: Optimizers, selection: Selection, num_dataset
     """The unjitted u-step, w's train-gradient program and w's validation-and-update program.
 
     u_step(u, logits, batch[, active]) -> (u, {m, grad_norm_u, nonfinite...}): descent on L2(u).
-    w_grads(w, logits, batch[, active]) -> (grad L2(w), {m, loss, tokens, group sums}).
+    w_grads(w, logits, batch[, active]) -> (grad L2(w), {m, loss, tokens, group sums}); a batch
+    with `ref_nll` (HBO's local actors, `scalebio.local_actors`) adds `group_ppl_ratio`.
     w_update(w, grads, val[, active]) -> (w, {alpha, L1, grad_norm, nonfinite...}): descent on
     grads + grad L1(w) / alpha. w's two passes are two programs so that only one pass's
     activations are live at a time: in one program, even ordered by an optimization barrier,
@@ -219,10 +221,12 @@ def _model_programs(graphdef, txs: Optimizers, selection: Selection, num_dataset
 
     def w_grads(state: TrainState, logits, batch: Batch, *rest):
         _, grads, nll, ex, m = train_pass(state, logits, batch, _active(rest))
-        mask = batch["loss_mask"]
-        return grads, {"m": m, "loss": masked_mean_loss(nll, mask), "tokens": jnp.sum(mask),
-                       **group_stats(ex, jnp.sum(nll * mask, -1), jnp.sum(mask, -1), batch["group_id"],
-                                     num_datasets * num_buckets)}
+        mask, groups = batch["loss_mask"], num_datasets * num_buckets
+        out = {"m": m, "loss": masked_mean_loss(nll, mask), "tokens": jnp.sum(mask),
+               **group_stats(ex, jnp.sum(nll * mask, -1), jnp.sum(mask, -1), batch["group_id"], groups)}
+        if "ref_nll" in batch:  # w's progress since the start on this batch, as the sampling strategies measure it
+            out["group_ppl_ratio"] = group_ppl_ratio(ex, batch["ref_nll"], batch["group_id"], groups)
+        return grads, out
 
     def w_update(state: TrainState, grads, val: Batch, *rest):
         act = _active(rest)
@@ -299,13 +303,16 @@ class ScaleBiOStep:
 
 
 def make_scalebio_step(graphdef, txs: Optimizers, mesh, num_datasets: int, num_buckets: int, sc, steps: int,
-                       shardings: tuple, uniform: bool, selection: Selection = FULL) -> ScaleBiOStep:
+                       shardings: tuple, uniform: bool, selection: Selection = FULL,
+                       ref_nll: bool = False) -> ScaleBiOStep:
     """Returns `step(u, w, lam, batch, val, active=None) -> (u, w, lam, metrics)` (`ScaleBiOStep`).
 
     `u` and `w` are TrainStates (their optimizer states cover `selection.view` of the
     parameters), `lam` a LambdaState; all three are donated. `batch` is a training batch
     (`hbo_jax.step`), `val` a validation batch (input_ids, targets, loss_mask). `active`
-    is what `selection` needs ({"u": ..., "w": ...}; None for every parameter).
+    is what `selection` needs ({"u": ..., "w": ...}; None for every parameter). With `ref_nll`,
+    `batch` carries each row's NLL under the starting model and the metrics add
+    `group_ppl_ratio` of w (`hbo_jax.step.make_train_step`'s), for HBO's local actors.
 
     metrics: `loss` (w's token-mean train loss), `grad_norm` (w's, in grad-L2 units, before
     clipping), `tokens`, w's per-group sums (`group_stats`), `nonfinite`/`nonfinite_streak`
@@ -324,7 +331,7 @@ def make_scalebio_step(graphdef, txs: Optimizers, mesh, num_datasets: int, num_b
         return LambdaState(optax.apply_updates(lam.logits, upd), opt_lam), metrics
 
     bs = batch_sharding(mesh)
-    in_batch = {"input_ids": bs, "targets": bs, "loss_mask": bs, "group_id": batch_sharding(mesh, 1)}
+    in_batch = train_batch_shardings(mesh, ref_nll=ref_nll)
     in_val = {"input_ids": bs, "targets": bs, "loss_mask": bs}
     su, sw, slam = shardings
     rep = replicated(mesh)

@@ -209,6 +209,9 @@ def prior(sizes: Sequence[int], temperature: float) -> np.ndarray:
 _ACTOR_KEYS = frozenset({"actor_lr", "inner_steps", "kl_to_prior"})
 _GLOBAL_KEYS = frozenset({"global_reward", "global_source", "global_every", "ema", "global_train_steps"})
 _LOCAL_KEYS = frozenset({"local_reward", "local_source", "local_every"})
+# What HBO's local actors read inside a ScaleBiO run (`scalebio.local_actors`): rewarded from
+# the training batches, so `local_source` is not read; `min_prob` floors p_local.
+SCALEBIO_LOCAL_KEYS = tuple(sorted(_ACTOR_KEYS | (_LOCAL_KEYS - {"local_source"}) | {"min_prob"}))
 
 
 def settings_that_matter(cfg: MixingConfig) -> dict:
