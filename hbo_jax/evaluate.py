@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -117,6 +118,7 @@ def task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset: int)
         items = _task_items(data, src, max_per_subset)
         requested = cfg.eval.metrics.get(name, "auto")
         metric = tasks.choose_metric(requested, items, cfg.eval.exact_match_max_chars)
+        t0 = time.perf_counter()
         if metric == "mc":
             out[name] = tasks.score_mc(items, data.tokenizer, seq_len, example_logprob)
         elif metric == "exact_match":
@@ -127,6 +129,8 @@ def task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset: int)
                 log.warning("subset %r: %s", name, note)
         else:
             out[name] = {"metric": "none"}
+        if metric in ("mc", "exact_match"):  # where an evaluation's time goes (compiles included)
+            log.info("eval: %s on %d rows of %r in %.1fs", metric, len(items), name, time.perf_counter() - t0)
         if "unavailable" in out[name]:
             log.warning("%s: no %s for subset %r: %s", f"eval.metrics.{name}={requested}" if requested != "auto"
                         else "eval", metric, name, out[name]["unavailable"])
@@ -168,8 +172,10 @@ def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset:
     if bar:
         log.info("%s (at most %d eval examples per subset, a stratified sample fixed per subset)", bar,
                  max_per_subset)
+    t0 = time.perf_counter()
     out = heldout_loss(nll_fn, params, data.eval, data.names, mesh, cfg.data.seq_len, data.pad_id,
                        max_per_subset, cfg.scorer.score_batch_size, data.eval_buckets, data.num_buckets)
+    log.info("eval: held-out loss of %d subsets in %.1fs", len(out), time.perf_counter() - t0)
     if with_tasks:
         for name, res in task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset).items():
             merge_task_result(out.setdefault(name, {}), res)
