@@ -171,7 +171,7 @@ def collect_run(run_dir: Path, cmd: list[str], study: Study, arm: Arm, seed: int
     """The result of a finished training run, from its run directory."""
     ev = json.loads((run_dir / "eval.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"study": study.name, "arm": arm.name, "seed": seed, "command": shlex.join(cmd[1:]), "code": _commit(),
+    return {"study": study.name, "arm": arm.name, "seed": seed, "command": _shown(cmd), "code": _commit(),
             "subsets": summary.get("subsets"), "steps": summary.get("steps"),
             "before": _strip(ev["before"]), "after": _strip(ev["after"]),
             "seconds": {k: summary.get(k) for k in ("prepare_seconds", "train_loop_seconds", "wall_seconds")},
@@ -224,12 +224,18 @@ def merge_arm_seed(study: Study, arm: Arm, seed: int, runs: Path, results: Path)
     _run(ev_cmd, log)
     first = json.loads((replicas[0] / "eval.json").read_text())
     res = {"study": study.name, "arm": arm.name, "seed": seed, "code": _commit(),
-           "command": shlex.join(cmd[1:]) + " && " + shlex.join(ev_cmd[1:]),
+           "command": _shown(cmd) + " && " + _shown(ev_cmd),
            "replicas": [r.name for r in replicas], "subsets": None, "steps": None,
            "before": _strip(first["before"]), "after": _strip(json.loads(ev_path.read_text())["eval"]),
            "seconds": {"study_wall": time.time() - t0}, "mixing": {"step": [], "p_global": [], "p_local": []}}
     _write(results / arm.name / f"seed{seed}.json", res)
     return res
+
+
+def _shown(cmd: list[str]) -> str:
+    """A command as the results record it: `python ...`, paths inside the checkout relative to it."""
+    root = f"{ROOT}/"
+    return shlex.join(["python", *(a.replace(root, "") for a in cmd[1:])])
 
 
 def _commit() -> str | None:
