@@ -36,7 +36,10 @@ def load_results(results: Path) -> dict[str, dict[int, dict]]:
 
 
 def subset_names(res: dict) -> list[str]:
-    return [k for k in res["before"] if k != "macro_avg"]
+    """The subsets in the mixture's order (the result file's keys are sorted)."""
+    names = [k for k in res["before"] if k != "macro_avg"]
+    order = [s for s in res.get("subsets") or [] if s in names]
+    return order + [s for s in names if s not in order]
 
 
 def rel_reductions(res: dict) -> dict[str, float]:
