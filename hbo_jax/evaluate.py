@@ -175,7 +175,8 @@ def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset:
     t0 = time.perf_counter()
     out = heldout_loss(nll_fn, params, data.eval, data.names, mesh, cfg.data.seq_len, data.pad_id,
                        max_per_subset, cfg.scorer.score_batch_size, data.eval_buckets, data.num_buckets)
-    log.info("eval: held-out loss of %d subsets in %.1fs", len(out), time.perf_counter() - t0)
+    if bar:  # a full evaluation (the periodic one is unnamed and frequent)
+        log.info("eval: held-out loss of %d subsets in %.1fs", len(out), time.perf_counter() - t0)
     if with_tasks:
         for name, res in task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset).items():
             merge_task_result(out.setdefault(name, {}), res)

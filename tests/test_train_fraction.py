@@ -1,26 +1,24 @@
 """`data.train_fraction`: a fixed random sample of each subset's training rows (hbo_jax/data/prepare.py)."""
 
-from hbo_jax.data.prepare import train_sample
-
-ROWS = list(range(1000))
+from hbo_jax.data.prepare import train_rows
 
 
 def test_the_sample_keeps_the_fraction_in_the_original_order():
-    kept = train_sample(ROWS, 0.25, "chat", 4)
+    kept = train_rows(1000, 0.25, "chat", 4)
     assert len(kept) == 250 and kept == sorted(kept)
 
 
 def test_the_sample_depends_on_the_subset_name_only():
-    assert train_sample(ROWS, 0.25, "chat", 4) == train_sample(ROWS, 0.25, "chat", 4)
-    assert train_sample(ROWS, 0.25, "chat", 4) != train_sample(ROWS, 0.25, "finance", 4)
+    assert train_rows(1000, 0.25, "chat", 4) == train_rows(1000, 0.25, "chat", 4)
+    assert train_rows(1000, 0.25, "chat", 4) != train_rows(1000, 0.25, "finance", 4)
 
 
 def test_a_small_subset_keeps_one_row_per_bucket():
-    assert len(train_sample(list(range(10)), 0.01, "tiny", 4)) == 4
+    assert len(train_rows(10, 0.01, "tiny", 4)) == 4
 
 
 def test_fraction_one_keeps_everything():
-    assert train_sample(ROWS, 1.0, "chat", 4) is ROWS
+    assert train_rows(1000, 1.0, "chat", 4) == list(range(1000))
 
 
 def test_prepared_data_keeps_the_fraction_and_counts_cuts_among_the_kept_rows(shared_cache, tmp_path):

@@ -246,17 +246,16 @@ def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: Skip
     return out, cut
 
 
-def train_sample(examples: list, fraction: float, name: str, min_rows: int) -> list:
-    """`data.train_fraction` of a subset's examples, in their order: a fixed random sample.
+def train_rows(n: int, fraction: float, name: str, min_rows: int) -> list[int]:
+    """The indices, ascending, of the `data.train_fraction` of a subset's n examples kept: a fixed random sample.
 
     Drawn from the subset's name alone (seed 0), so every seed and strategy trains on the
     same rows; at least `min_rows` (the buckets need one example each) when there are.
     """
     if fraction >= 1.0:
-        return examples
-    n = min(len(examples), max(min_rows, round(fraction * len(examples))))
-    keep = generator(0, Stream.TRAIN_SAMPLE, zlib.crc32(name.encode())).choice(len(examples), n, replace=False)
-    return [examples[i] for i in np.sort(keep)]
+        return list(range(n))
+    k = min(n, max(min_rows, round(fraction * n)))
+    return np.sort(generator(0, Stream.TRAIN_SAMPLE, zlib.crc32(name.encode())).choice(n, k, replace=False)).tolist()
 
 
 def _too_few(s: Subset, usable: int, report: SkipReport, num_buckets: int) -> str:
@@ -368,7 +367,7 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
         tr_report, ev_report = SkipReport(), SkipReport()  # per subset and split: the errors name them
         tr_cut_rows: list[bool] = []
         tr, _ = encode(tokenizer, s.train, s.format, cfg, tr_report, tr_cut_rows)
-        keep = train_sample(list(range(len(tr))), cfg.data.train_fraction, s.name, cfg.data.num_buckets)
+        keep = train_rows(len(tr), cfg.data.train_fraction, s.name, cfg.data.num_buckets)
         tr, tr_cut = [tr[i] for i in keep], sum(tr_cut_rows[i] for i in keep)  # counted among the rows kept
         if len(tr) < cfg.data.num_buckets:
             raise DataError(_too_few(s, len(tr), tr_report, cfg.data.num_buckets))
