@@ -63,7 +63,6 @@ class Study:
     seeds: list[int]
     arms: list[Arm]
     static_arms: list[str]  # the baselines a learned arm is compared against (the best of them)
-    notes: str = ""
 
 
 def load_study(path: Path, mixture: list[str] | None = None) -> Study:
@@ -74,7 +73,7 @@ def load_study(path: Path, mixture: list[str] | None = None) -> Study:
     def paths(xs):
         return [str((here / x).resolve()) for x in xs or []]
 
-    unknown = set(raw) - {"name", "configs", "overrides", "seeds", "arms", "static_arms", "notes"}
+    unknown = set(raw) - {"name", "configs", "overrides", "seeds", "arms", "static_arms"}
     if unknown:
         raise SystemExit(f"{path}: unknown keys {sorted(unknown)}")
     arms = []
@@ -91,7 +90,7 @@ def load_study(path: Path, mixture: list[str] | None = None) -> Study:
     configs = paths(raw.get("configs")) + [str(Path(m).resolve()) for m in mixture or []]
     return Study(raw.get("name", path.stem), configs,
                  list(raw.get("overrides") or []), [int(s) for s in raw.get("seeds") or [0, 1]], arms,
-                 list(raw.get("static_arms") or ["proportional", "temperature", "uniform"]), raw.get("notes", ""))
+                 list(raw.get("static_arms") or ["proportional", "temperature", "uniform"]))
 
 
 def train_command(study: Study, arm: Arm, seed: int, run_dir: Path) -> list[str]:
@@ -105,8 +104,13 @@ class OutOfTime(Exception):
     """The study's --budget-s ran out: what is finished is kept, the rest waits for a rerun."""
 
 
-DEADLINE = [float("inf")]  # time.monotonic() past which no run starts and a running one stops
-ENV: dict[str, str] = {}  # the runs' environment (main sets it)
+@dataclass
+class Launch:
+    """How the study starts its runs: their environment, and the time.monotonic() past which no
+    run starts and a running one is stopped (--budget-s)."""
+
+    env: dict[str, str]
+    deadline: float = float("inf")
 
 
 def run_environment(runs: Path) -> dict[str, str]:
@@ -121,15 +125,15 @@ def run_environment(runs: Path) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    left = DEADLINE[0] - time.monotonic()
+def _run(cmd: list[str], log: Path, launch: Launch) -> None:
+    left = launch.deadline - time.monotonic()
     if left <= 0:
         raise OutOfTime()
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  $ {shlex.join(cmd)}\n    (log: {log})", flush=True)
     with log.open("a") as f:
         try:
-            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV,
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=launch.env,
                                  timeout=None if left == float("inf") else left)
         except subprocess.TimeoutExpired:
             raise OutOfTime() from None
@@ -178,27 +182,27 @@ def collect_run(run_dir: Path, cmd: list[str], study: Study, arm: Arm, seed: int
             "mixing": _mixing_trajectory(run_dir)}
 
 
-def run_arm_seed(study: Study, arm: Arm, seed: int, runs: Path, results: Path) -> dict | None:
+def run_arm_seed(study: Study, arm: Arm, seed: int, runs: Path, results: Path, launch: Launch) -> dict | None:
     """Trains (or resumes) one arm and seed and writes its result JSON; skips a finished one."""
     out = results / arm.name / f"seed{seed}.json"
     if out.is_file():
         print(f"{arm.name} seed {seed}: done ({out.relative_to(ROOT) if out.is_relative_to(ROOT) else out})")
         return json.loads(out.read_text())
     if arm.merge:
-        return merge_arm_seed(study, arm, seed, runs, results)
+        return merge_arm_seed(study, arm, seed, runs, results, launch)
     run_dir = runs / arm.name / f"seed{seed}"
     cmd = train_command(study, arm, seed, run_dir)
     print(f"{arm.name} seed {seed}: training", flush=True)
     t0 = time.time()
     if not ((run_dir / "eval.json").is_file() and (run_dir / "summary.json").is_file()):
-        _run(cmd, run_dir.with_suffix(".log"))
+        _run(cmd, run_dir.with_suffix(".log"), launch)
     res = collect_run(run_dir, cmd, study, arm, seed)
     res["seconds"]["study_wall"] = time.time() - t0
     _write(out, res)
     return res
 
 
-def merge_arm_seed(study: Study, arm: Arm, seed: int, runs: Path, results: Path) -> dict | None:
+def merge_arm_seed(study: Study, arm: Arm, seed: int, runs: Path, results: Path, launch: Launch) -> dict | None:
     """Merges the finished seeds of another arm (merge seed = `seed`) and evaluates the merge."""
     spec = arm.merge
     of = spec["of"]
@@ -217,11 +221,11 @@ def merge_arm_seed(study: Study, arm: Arm, seed: int, runs: Path, results: Path)
     print(f"{arm.name} seed {seed}: merging {len(replicas)} runs of {of}", flush=True)
     t0 = time.time()
     log = out_dir.with_suffix(".log")
-    _run(cmd, log)
+    _run(cmd, log, launch)
     ev_path = out_dir / "eval.json"
     ev_cmd = [sys.executable, "-m", "hbo_jax.evaluate", str(replicas[0]), "--model", f"hf:{merged}",
               "--out", str(ev_path)]
-    _run(ev_cmd, log)
+    _run(ev_cmd, log, launch)
     first = json.loads((replicas[0] / "eval.json").read_text())
     res = {"study": study.name, "arm": arm.name, "seed": seed, "code": _commit(),
            "command": _shown(cmd) + " && " + _shown(ev_cmd),
@@ -269,11 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, help="stop starting (and stop) runs after this many seconds; "
                     "a rerun continues where it stopped")
     args = ap.parse_args(argv)
-    DEADLINE[0] = time.monotonic() + args.budget_s if args.budget_s else float("inf")
     study = load_study(args.study, args.mixture)
     runs = args.runs or ROOT / "runs" / "study" / study.name
-    ENV.clear()
-    ENV.update(run_environment(runs))
+    launch = Launch(run_environment(runs), time.monotonic() + args.budget_s if args.budget_s else float("inf"))
     results = args.results or ROOT / "benchmarks" / "results" / study.name
     if not args.report_only:
         wanted = args.arms or [a.name for a in study.arms]
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         order += [(n, s) for n in wanted if by_name[n].merge for s in seeds]  # merges once their runs exist
         try:
             for name, seed in order:
-                run_arm_seed(study, by_name[name], seed, runs, results)
+                run_arm_seed(study, by_name[name], seed, runs, results, launch)
         except OutOfTime:
             print(f"out of time (--budget-s {args.budget_s:g}): the finished results are kept; rerun to continue")
     write_docs(study, results, args.docs, args.study)
