@@ -48,8 +48,9 @@ class Arm:
     name: str
     configs: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
-    # {of: ARM, replica_seeds: [0, 1, 2], method: select|average, resample: bool, atol: float}: the
-    # finished runs of ARM at those seeds (data-order replicas) merged, once per seed of this arm.
+    # {of: ARM, replica_seeds: [0, 1, 2], method: select|average, resample: bool, atol: float, seeds: [..]}:
+    # the finished runs of ARM at those seeds (data-order replicas) merged, once per merge seed (the
+    # study's seeds unless `seeds` names them: an average draws nothing, so one seed says it all).
     merge: dict | None = None
 
 
@@ -236,6 +237,19 @@ def merge_arm_seed(study: Study, arm: Arm, seed: int, runs: Path, results: Path,
     return res
 
 
+def run_order(study: Study, wanted: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
+    """(arm, seed) pairs in the order they run: trained arms seed-major (every arm gets a first seed
+    first), then the merges, whose runs exist by then. `seeds` (from --seeds) overrides the study's
+    seeds and a merge arm's own."""
+    by_name = {a.name: a for a in study.arms}
+    trained = [n for n in wanted if not by_name[n].merge]
+    order = [(n, s) for s in seeds or study.seeds for n in trained]
+    for n in wanted:
+        if by_name[n].merge:
+            order += [(n, s) for s in seeds or by_name[n].merge.get("seeds", study.seeds)]
+    return order
+
+
 def _shown(cmd: list[str]) -> str:
     """A command as the results record it: `python ...`, paths inside the checkout relative to it."""
     root = f"{ROOT}/"
@@ -283,12 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = [a for a in wanted if a not in by_name]
         if missing:
             raise SystemExit(f"unknown arms {missing}; the study has {sorted(by_name)}")
-        seeds = args.seeds or study.seeds
-        trained = [n for n in wanted if not by_name[n].merge]
-        order = [(n, s) for s in seeds for n in trained]  # seed-major: every arm gets a first seed first
-        order += [(n, s) for n in wanted if by_name[n].merge for s in seeds]  # merges once their runs exist
         try:
-            for name, seed in order:
+            for name, seed in run_order(study, wanted, args.seeds):
                 run_arm_seed(study, by_name[name], seed, runs, results, launch)
         except OutOfTime:
             print(f"out of time (--budget-s {args.budget_s:g}): the finished results are kept; rerun to continue")

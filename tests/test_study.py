@@ -117,3 +117,10 @@ def test_a_study_on_a_user_mixture_trains_merges_and_then_reruns_without_trainin
     text = docs.read_text()
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("a finished run was started again"))
     assert study.main(args) == 0 and docs.read_text() == text
+
+
+def test_trained_arms_run_seed_major_and_an_average_merge_only_at_its_own_seed():
+    s = study.Study("t", [], [], [0, 1], [study.Arm("a"), study.Arm("b"),
+                                          study.Arm("avg", merge={"of": "a", "method": "average", "seeds": [0]})],
+                    ["a"])
+    assert study.run_order(s, ["a", "b", "avg"], None) == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("avg", 0)]
