@@ -2,7 +2,7 @@
 
 A resume compares the checkpoint's configuration with the new run's
 (`hbo_jax.checkpoint.check_resume_config`); the report groups runs whose configurations
-are equal up to the seed (`hbo_jax.report.group_runs`). Both compare flat dotted keys
+are equal up to the seed (`hbo_jax.compare.group_runs`). Both compare flat dotted keys
 (`flatten`), and a key added to a config dataclass is classified here. A pattern ending
 in "." stands for its whole section.
 """

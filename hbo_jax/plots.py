@@ -1,6 +1,6 @@
 """Matplotlib (Agg) figures of one run's logs and of a comparison between runs.
 
-Every `plot_*` function takes a loaded run (`hbo_jax.report.Run`) and an output path and
+Every `plot_*` function takes a loaded run (`hbo_jax.run_files.Run`) and an output path and
 returns `(path, None)` when it wrote the figure or `(None, reason)` when the run has no
 data for it (an older run directory, or a strategy without actors or rewards).
 """

@@ -155,7 +155,8 @@ def test_real_tiny_run_report(tmp_path, shared_cache):
 
 
 def test_bookkeeping_keys_do_not_split_a_group(tmp_path):
-    from hbo_jax.report import group_runs, load_run
+    from hbo_jax.compare import group_runs
+    from hbo_jax.run_files import load_run
 
     runs = []
     for seed, extra in ((0, {"eval": {"every": 50}, "train": {"log_every": 5}}),
@@ -179,7 +180,8 @@ def _replica(tmp_path, name, seed, data_seed, lr=1e-3):
 
 
 def test_seed_and_data_seed_replicas_form_one_group(tmp_path):
-    from hbo_jax.report import group_runs, load_run
+    from hbo_jax.compare import group_runs
+    from hbo_jax.run_files import load_run
 
     runs = [load_run(_replica(tmp_path, n, s, d, lr)) for n, s, d, lr in
             (("d0", 0, 0, 1e-3), ("d1", 0, 1, 1e-3), ("s1", 1, -1, 1e-3), ("lr", 0, 2, 3e-3))]
@@ -187,7 +189,8 @@ def test_seed_and_data_seed_replicas_form_one_group(tmp_path):
 
 
 def test_compare_names_each_runs_seed_and_data_seed(tmp_path):
-    from hbo_jax.report import compare, load_run
+    from hbo_jax.compare import compare
+    from hbo_jax.run_files import load_run
 
     runs = [load_run(_replica(tmp_path, n, s, d)) for n, s, d in (("d0", 0, 0), ("d1", 0, 1), ("s1", 1, -1))]
     compare(runs, tmp_path / "cmp", "loss")  # without each run's own report: seconds
@@ -208,7 +211,8 @@ def comparison(tmp_path_factory):
     """hbo x2 seeds, uniform x2 (one with the key it never reads, one with its raw defaults),
     hbo with the global reward from training batches; compared as `report` does with no
     --metric (`compare` alone: the runs' own reports are tested above)."""
-    from hbo_jax.report import compare, load_run
+    from hbo_jax.compare import compare
+    from hbo_jax.run_files import load_run
 
     tmp = tmp_path_factory.mktemp("cmp")
     dirs = [_mixing_run(tmp, "hbo0", 0), _mixing_run(tmp, "hbo1", 1),
@@ -232,7 +236,8 @@ def test_labels_name_only_the_keys_that_differ_and_matter(comparison):
 
 
 def test_strategy_defaults_are_not_named_but_a_changed_one_is(tmp_path):
-    from hbo_jax.report import group_labels, group_runs, load_run
+    from hbo_jax.compare import group_labels, group_runs
+    from hbo_jax.run_files import load_run
 
     def labels(*runs):
         return group_labels(group_runs([load_run(_mixing_run(tmp_path / str(len(list(tmp_path.iterdir()))),
@@ -275,7 +280,7 @@ def _figures(monkeypatch):
 
 
 def test_eval_png_titles_name_each_panels_eval_set(hbo_report, monkeypatch):
-    from hbo_jax.report import load_run
+    from hbo_jax.run_files import load_run
 
     plots, figs = _figures(monkeypatch)
     plots.plot_eval(load_run(hbo_report[0]), hbo_report[0] / "x.png")
@@ -307,7 +312,7 @@ def test_run_report_gives_loop_and_preparation_time_apart(hbo_report):
 
 
 def test_local_heatmap_scale_is_centred_on_uniform_and_spans_the_data(hbo_report, monkeypatch):
-    from hbo_jax.report import load_run
+    from hbo_jax.run_files import load_run
 
     plots, figs = _figures(monkeypatch)
     plots.plot_p_local(load_run(hbo_report[0]), hbo_report[0] / "x.png")
@@ -317,7 +322,8 @@ def test_local_heatmap_scale_is_centred_on_uniform_and_spans_the_data(hbo_report
 
 
 def test_each_algorithm_is_grouped_by_its_own_section_only(tmp_path):
-    from hbo_jax.report import group_runs, load_run
+    from hbo_jax.compare import group_runs
+    from hbo_jax.run_files import load_run
 
     def run(name, seed, algorithm, section, values):
         run_dir = write_run(tmp_path / name, seed=seed)
@@ -336,7 +342,8 @@ def test_each_algorithm_is_grouped_by_its_own_section_only(tmp_path):
 
 
 def test_scalebio_runs_with_local_actors_are_also_grouped_by_the_mixing_keys_the_actors_read(tmp_path):
-    from hbo_jax.report import group_runs, load_run
+    from hbo_jax.compare import group_runs
+    from hbo_jax.run_files import load_run
 
     def run(name, seed, mixing):
         run_dir = write_run(tmp_path / name, seed=seed)
