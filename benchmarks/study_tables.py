@@ -129,6 +129,28 @@ def paired_rows(per_arm: dict[str, dict[int, dict]], best: str, merge_arms: set[
     return rows, verdicts
 
 
+def merge_rows(study, per_arm: dict[str, dict[int, dict]]) -> list[str]:
+    """Each merge arm against the single runs it merged: the replicas' mean ± sd, their best, and
+    the merge (mean over its merge seeds), on the primary metric and the macro loss."""
+    rows = ["| merge | method | replicas (seeds of) | replicas: rel. loss reduction | best replica | merge "
+            "| merge minus replicas' mean | replicas: macro loss | merge: macro loss |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for a in study.arms:
+        if not a.merge or a.name not in per_arm:
+            continue
+        want = a.merge.get("replica_seeds", [0, 1, 2])
+        reps = [per_arm.get(a.merge["of"], {}).get(s) for s in want]
+        if any(r is None for r in reps):
+            continue
+        merged = list(per_arm[a.name].values())
+        rr, mm = [r[PRIMARY] for r in reps], [m[PRIMARY] for m in merged]
+        method = a.merge.get("method", "select") + (" + resample" if a.merge.get("resample") else "")
+        rows.append(f"| {a.name} | {method} | {a.merge['of']} {','.join(map(str, want))} | {_ms(rr)} | "
+                    f"{max(rr):.4f} | {_ms(mm)} | {statistics.mean(mm) - statistics.mean(rr):+.4f} | "
+                    f"{_ms([r['loss'] for r in reps])} | {_ms([m['loss'] for m in merged])} |")
+    return rows if len(rows) > 2 else []
+
+
 def subset_rows(per_arm: dict[str, dict[int, dict]], subsets: list[str]) -> list[str]:
     rows = ["| arm | " + " | ".join(subsets) + " |", "|---|" + "---:|" * len(subsets)]
     for arm, seeds in per_arm.items():
@@ -267,6 +289,12 @@ def section(study, results: Path, docs: Path, study_path: Path) -> tuple[str, li
         lines += ["", f"### Against the best static arm ({best}), paired by seed", "",
                   "Differences of the arm minus the best static arm (higher is better except loss); "
                   "spread: the larger seed standard deviation of the two arms.", ""] + rows
+    merges = merge_rows(study, per_arm)
+    if merges:
+        lines += ["", "### Merged data-order replicas against the single runs they merged", "",
+                  "The replicas are one arm's runs at different data seeds (same start, settings and initial "
+                  "probabilities); the merge's column is the mean ± sd over its merge seeds (the draw of "
+                  "each element's run), one value for an average.", ""] + merges
     lines += ["", "### Relative loss reduction per subset (mean over seeds)", ""] + subset_rows(table, subsets)
     tasks = task_subset_rows(table, subsets, first) if table else []
     if tasks:

@@ -124,3 +124,13 @@ def test_trained_arms_run_seed_major_and_an_average_merge_only_at_its_own_seed()
                                           study.Arm("avg", merge={"of": "a", "method": "average", "seeds": [0]})],
                     ["a"])
     assert study.run_order(s, ["a", "b", "avg"], None) == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("avg", 0)]
+
+
+def test_a_merge_is_set_against_the_mean_of_the_replicas_it_merged():
+    s = study.Study("t", [], [], [0, 1], [study.Arm("uniform"), study.Arm(
+        "merged", merge={"of": "uniform", "replica_seeds": [0, 1], "method": "average"})], ["uniform"])
+    per_arm = {"uniform": {0: study_tables.metrics(_fake("uniform", 0, {"a": 1.0, "b": 0.5})),  # rel. 0.5
+                           1: study_tables.metrics(_fake("uniform", 1, {"a": 1.0, "b": 0.7}))},  # rel. 0.4
+               "merged": {0: study_tables.metrics(_fake("merged", 0, {"a": 0.8, "b": 0.5}))}}  # rel. 0.55
+    row = study_tables.merge_rows(s, per_arm)[-1].split(" | ")
+    assert row[1] == "average" and row[4] == "0.5000" and row[6] == "+0.1000"
