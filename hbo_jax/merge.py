@@ -135,7 +135,7 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
             "rng": "numpy Philox4x64 keyed (seed, first 8 bytes of sha256(tensor name)); element i of the "
                    "row-major tensor uses 32-bit word i of the stream (output i // 2, lower half for even i): its "
                    "upper 16 bits draw the model, its lower 16 the redraw (probability resolution 2**-16)",
-            "digest": "sha256 over sorted lines 'name shape dtype sha256(tensor bytes)' of the tensors read",
+            "digest": "xxh3_128 over sorted lines 'name shape dtype xxh3_128(tensor bytes)' of the tensors read",
             "base": None if base is None else {"source": base.source, "step": base.step, "digest": base_digest,
                                                "cast_to_model_dtype_for_comparison": cast},
             "models": [{"source": m.source, "step": m.step, "digest": d} for m, d in zip(models, digests)],

@@ -2,8 +2,10 @@
 
 Each input has its own reader thread that reads the blocks in the merge's order
 (`TensorReader.stream_block`: O_DIRECT for safetensors files, around the page cache,
-whose filling and copying cost more CPU than anything but the hashing and the
-selection), hashes them (the input's digest in merge.json) and hands them over through a queue of
+whose filling and copying cost more CPU than anything but the selection), hashes them
+(the input's digest in merge.json: XXH3-128, 0.02 ns of CPU per byte where sha256 took
+0.55, the largest single cost of a merge at 4.4 ns per element at K = 3; a digest
+identifies the inputs, it is no defence against crafted files) and hands them over through a queue of
 `PREFETCH` blocks; the main thread merges a block of all K models (+ the base) and
 writes it while the readers fetch the next ones. Memory is at most (K+1) x (PREFETCH+2)
 blocks (queued, being read, being merged) plus two output blocks (one being written on
@@ -16,13 +18,13 @@ in flight, so memory does not grow with K. The output goes through
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
+import xxhash
 
 from hbo_jax.models.tensor_io import TensorInfo, TensorReader
 from hbo_jax.progress import progress as progress_lines
@@ -89,7 +91,7 @@ class InputStream:
                 if name != current:
                     if h is not None:
                         self.tensor_digests[current] = h.hexdigest()
-                    current, h = name, hashlib.sha256()
+                    current, h = name, xxhash.xxh3_128()
                 block = np.ascontiguousarray(self.reader.stream_block(name, rows))
                 h.update(block.reshape(-1).view(np.uint8))
                 if self.dtypes is not None:
@@ -114,8 +116,8 @@ class InputStream:
         self._thread.join()
 
     def digest(self, infos: list[TensorInfo]) -> str:
-        """sha256 over the sorted (name, shape, dtype, sha256 of the data) lines of every tensor read."""
-        h = hashlib.sha256()
+        """XXH3-128 over the sorted (name, shape, dtype, XXH3-128 of the data) lines of every tensor read."""
+        h = xxhash.xxh3_128()
         for info in sorted(infos, key=lambda i: i.name):
             src = self.reader.info(info.name)
             h.update(f"{info.name} {list(src.shape)} {src.dtype} {self.tensor_digests[info.name]}\n".encode())
