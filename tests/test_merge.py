@@ -146,6 +146,51 @@ def test_average_equals_the_direct_computation():
                                   + np.float32(0.3) * models[2])
 
 
+def test_threads_calling_a_new_piece_length_compile_it_once(monkeypatch):
+    # the pool's threads reach the first piece of a length at once: each compiling it cost 0.1 s of CPU
+    import threading
+
+    monkeypatch.setattr(fused, "_COMPILED", set())
+    fused._compiled.cache_clear()
+    n, k = 3000, 2  # a length no other test compiles
+    rng = np.random.default_rng(5)
+    vals = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(k)]
+    bits = element_bits(tensor_key(1, "w"), 0, n)
+    start = threading.Barrier(2)
+
+    def call():
+        start.wait()
+        fused.select(vals, vals[0], np.array([1 << 15, 1 << 15], np.uint32), np.array([1 << 15], np.uint32), bits,
+                     True, np.empty(n, np.uint16))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fused._compiled.cache_info().misses == 1 and fused._compiled(k, True)[0]._cache_size() == 1
+
+
+def test_an_input_digest_is_xxh3_over_its_tensors_lines():
+    # merge.json's "digest" text states this rule: anyone can re-derive an input's digest from its tensors
+    import xxhash
+
+    from hbo_jax.merging.stream import InputStream, row_blocks
+
+    arrays = {"b": np.arange(10, dtype=np.float32), "a": np.arange(12, dtype=np.uint16).view(ml_dtypes.bfloat16)
+              .reshape(3, 4)}
+    reader = mi.ArrayReader(arrays)
+    infos = [reader.info(n) for n in arrays]
+    plan = [(i.name, rows) for i in infos for rows in row_blocks(i, 8)]  # several blocks per tensor
+    stream = InputStream(reader, plan)
+    for _ in plan:
+        stream.next()
+    stream.close()
+    lines = "".join(f"{n} {list(a.shape)} {a.dtype} {xxhash.xxh3_128(a.tobytes()).hexdigest()}\n"
+                    for n, a in sorted(arrays.items()))
+    assert stream.digest(infos) == xxhash.xxh3_128(lines.encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- determinism, tying, logits
 
 

@@ -16,10 +16,13 @@ integers) stay with NumPy.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
 PIECES = (1 << 19, 1 << 17)  # the lengths compiled (each call costs ~0.1 ms of thread hand-offs)
+_FIRST_CALLS = threading.Lock()  # a first call compiles: one thread compiles, the others wait for it
+_COMPILED: set = set()  # (K, resample, length, dtype) called once already
 
 
 def usable(dtype: np.dtype, atol: float) -> bool:
@@ -63,18 +66,31 @@ def _compiled(k: int, resample: bool):
     return jax.jit(rule), cpu
 
 
+def _call(args, resample: bool):
+    import jax
+
+    fn, cpu = _compiled(len(args) - 4, resample)
+    if cpu is None:
+        return None
+    with jax.default_device(cpu):  # on the host whatever the default device: the blocks are there
+        return fn(*args)
+
+
 def select(vals: list[np.ndarray], base: np.ndarray | None, shares: np.ndarray, edges: np.ndarray,
            bits: np.ndarray, resample: bool, out: np.ndarray) -> int | None:
     """The selection of one piece into `out` (unsigned bit patterns, as `select._select`'s arguments);
     returns the number of elements whose drawn run left them at the base when resampling, else 0;
     None (nothing done) where JAX has no host backend."""
-    import jax
-
-    fn, cpu = _compiled(len(vals), resample)
-    if cpu is None:
+    args = (bits, shares, edges, vals[0] if base is None else base, *vals)
+    key = (len(vals), resample, bits.size, vals[0].dtype)
+    if key in _COMPILED:
+        res = _call(args, resample)
+    else:  # threads making a new jit function or calling a new shape at once would each compile it (0.1 s)
+        with _FIRST_CALLS:
+            res = _call(args, resample)
+            _COMPILED.add(key)
+    if res is None:
         return None
-    with jax.default_device(cpu):  # on the host whatever the default device: the blocks are there
-        res = fn(bits, shares, edges, vals[0] if base is None else base, *vals)
     if not resample:
         np.copyto(out, np.asarray(res))
         return 0
