@@ -102,6 +102,8 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tensors, cast = check_inputs(base, models)
+    if method == "select":
+        sel.prepare_selection(len(models), resample, {t.dtype for t in tensors}, atol)
     per_tensor: dict[str, dict] = {}
     total = sel.BlockStats()
 

@@ -124,7 +124,8 @@ def test_resampling_never_keeps_the_base_where_some_run_changed_it():
 def test_selection_bytes_are_pinned(k, resample, probs, digest, resampled, kept_base, pieces, monkeypatch):
     # A merge's bytes are a function of (seed, name, position) that users may re-derive: each
     # implementation must give the same ones (pinned from the first version of the rules). "fused":
-    # short compiled pieces, so the 21000 elements go through XLA (4096, 1024) and NumPy (the tail)
+    # short compiled pieces, so the 21000 elements go through XLA (4096, then the 520 of the tail padded to
+    # 1024; the block starts at an odd element: the draws' words are copied to an aligned array)
     if pieces is not None:
         monkeypatch.setattr(fused, "PIECES", pieces)
     rng = np.random.default_rng(11)
@@ -151,8 +152,9 @@ def test_threads_calling_a_new_piece_length_compile_it_once(monkeypatch):
     import threading
 
     monkeypatch.setattr(fused, "_COMPILED", set())
-    fused._compiled.cache_clear()
     n, k = 3000, 2  # a length no other test compiles
+    monkeypatch.setattr(fused, "PIECES", (n,))
+    fused._compiled.cache_clear()
     rng = np.random.default_rng(5)
     vals = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(k)]
     bits = element_bits(tensor_key(1, "w"), 0, n)
@@ -169,6 +171,21 @@ def test_threads_calling_a_new_piece_length_compile_it_once(monkeypatch):
     for t in threads:
         t.join()
     assert fused._compiled.cache_info().misses == 1 and fused._compiled(k, True)[0]._cache_size() == 1
+
+
+def test_pieces_go_to_numpy_while_prepare_compiles_the_rule(monkeypatch):
+    n = 2000  # a length no other test compiles
+    for name, value in (("_COMPILED", set()), ("_PENDING", set()), ("PIECES", (n,))):
+        monkeypatch.setattr(fused, name, value)
+    rng = np.random.default_rng(6)
+    vals = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(2)]
+    args = (vals, vals[0], np.array([1 << 15, 1 << 15], np.uint32), np.array([1 << 15], np.uint32),
+            element_bits(tensor_key(1, "w"), 0, n), True, np.empty(n, np.uint16))
+    with fused._FIRST_CALLS:  # holds the compiling thread back
+        thread = fused.prepare(2, True, ml_dtypes.bfloat16)
+        assert fused.select(*args) is None  # not done: NumPy's
+    thread.join()
+    assert fused.select(*args) is not None
 
 
 def test_an_input_digest_is_xxh3_over_its_tensors_lines():
