@@ -102,8 +102,6 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tensors, cast = check_inputs(base, models)
-    if method == "select":
-        sel.prepare_selection(len(models), resample, {t.dtype for t in tensors}, atol)
     per_tensor: dict[str, dict] = {}
     total = sel.BlockStats()
 
@@ -128,6 +126,8 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
         config["torch_dtype"] = stored
     tokenizer = next((i.tokenizer for i in [*models, base] if i is not None and i.tokenizer is not None), None)
     with pool, SafetensorsWriter(out_dir, tensors, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+        if method == "select":  # once nothing stops the merge from starting
+            sel.prepare_selection(len(models), resample, {t.dtype for t in tensors}, atol)
         digests, base_digest = stream_merge(tensors, [m.reader for m in models], base and base.reader, writer,
                                             merge_block, block_bytes=block_bytes, progress=progress,
                                             on_tensor=on_tensor)
