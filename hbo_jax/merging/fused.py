@@ -156,13 +156,13 @@ def select(vals: list[np.ndarray], base: np.ndarray | None, shares: np.ndarray, 
     None (nothing done) where JAX has no host backend."""
     n = bits.size
     length = padded_length(n) or n
+    key = (len(vals), resample, length, vals[0].dtype)
+    if key in _PENDING:
+        return None  # `prepare` is compiling it: NumPy does this piece
     piece = _staged([bits, vals[0] if base is None else base, *vals], length)
     args = (piece[0], shares, edges, *piece[1:])
-    key = (len(vals), resample, length, vals[0].dtype)
     if key in _COMPILED:
         res = _call(args, resample)
-    elif key in _PENDING:
-        return None  # `prepare` is compiling it: NumPy does this piece
     else:  # threads making a new jit function or calling a new shape at once would each compile it (0.1 s)
         with _FIRST_CALLS:
             res = _call(args, resample)
