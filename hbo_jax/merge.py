@@ -126,6 +126,8 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
         config["torch_dtype"] = stored
     tokenizer = next((i.tokenizer for i in [*models, base] if i is not None and i.tokenizer is not None), None)
     with pool, SafetensorsWriter(out_dir, tensors, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+        if method == "select":  # once nothing stops the merge from starting
+            sel.prepare_selection(len(models), resample, {t.dtype for t in tensors}, atol)
         digests, base_digest = stream_merge(tensors, [m.reader for m in models], base and base.reader, writer,
                                             merge_block, block_bytes=block_bytes, progress=progress,
                                             on_tensor=on_tensor)
@@ -135,7 +137,7 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
             "rng": "numpy Philox4x64 keyed (seed, first 8 bytes of sha256(tensor name)); element i of the "
                    "row-major tensor uses 32-bit word i of the stream (output i // 2, lower half for even i): its "
                    "upper 16 bits draw the model, its lower 16 the redraw (probability resolution 2**-16)",
-            "digest": "sha256 over sorted lines 'name shape dtype sha256(tensor bytes)' of the tensors read",
+            "digest": "xxh3_128 over sorted lines 'name shape dtype xxh3_128(tensor bytes)' of the tensors read",
             "base": None if base is None else {"source": base.source, "step": base.step, "digest": base_digest,
                                                "cast_to_model_dtype_for_comparison": cast},
             "models": [{"source": m.source, "step": m.step, "digest": d} for m, d in zip(models, digests)],

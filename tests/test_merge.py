@@ -124,7 +124,8 @@ def test_resampling_never_keeps_the_base_where_some_run_changed_it():
 def test_selection_bytes_are_pinned(k, resample, probs, digest, resampled, kept_base, pieces, monkeypatch):
     # A merge's bytes are a function of (seed, name, position) that users may re-derive: each
     # implementation must give the same ones (pinned from the first version of the rules). "fused":
-    # short compiled pieces, so the 21000 elements go through XLA (4096, 1024) and NumPy (the tail)
+    # short compiled pieces, so the 21000 elements go through XLA (4096, then the 520 of the tail padded to
+    # 1024; the block starts at an odd element: the draws' words are copied to an aligned array)
     if pieces is not None:
         monkeypatch.setattr(fused, "PIECES", pieces)
     rng = np.random.default_rng(11)
@@ -144,6 +145,67 @@ def test_average_equals_the_direct_computation():
     out, _ = average_block(models, w)
     np.testing.assert_array_equal(out, (np.float32(0.2) * models[0] + np.float32(0.5) * models[1])
                                   + np.float32(0.3) * models[2])
+
+
+def test_threads_calling_a_new_piece_length_compile_it_once(monkeypatch):
+    # the pool's threads reach the first piece of a length at once: each compiling it cost 0.1 s of CPU
+    import threading
+
+    monkeypatch.setattr(fused, "_COMPILED", set())
+    n, k = 3000, 2  # a length no other test compiles
+    monkeypatch.setattr(fused, "PIECES", (n,))
+    fused._compiled.cache_clear()
+    rng = np.random.default_rng(5)
+    vals = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(k)]
+    bits = element_bits(tensor_key(1, "w"), 0, n)
+    start = threading.Barrier(2)
+
+    def call():
+        start.wait()
+        fused.select(vals, vals[0], np.array([1 << 15, 1 << 15], np.uint32), np.array([1 << 15], np.uint32), bits,
+                     True, np.empty(n, np.uint16))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fused._compiled.cache_info().misses == 1 and fused._compiled(k, True)[0]._cache_size() == 1
+
+
+def test_pieces_go_to_numpy_while_prepare_compiles_the_rule(monkeypatch):
+    n = 2000  # a length no other test compiles
+    for name, value in (("_COMPILED", set()), ("_PENDING", set()), ("PIECES", (n,))):
+        monkeypatch.setattr(fused, name, value)
+    rng = np.random.default_rng(6)
+    vals = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(2)]
+    args = (vals, vals[0], np.array([1 << 15, 1 << 15], np.uint32), np.array([1 << 15], np.uint32),
+            element_bits(tensor_key(1, "w"), 0, n), True, np.empty(n, np.uint16))
+    with fused._FIRST_CALLS:  # holds the compiling thread back
+        thread = fused.prepare(2, True, ml_dtypes.bfloat16)
+        assert fused.select(*args) is None  # not done: NumPy's
+    thread.join()
+    assert fused.select(*args) is not None
+
+
+def test_an_input_digest_is_xxh3_over_its_tensors_lines():
+    # merge.json's "digest" text states this rule: anyone can re-derive an input's digest from its tensors
+    import xxhash
+
+    from hbo_jax.merging.stream import InputStream, row_blocks
+
+    arrays = {"b": np.arange(10, dtype=np.float32), "a": np.arange(12, dtype=np.uint16).view(ml_dtypes.bfloat16)
+              .reshape(3, 4)}
+    reader = mi.ArrayReader(arrays)
+    infos = [reader.info(n) for n in arrays]
+    plan = [(i.name, rows) for i in infos for rows in row_blocks(i, 8)]  # several blocks per tensor
+    stream = InputStream(reader, plan)
+    for _ in plan:
+        stream.next()
+    stream.close()
+    lines = "".join(f"{n} {list(a.shape)} {a.dtype} {xxhash.xxh3_128(a.tobytes()).hexdigest()}\n"
+                    for n, a in sorted(arrays.items()))
+    assert stream.digest(infos) == xxhash.xxh3_128(lines.encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- determinism, tying, logits

@@ -1,25 +1,67 @@
 """Parameter selection on one piece as one XLA loop on the host CPU: the rule of
 `hbo_jax.merging.select`, element for element, without its NumPy passes.
 
-NumPy runs the rule as a chain of whole-array passes (the draw's comparisons, bit-pattern
-blends, the redraw's prefix sums), ~10 + 6 K of them; XLA fuses them into one loop that
-reads each input once. Integer operations only (the stored bit patterns, exact
-equality), so the bytes are the same; a test pins both paths to the same digests.
-Measured (CPU of the selection with the Philox draw, per element, bf16, a loaded 2-core
-machine): K = 3 6.2 ns instead of 7.4, K = 8 9.7 instead of 16.7. Each call costs ~0.1 ms
-of hand-offs to XLA's threads, so pieces are long (`PIECES`: one compile per length, K
-and dtype, ~0.06 s each, plus ~0.4 s to start the CPU backend once); shorter tails, a
-tolerance (`atol` > 0 compares in float32) and 8-byte dtypes (JAX keeps 32-bit
-integers) stay with NumPy.
+NumPy runs the rule as a chain of whole-array passes (the draw's comparisons,
+bit-pattern blends, the redraw's prefix sums), ~10 + 6 K of them; XLA fuses them into one
+loop that reads each input once. Integer operations only (the stored bit patterns, exact
+equality), so the bytes are the same; a test pins both paths to the same digests. XLA's
+CPU client takes a host array as it is (no copy) only when its data is 64-byte aligned:
+it copies any other, slowly (bf16, K = 3: 2.8 ns of CPU per element, 0.7 when aligned;
+NumPy's passes 4.8), so unaligned arguments are first copied into this thread's aligned
+work arrays (`_staged`, ~0.1 ns per element). Each call costs ~0.1 ms of hand-offs to
+XLA's threads, so pieces are long (`PIECES`: one compile per length, K and dtype, ~0.06
+s each, and ~0.2 s to make the first one: `prepare` compiles them on a thread while the
+first pieces go through NumPy on the other cores); a shorter piece of at least a quarter
+of a compiled length is padded to it (the padding's results dropped), shorter ones, a
+tolerance (`atol` > 0 compares in float32) and 8-byte dtypes (JAX keeps 32-bit integers)
+stay with NumPy.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
 PIECES = (1 << 19, 1 << 17)  # the lengths compiled (each call costs ~0.1 ms of thread hand-offs)
+_FIRST_CALLS = threading.Lock()  # a first call compiles: one thread compiles, the others wait for it
+_COMPILED: set = set()  # (K, resample, length, unsigned dtype) called once already
+_PENDING: set = set()  # those `prepare` is compiling: their pieces go to NumPy meanwhile
+
+
+def padded_length(n: int) -> int | None:
+    """The compiled length a piece of `n` elements runs as (padded up to it), or None: NumPy's (the
+    padding would cost more than NumPy's passes over the piece)."""
+    for length in sorted(PIECES):
+        if n <= length:
+            return length if 4 * n >= length else None
+    return None
+
+
+_ALIGN = 64  # XLA's CPU client aliases a host array aligned to this; it copies (slowly) any other
+_WORK = threading.local()
+
+
+def _staged(arrays: list[np.ndarray], length: int) -> list[np.ndarray]:
+    """`arrays` as XLA takes them without a copy of its own: 64-byte aligned and `length` long. The others
+    are copied into this thread's aligned work arrays (reused call after call; the padding is garbage)."""
+    work = getattr(_WORK, "arrays", None)
+    if work is None:
+        work = _WORK.arrays = {}
+    out = []
+    for i, a in enumerate(arrays):
+        if a.size == length and a.ctypes.data % _ALIGN == 0:
+            out.append(a)
+            continue
+        buf = work.get((i, a.dtype, length))
+        if buf is None:
+            raw = np.empty(length * a.dtype.itemsize + _ALIGN, np.uint8)
+            start = -raw.ctypes.data % _ALIGN
+            buf = work[(i, a.dtype, length)] = raw[start:start + length * a.dtype.itemsize].view(a.dtype)
+        buf[:a.size] = a
+        out.append(buf)
+    return out
 
 
 def usable(dtype: np.dtype, atol: float) -> bool:
@@ -63,24 +105,76 @@ def _compiled(k: int, resample: bool):
     return jax.jit(rule), cpu
 
 
-def select(vals: list[np.ndarray], base: np.ndarray | None, shares: np.ndarray, edges: np.ndarray,
-           bits: np.ndarray, resample: bool, out: np.ndarray) -> int | None:
-    """The selection of one piece into `out` (unsigned bit patterns, as `select._select`'s arguments);
-    returns the number of elements whose drawn run left them at the base when resampling, else 0;
-    None (nothing done) where JAX has no host backend."""
+def prepare(k: int, resample: bool, dtype) -> threading.Thread | None:
+    """Compiles the rule for K models of `dtype` at every length of `PIECES` on a thread (returned; None:
+    nothing left to compile); until then `select` leaves those pieces to NumPy (the same bytes)."""
+    udt = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    keys = [(k, resample, n, udt) for n in PIECES if (k, resample, n, udt) not in _COMPILED | _PENDING]
+    if not keys:
+        return None
+    _PENDING.update(keys)
+
+    def run():
+        for key in keys:
+            n = key[2]
+            try:
+                with _FIRST_CALLS:
+                    if key not in _COMPILED:
+                        res = _call((np.zeros(n, np.uint32), np.zeros(k, np.uint32), np.zeros(k - 1, np.uint32),
+                                     *[np.zeros(n, udt)] * (k + 1)), resample)
+                        _wait(res)
+                        _COMPILED.add(key)
+            finally:  # a failed compile: the first piece compiles (and raises) on its own
+                _PENDING.discard(key)
+
+    thread = threading.Thread(target=run, daemon=True, name="compile selection")
+    thread.start()
+    return thread
+
+
+def _wait(res) -> None:
+    """Waits for a result of `_call` (None, an array or a tuple of arrays)."""
+    for r in res if isinstance(res, tuple) else () if res is None else (res,):
+        r.block_until_ready()
+
+
+def _call(args, resample: bool):
     import jax
 
-    fn, cpu = _compiled(len(vals), resample)
+    fn, cpu = _compiled(len(args) - 4, resample)
     if cpu is None:
         return None
     with jax.default_device(cpu):  # on the host whatever the default device: the blocks are there
-        res = fn(bits, shares, edges, vals[0] if base is None else base, *vals)
+        return fn(*args)
+
+
+def select(vals: list[np.ndarray], base: np.ndarray | None, shares: np.ndarray, edges: np.ndarray,
+           bits: np.ndarray, resample: bool, out: np.ndarray) -> int | None:
+    """The selection of one piece into `out` (unsigned bit patterns, as `select._select`'s arguments), run
+    at `padded_length` (or its own length where that is None); returns the number of elements whose
+    drawn run left them at the base when resampling, else 0;
+    None (nothing done) where JAX has no host backend."""
+    n = bits.size
+    length = padded_length(n) or n
+    key = (len(vals), resample, length, vals[0].dtype)
+    if key in _PENDING:
+        return None  # `prepare` is compiling it: NumPy does this piece
+    piece = _staged([bits, vals[0] if base is None else base, *vals], length)
+    args = (piece[0], shares, edges, *piece[1:])
+    if key in _COMPILED:
+        res = _call(args, resample)
+    else:  # threads making a new jit function or calling a new shape at once would each compile it (0.1 s)
+        with _FIRST_CALLS:
+            res = _call(args, resample)
+            _COMPILED.add(key)
+    if res is None:
+        return None
     if not resample:
-        np.copyto(out, np.asarray(res))
+        np.copyto(out, np.asarray(res)[:n])
         return 0
     if isinstance(res, tuple):
-        np.copyto(out, np.asarray(res[0]))
-        return int(np.count_nonzero(np.asarray(res[1])))
-    packed = np.asarray(res)
+        np.copyto(out, np.asarray(res[0])[:n])
+        return int(np.count_nonzero(np.asarray(res[1])[:n]))
+    packed = np.asarray(res)[:n]
     np.copyto(out, packed, casting="unsafe")  # the lower bits: the value
     return int(np.count_nonzero(packed >> np.uint32(16)))

@@ -26,9 +26,10 @@ such a run is never drawn). The redraw among a set S of runs maps its 16 bits `r
 q_k / W(S). Both are far below what a chi-square test of millions of elements detects.
 
 Two implementations of the same rule give the same bytes (a test pins both to the
-same digests): pieces of `fused.PIECES` elements, exact equality and dtypes of at most
-4 bytes run as one XLA loop on the host (`hbo_jax.merging.fused`); the rest (short
-tails, a tolerance, 8-byte dtypes) as branch-free NumPy passes over reused work arrays.
+same digests): pieces of `fused.PIECES` elements (or padded to one), exact equality and
+dtypes of at most 4 bytes run as one XLA loop on the host (`hbo_jax.merging.fused`); the
+rest (short pieces, a tolerance, 8-byte dtypes) as branch-free NumPy passes over reused
+work arrays.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def element_bits(key: tuple[int, int], start: int, count: int) -> np.ndarray:
     raw = gen.random_raw(skip + (start + count + 1) // 2 - start // 2)[skip:]
     words = raw.astype("<u8", copy=False).view("<u4")  # lower half first, on any byte order
     return words[start % 2:start % 2 + count].astype(np.uint32, copy=False)
+
+
+def prepare_selection(k: int, resample: bool, dtypes, atol: float) -> None:
+    """Starts compiling the fused rule for the `dtypes` it runs (`fused.prepare`): the first pieces go
+    through NumPy meanwhile instead of waiting for it."""
+    for dtype in dtypes:
+        if fused.usable(dtype, atol):
+            fused.prepare(k, resample, dtype)
 
 
 def normalise(weights, k: int, what: str) -> np.ndarray:
@@ -251,9 +260,9 @@ def _changed_into(model: np.ndarray, base: np.ndarray, atol: float, out: np.ndar
 
 def _select(models, base, probs, bits, resample: bool, atol: float, out: np.ndarray) -> BlockStats:
     """Selection on one piece into `out` (the unsigned view of the merged piece); `bits` are the piece's
-    `element_bits`; see `select_block`. A piece of a compiled length goes through `fused`, the rest
+    `element_bits`; see `select_block`. A piece of a compiled length (or padded to one) goes through `fused`, the rest
     through NumPy passes over this thread's reused work arrays (`_scratch`): the same bytes."""
-    if bits.size in fused.PIECES and fused.usable(models[0].dtype, atol):
+    if fused.padded_length(bits.size) and fused.usable(models[0].dtype, atol):
         stats = _select_fused(models, base, probs, bits, resample, out)
         if stats is not None:
             return stats
