@@ -2,7 +2,8 @@
 
     python benchmarks/scalebio_step.py --shape smollm2_135m --gammas 2 4 --time --rss
     python benchmarks/scalebio_step.py --shape llama_1b --gammas 2 4            # memory only
-    python benchmarks/scalebio_step.py --shape llama_1b --batch 1 --seq 128 --param-dtype bfloat16 --rss
+    python benchmarks/scalebio_step.py --shape llama_1b --batch 1 --seq 128 --param-dtype bfloat16 --dtype bfloat16
+        --rss --rss-steps 4 --only plain     # (one command) one variant alone, in bf16
 
 Variants, all on one device with stacked blocks (`model.scan_layers`), from the shapes of
 `benchmarks/train_step_cpu.py`:
