@@ -2,6 +2,8 @@
 
     python benchmarks/scalebio_step.py --shape smollm2_135m --gammas 2 4 --time --rss
     python benchmarks/scalebio_step.py --shape llama_1b --gammas 2 4            # memory only
+    python benchmarks/scalebio_step.py --shape llama_1b --batch 1 --seq 128 --param-dtype bfloat16 --dtype bfloat16
+        --rss --rss-steps 4 --only plain     # (one command) one variant alone, in bf16
 
 Variants, all on one device with stacked blocks (`model.scan_layers`), from the shapes of
 `benchmarks/train_step_cpu.py`:
@@ -13,9 +15,17 @@ Variants, all on one device with stacked blocks (`model.scan_layers`), from the 
 
 Memory is XLA's buffer assignment of the compiled step, as `python -m hbo_jax.memory`
 reports it (`scalebio_memory`, also what an accelerator run calls). `--time` runs the steps
-on random weights, the variants taking turns step by step, and reports medians; `--rss`
-runs each variant alone in a fresh process for `--rss-steps` steps and reports its peak
-resident memory (`ru_maxrss`: the host's view, which on CPU includes the device buffers).
+on random weights, the variants taking turns step by step in one process, and reports
+medians. `--rss` runs each variant alone in a fresh process for `--rss-steps` steps and
+reports its peak resident memory (VmHWM: the host's view, which on CPU includes the
+device buffers) and its median step time after the first (which compiles): the timing for
+shapes whose variants do not fit in one process together. A variant whose compiled peak
+does not fit the host's available memory is not run, and a running one is killed when the
+available memory runs low (and is the kernel's first choice if memory runs out).
+
+`--param-dtype bfloat16` stores the parameters, and so AdamW's moments, in bf16 for every
+variant alike: `optax.scale_by_adam` makes mu in `mu_dtype` (default None: the parameter's
+dtype) and nu always in the parameter's dtype, and LISA's moments are zeros like the view.
 """
 
 from __future__ import annotations
@@ -24,10 +34,10 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +47,28 @@ from train_step_cpu import SHAPES, jax_spec, random_batch  # noqa: E402
 NUM_SOURCES = 10  # the reference's v2 math setup
 
 
-def _setup(shape: str, batch: int, seq: int, remat: bool):
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The model and batch every variant of one comparison runs at."""
+
+    shape: str = "smollm2_135m"
+    batch: int = 4
+    seq: int = 256
+    remat: bool = False
+    param_dtype: str = "float32"  # the parameters' and (optax's default) AdamW moments' dtype
+    dtype: str = "float32"  # the compute dtype
+
+    def argv(self) -> list[str]:
+        """This setting as command-line arguments (for a worker process)."""
+        return ["--shape", self.shape, "--batch", str(self.batch), "--seq", str(self.seq),
+                "--param-dtype", self.param_dtype, "--dtype", self.dtype, *(["--remat"] if self.remat else [])]
+
+
+def variants(gammas) -> tuple[str, ...]:
+    return ("plain", "scalebio", *(f"scalebio_lisa_{g}" for g in gammas))
+
+
+def _setup(setting: Setting):
     import jax
     import jax.numpy as jnp
 
@@ -45,7 +76,9 @@ def _setup(shape: str, batch: int, seq: int, remat: bool):
     from hbo_jax.models.llama import abstract_model
     from hbo_jax.parallel import batch_sharding, make_mesh, tree_shardings
 
-    spec = dataclasses.replace(jax_spec(SHAPES[shape], "float32", remat=remat), scan_layers=True)
+    batch, seq = setting.batch, setting.seq
+    spec = dataclasses.replace(jax_spec(SHAPES[setting.shape], setting.dtype, remat=setting.remat),
+                               scan_layers=True, param_dtype=setting.param_dtype)
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     graphdef, abstract = abstract_model(spec)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
@@ -110,19 +143,21 @@ def _variant(name: str, graphdef, params, mesh, real: bool):
 
 
 def scalebio_memory(shape: str = "smollm2_135m", gammas=(2, 4), batch: int = 4, seq: int = 256,
-                    remat: bool = False) -> dict:
+                    remat: bool = False, param_dtype: str = "float32", dtype: str = "float32") -> dict:
     """Compiled memory (MiB) of plain fine-tuning, full ScaleBiO and LISA ScaleBiO at a shape.
 
     Returns:
-        {"shape", "batch", "seq", "params_m", "memory_mib": {variant: {"arguments",
-        "scratch", "peak", "peak_vs_plain"}}}.
+        {"shape", "batch", "seq", "remat", "param_dtype", "dtype", "params_m", "memory_mib":
+        {variant: {"arguments", "held", "scratch", "peak", "peak_vs_plain", "largest"}},
+        "programs_mib": {variant: {program: {...}}}}.
     """
     from hbo_jax.memory import ProgramMemory
 
-    spec, mesh, graphdef, params, shaped = _setup(shape, batch, seq, remat)
+    setting = Setting(shape, batch, seq, remat, param_dtype, dtype)
+    spec, mesh, graphdef, params, shaped = _setup(setting)
     val = {k: shaped[k] for k in ("input_ids", "targets", "loss_mask")}
     rows, parts = {}, {}
-    for name in ("plain", "scalebio", *(f"scalebio_lisa_{g}" for g in gammas)):
+    for name in variants(gammas):
         step, args, _, extra = _variant(name, graphdef, params, mesh, real=False)
         if extra is None:
             rows[name] = ProgramMemory.of(name, step.lower(*args, shaped).compile())
@@ -133,7 +168,7 @@ def scalebio_memory(shape: str = "smollm2_135m", gammas=(2, 4), batch: int = 4, 
     mib = lambda x: x / 2**20  # noqa: E731
     row = lambda m: {"arguments": mib(m.arguments), "held": mib(m.held), "scratch": mib(m.scratch),  # noqa: E731
                      "peak": mib(m.peak), "peak_vs_plain": m.peak / rows["plain"].peak}
-    return {"shape": shape, "batch": batch, "seq": seq, "remat": remat, "params_m": spec.num_params() / 1e6,
+    return {**dataclasses.asdict(setting), "params_m": spec.num_params() / 1e6,
             "memory_mib": {n: {**row(m), "largest": m.name} for n, m in rows.items()},
             "programs_mib": {n: {m.name: row(m) for m in ms} for n, ms in parts.items()}}
 
@@ -146,69 +181,148 @@ def _runner(name: str, spec, mesh, graphdef):
     return out[1], out[2]
 
 
-def step_times(shape: str, gammas, batch: int, seq: int, remat: bool, rounds: int) -> dict:
-    """Median seconds a step of each variant, the variants taking turns (round 0 compiles)."""
+def _timed_step(fn, args, data):
+    """(new args, seconds) of one step, waited for."""
     import jax
 
-    spec, mesh, graphdef, _, _ = _setup(shape, batch, seq, remat)
-    data = random_batch(spec.vocab_size, batch, seq, mesh)
-    runs = {name: _runner(name, spec, mesh, graphdef)
-            for name in ("plain", "scalebio", *(f"scalebio_lisa_{g}" for g in gammas))}
+    t0 = time.perf_counter()
+    args = fn(args, data)
+    jax.block_until_ready(args)
+    return args, time.perf_counter() - t0
+
+
+def step_times(setting: Setting, gammas, rounds: int) -> dict:
+    """Median seconds a step of each variant, the variants taking turns in one process (round 0 compiles)."""
+    spec, mesh, graphdef, _, _ = _setup(setting)
+    data = random_batch(spec.vocab_size, setting.batch, setting.seq, mesh)
+    runs = {name: _runner(name, spec, mesh, graphdef) for name in variants(gammas)}
     times = {name: [] for name in runs}
     for r in range(rounds + 1):
         for name, (args, fn) in runs.items():
-            t0 = time.perf_counter()
-            args = fn(args, data)
-            jax.block_until_ready(args)
+            args, seconds = _timed_step(fn, args, data)
             runs[name] = (args, fn)
             if r:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {name: {"seconds": s, "vs_plain": s / med["plain"]} for name, s in med.items()}
 
 
-def _worker(name: str, shape: str, batch: int, seq: int, remat: bool, steps: int) -> dict:
-    import jax
-
-    spec, mesh, graphdef, _, _ = _setup(shape, batch, seq, remat)
-    data = random_batch(spec.vocab_size, batch, seq, mesh)
+def _worker(name: str, setting: Setting, steps: int) -> None:
+    """One variant alone: `steps` steps, the first compiling; prints a JSON line per step
+    (its seconds, the peak RSS so far), so that a run killed midway still tells what it did."""
+    # If the host runs out of memory, the kernel is to kill this process rather than another job's.
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+    spec, mesh, graphdef, _, _ = _setup(setting)
+    data = random_batch(spec.vocab_size, setting.batch, setting.seq, mesh)
     args, fn = _runner(name, spec, mesh, graphdef)
-    for _ in range(steps):
-        args = fn(args, data)
-    jax.block_until_ready(args)
-    return {"variant": name, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    for i in range(steps):
+        args, seconds = _timed_step(fn, args, data)
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so it would
+        # report the parent's peak (the planner's compiles) when that is the larger.
+        print(json.dumps({"step": i, "seconds": seconds, "peak_rss_mib": _meminfo_mib("/proc/self/status", "VmHWM")}),
+              flush=True)
 
 
-def peak_rss(shape: str, gammas, batch: int, seq: int, remat: bool, steps: int) -> dict:
-    """Peak resident memory (MiB) of each variant run alone in a fresh process."""
+def _meminfo_mib(path: str, key: str) -> float:
+    """A `key: N kB` line of a /proc file, in MiB (0 when the file is gone)."""
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        return 0.0
+
+
+def _run_watched(cmd: list[str], env: dict, floor_mib: float) -> dict:
+    """Runs `cmd`, killing it if the host's available memory falls below `floor_mib` (so that
+    it, not another job, gives way). Returns its return code, stdout, stderr, the lowest
+    available memory seen and its own peak RSS as last seen (VmHWM)."""
+    lowest = _meminfo_mib("/proc/meminfo", "MemAvailable")
+    hwm = 0.0
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        out = []  # drained by a thread: a full pipe would block the worker
+        reader = threading.Thread(target=lambda: out.append(proc.communicate()))
+        reader.start()
+        while proc.poll() is None:
+            lowest = min(lowest, _meminfo_mib("/proc/meminfo", "MemAvailable"))
+            hwm = max(hwm, _meminfo_mib(f"/proc/{proc.pid}/status", "VmHWM"))
+            if lowest < floor_mib:
+                proc.kill()
+            time.sleep(0.2)
+        reader.join()
+    return {"rc": proc.returncode, "stdout": out[0][0], "stderr": out[0][1], "lowest_available_mib": lowest,
+            "watched_peak_rss_mib": hwm}
+
+
+def alone(setting: Setting, names, steps: int, planned_mib: dict, margin_mib: float = 1536,
+          floor_mib: float = 1024) -> dict:
+    """Each variant run alone in a fresh process, one after the other: peak RSS and median step time
+    (of the steps after the first, which compiles).
+
+    A variant runs only if its compiled peak plus `margin_mib` (the runtime, compiling)
+    fits in the host's available memory less `floor_mib`; while it runs, it is killed if
+    the available memory falls below `floor_mib` (its row then says how far it got).
+    """
     here = os.path.abspath(__file__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (os.path.dirname(os.path.dirname(here)), os.environ.get("PYTHONPATH")) if p))
     out = {}
-    for name in ("plain", "scalebio", *(f"scalebio_lisa_{g}" for g in gammas)):
-        cmd = [sys.executable, here, "--worker", name, "--shape", shape, "--batch", str(batch), "--seq", str(seq),
-               "--rss-steps", str(steps), *(["--remat"] if remat else [])]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        out[name] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-    return {name: {"peak_rss_mib": v, "vs_plain": v / out["plain"]} for name, v in out.items()}
+    for name in names:
+        available = _meminfo_mib("/proc/meminfo", "MemAvailable")
+        row = {"planned_peak_mib": planned_mib[name], "available_mib": available, "load_before": os.getloadavg()}
+        out[name] = row
+        if planned_mib[name] + margin_mib > available - floor_mib:
+            row["skipped"] = "planned peak + margin over the available memory"
+            continue
+        run = _run_watched([sys.executable, here, "--worker", name, *setting.argv(), "--rss-steps", str(steps)],
+                           env, floor_mib)
+        done = [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
+        times = [d["seconds"] for d in done[1:]]
+        row.update(load_after=os.getloadavg(), lowest_available_mib=run["lowest_available_mib"],
+                   watched_peak_rss_mib=run["watched_peak_rss_mib"], steps_done=len(done),
+                   first_step_seconds=done[0]["seconds"] if done else None, step_seconds=times,
+                   seconds=statistics.median(times) if times else None)
+        if done:  # the peak over the steps that completed (all of them unless it failed)
+            row["peak_rss_mib"] = done[-1]["peak_rss_mib"]
+        if run["rc"]:
+            row.update(failed=f"exit {run['rc']} after {len(done)} of {steps} steps", stderr=run["stderr"][-2000:])
+    plain = out.get("plain", {})
+    for row in out.values():
+        if "peak_rss_mib" in plain and "peak_rss_mib" in row:
+            row["rss_vs_plain"] = row["peak_rss_mib"] / plain["peak_rss_mib"]
+        if row.get("seconds") and plain.get("seconds"):
+            row["time_vs_plain"] = row["seconds"] / plain["seconds"]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shape_arguments(ap)
-    ap.add_argument("--rss", action="store_true", help="also the peak RSS of each variant in its own process")
-    ap.add_argument("--rss-steps", type=int, default=2)
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="parameters and AdamW moments (every variant alike)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--rss", action="store_true",
+                    help="also each variant alone in its own process: peak RSS and step time")
+    ap.add_argument("--rss-steps", type=int, default=2, help="steps of each process, the first compiling")
+    ap.add_argument("--only", nargs="+", help="run only these variants alone (--rss), e.g. plain scalebio_lisa_2")
+    ap.add_argument("--floor-mib", type=float, default=1024,
+                    help="kill a variant's process when the host's available memory falls below this")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    setting = Setting(args.shape, args.batch, args.seq, args.remat, args.param_dtype, args.dtype)
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.shape, args.batch, args.seq, args.remat, args.rss_steps)))
+        _worker(args.worker, setting, args.rss_steps)
         return
-    result = scalebio_memory(args.shape, args.gammas, args.batch, args.seq, args.remat)
+    result = scalebio_memory(args.shape, args.gammas, args.batch, args.seq, args.remat, args.param_dtype, args.dtype)
+    print(json.dumps(result, indent=2), flush=True)  # the plan first: running may take long
     if args.time:
-        result["step_time"] = step_times(args.shape, args.gammas, args.batch, args.seq, args.remat, args.rounds)
+        result["step_time"] = step_times(setting, args.gammas, args.rounds)
     if args.rss:
-        result["peak_rss"] = peak_rss(args.shape, args.gammas, args.batch, args.seq, args.remat, args.rss_steps)
-    print(json.dumps(result, indent=2))
+        planned = {name: row["peak"] for name, row in result["memory_mib"].items()}
+        result["alone"] = alone(setting, args.only or variants(args.gammas), args.rss_steps, planned,
+                                floor_mib=args.floor_mib)
+    if args.time or args.rss:
+        print(json.dumps({k: result[k] for k in ("step_time", "alone") if k in result}, indent=2))
 
 
 if __name__ == "__main__":
