@@ -287,3 +287,9 @@ def test_the_memory_planner_counts_both_models_and_three_optimizers_in_every_sca
 def test_config_errors_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"run_dir={tmp_path}", "algorithm=scalebio", *extra])
+
+
+def test_draw_warns_that_a_learned_p_local_is_not_applied(whole, tmp_path, capsys):
+    assert draw_main(["--run", str(whole), "--total", "10", "--out", str(tmp_path / "d")]) == 0
+    assert "learned p_local" in capsys.readouterr().err  # the command's logging writes to stderr
+    assert json.loads((tmp_path / "d" / "draw.json").read_text())["p_local_applied"] is False

@@ -8,6 +8,11 @@ directory is a mixture of its own: `<subset>.train.jsonl` per subset (plus the s
 eval rows as `<subset>.eval.jsonl`), usable as `data.source_dir`; `draw.json` records
 what was drawn.
 
+Inside a subset the rows are drawn uniformly. A run with `scalebio.local_actors` also
+learned p_local over difficulty buckets: the draw does not apply it (the buckets belong
+to the prepared data, not to the rows of the inputs) and warns; replaying the run's
+schedule (`mixing.strategy=replay`) trains with both.
+
 The validation set is left out unless `--include-validation` is given (the reference
 appends it by default, which trains on the data the weights were chosen with); it then
 becomes one more subset, `validation`.
@@ -86,9 +91,13 @@ def draw(run: Path, total: int, out: Path, seed: int = 42, include_validation: b
     p = read_weights(weights or run / "scalebio_weights.json", names)
     if include_validation and VALIDATION in names:
         raise ConfigError(f"--include-validation: the mixture already has a subset named {VALIDATION!r}")
+    if cfg.scalebio.local_actors:
+        log.warning("%s learned p_local (scalebio.local_actors=true), which the draw does not apply: it takes rows "
+                    "uniformly inside each subset. To train with p_local too, replay the run's schedule: "
+                    "mixing.strategy=replay mixing.replay_from=%s", run, weights or run / "scalebio_weights.json")
     out.mkdir(parents=True, exist_ok=True)
     record = {"run": str(run), "total": total, "seed": seed, "weights": dict(zip(names, p.tolist())),
-              "include_validation": include_validation, "drawn": {}, "available": {}}
+              "p_local_applied": False, "include_validation": include_validation, "drawn": {}, "available": {}}
     for i, s in enumerate(subsets):
         rows = usable_rows(s.train, s.format)
         want = math.floor(total * p[i])
