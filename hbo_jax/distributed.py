@@ -24,7 +24,7 @@ import numpy as np
 
 from hbo_jax.config import DistributedConfig
 from hbo_jax.errors import ConfigError
-from hbo_jax.records import dumps
+from hbo_jax.records import dumps, truncate_after
 
 log = logging.getLogger(__name__)
 
@@ -171,25 +171,29 @@ def _digest(*arrays) -> str:
 class Trace:
     """Per-process record of batch rows and mixer state (`distributed.trace=true`).
 
-    Writes `<run_dir>/trace/process_<i>.jsonl`; a fresh run starts it anew, a resumed one
-    appends.
+    Writes `<run_dir>/trace/process_<i>.jsonl`; a fresh run starts it anew, a run resuming
+    from step `start` keeps the records up to it and appends (the steps after it, which an
+    interrupted run may have traced, are traced again).
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, rows: slice, fresh: bool):
+    def __init__(self, run_dir: Path, enabled: bool, rows: slice, start: int):
         self.enabled = enabled
         self.rows = rows
         self.path = Path(run_dir) / "trace" / f"process_{jax.process_index()}.jsonl"
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if fresh:
+            if start == 0:
                 self.path.unlink(missing_ok=True)
+            else:
+                truncate_after(self.path, start)
 
     def _write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(dumps(record) + "\n")
 
     def batch(self, step: int, host_batch: dict) -> None:
-        """One digest per row of this process's slice of the global batch for `step`."""
+        """One digest per row of this process's slice of the global batch that trains `step`
+        (counted from 1, as in metrics.jsonl)."""
         if self.enabled:
             ids, mask = host_batch["input_ids"], host_batch["loss_mask"]
             self._write({"step": step, "kind": "batch", "rows": [self.rows.start, self.rows.stop],

@@ -47,6 +47,33 @@ def _step_of(line: str) -> int | None:
     return step if isinstance(step, int) else None
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drops the records of a JSONL log whose step is after `step` (a run resuming from it
+    writes them again).
+
+    A line that does not parse is dropped with a warning: as the last line it is an
+    append cut short (a crash, a full disk); anywhere else the file was damaged, and
+    the warning names the line. The file is replaced in one rename.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        s = _step_of(line)
+        if s is None:
+            what = ("the torn last line (an append cut short by a crash or a full disk)" if i == len(lines)
+                    else f"unreadable line {i} of {len(lines)} (the file was damaged)")
+            log.warning("%s: dropping %s: %.80r", path, what, line)
+        elif s <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class JsonlWriter:
     """Appends JSON lines; only process 0 writes."""
 
@@ -57,29 +84,9 @@ class JsonlWriter:
         self.enabled = jax.process_index() == 0
 
     def truncate(self, step: int) -> None:
-        """Drops records after `step` (written after the checkpoint a run resumes from).
-
-        A line that does not parse is dropped with a warning: as the last line it is an
-        append cut short (a crash, a full disk); anywhere else the file was damaged, and
-        the warning names the line. The file is replaced in one rename.
-        """
-        if not (self.enabled and self.path.is_file()):
-            return
-        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
-        kept = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            s = _step_of(line)
-            if s is None:
-                what = ("the torn last line (an append cut short by a crash or a full disk)" if i == len(lines)
-                        else f"unreadable line {i} of {len(lines)} (the file was damaged)")
-                log.warning("%s: dropping %s: %.80r", self.path, what, line)
-            elif s <= step:
-                kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        """Drops records after `step` (written after the checkpoint a run resumes from)."""
+        if self.enabled:
+            truncate_after(self.path, step)
 
     def write(self, record: dict) -> None:
         if self.enabled:

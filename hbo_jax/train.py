@@ -99,8 +99,8 @@ def _global_batches(cfg: Config, data: PreparedData, sampler, algo: Algorithm, m
     s = start
     while True:
         host_batch = next(batches)
-        trace.batch(s, host_batch)
         s += 1
+        trace.batch(s, host_batch)
         yield global_batch_from_host(host_batch, mesh)
 
 
@@ -164,7 +164,7 @@ def _run(cfg: Config, stop: StopRequest, t_start: float, sources: ConfigSources 
         logs.writers["mixing.jsonl"].write(record)
 
     pack_stats: dict = {}
-    trace = Trace(run_dir, cfg.distributed.trace, host_slice(tc.batch_size), fresh=start == 0)
+    trace = Trace(run_dir, cfg.distributed.trace, host_slice(tc.batch_size), start)
     batches = _global_batches(cfg, data, sampler, algo, mesh, pack_rows, pack_stats, trace, start)
     # One process: a free check every step; several: a collective every stop_check_every steps.
     every = 1 if jax.process_count() == 1 else cfg.distributed.stop_check_every

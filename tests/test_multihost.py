@@ -123,7 +123,7 @@ def test_data_slices_are_disjoint_and_form_the_global_batch(runs):
     single, multi = runs
     ref = _trace(single, 0, "batch")
     p0, p1 = _trace(multi, 0, "batch"), _trace(multi, 1, "batch")
-    assert [r["step"] for r in p0] == [r["step"] for r in p1] == [r["step"] for r in ref] == [0, 1, 2, 3]
+    assert [r["step"] for r in p0] == [r["step"] for r in p1] == [r["step"] for r in ref] == [1, 2, 3, 4]
     for a, b, whole in zip(p0, p1, ref):
         assert a["rows"] == [0, 4] and b["rows"] == [4, 8] and whole["rows"] == [0, 8]
         assert a["digest"] + b["digest"] == whole["digest"]

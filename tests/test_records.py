@@ -35,3 +35,13 @@ def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}')
     JsonlWriter(path).truncate(5)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_resumed_trace_keeps_the_records_up_to_its_step_and_drops_the_rest(tmp_path):
+    from hbo_jax.distributed import Trace
+
+    path = tmp_path / "trace" / "process_0.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"step": s, "kind": k}) + "\n" for s in (1, 2, 3) for k in ("batch", "mixer")))
+    Trace(tmp_path, True, slice(0, 8), start=2)  # resumes from the checkpoint of step 2
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 1, 2, 2]

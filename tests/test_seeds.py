@@ -117,7 +117,7 @@ def test_data_seeds_draw_different_batches(sweep):
 
     def first_batch(run_dir):
         rows = [json.loads(l) for l in (run_dir / "trace" / "process_0.jsonl").read_text().splitlines()]
-        return next(r["digest"] for r in rows if r["kind"] == "batch" and r["step"] == 0)
+        return next(r["digest"] for r in rows if r["kind"] == "batch" and r["step"] == 1)
 
     assert first_batch(runs[0][0]) != first_batch(runs[1][0])
 
