@@ -29,12 +29,13 @@ from pathlib import Path
 from hbo_jax.errors import ConfigError
 from hbo_jax.merging import select as sel
 from hbo_jax.merging.inputs import Input, check_inputs, open_input, run_base
-from hbo_jax.merging.stream import stream_merge
+from hbo_jax.merging.stream import no_cyclic_gc, stream_merge
 
 METHODS = ("average", "select")
 MERGE_JSON = "merge.json"
 
 
+@no_cyclic_gc()  # from the inputs' opening on (stream_merge's own covers merge_inputs)
 def merge(base: str | Path | None, models: list[str | Path], out_dir: str | Path, *, method: str = "select",
           probs=None, resample: bool = False, seed: int = 0, atol: float = 0.0, step: int | None = None,
           max_shard_bytes: int | None = None, overwrite: bool = False, block_bytes: int | None = None,

@@ -208,6 +208,32 @@ def test_an_input_digest_is_xxh3_over_its_tensors_lines():
     assert stream.digest(infos) == xxhash.xxh3_128(lines.encode()).hexdigest()
 
 
+@pytest.mark.parametrize("fail", [False, True], ids=["done", "failed"])
+def test_the_cycle_collector_is_off_during_a_stream_merge_and_restored_after(fail, tmp_path):
+    import gc
+
+    from hbo_jax.merging.stream import stream_merge
+
+    arrays = {"a": np.arange(6, dtype=np.float32)}
+    reader = mi.ArrayReader(arrays)
+    seen = []
+
+    def merge_block(name, start, blocks, base):
+        seen.append(gc.isenabled())
+        if fail:
+            raise RuntimeError("merge failed")
+        return blocks[0], None
+
+    assert gc.isenabled()
+    with SafetensorsWriter(tmp_path / "out", [reader.info("a")]) as writer:
+        try:
+            stream_merge([reader.info("a")], [reader, reader], None, writer, merge_block, progress=False)
+        except RuntimeError:
+            assert fail
+            writer.abort()
+    assert seen == [False] and gc.isenabled()
+
+
 # ----------------------------------------------------------------------------- determinism, tying, logits
 
 

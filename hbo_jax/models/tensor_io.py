@@ -41,6 +41,8 @@ _ST_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere `stream_block` reads through the page cache
 _DIRECT_ALIGN = 4096
+# The writer starts the disk writing every this many bytes (`SafetensorsWriter._write_back`)
+WRITE_BACK_BYTES = 32 << 20
 
 
 def parse_size(text: str | int) -> int:
@@ -354,6 +356,7 @@ class SafetensorsWriter:
         self.staging_dir = self.out_dir.parent / f".{self.out_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
         self.staging_dir.mkdir(parents=True)
         self._next, self._rows, self._file, self._opened, self._closed = 0, 0, None, -1, False
+        self._flushed = self._written = 0  # bytes of the open file handed to the disk / written
 
     def _header(self, shard: int) -> bytes:
         header, offset = {}, 0
@@ -374,6 +377,7 @@ class SafetensorsWriter:
             self._opened += 1
             self._file = open(self.staging_dir / self._files[self._opened], "wb")
             self._file.write(self._header(self._opened))
+            self._flushed = self._written = 0
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -381,6 +385,16 @@ class SafetensorsWriter:
             os.fsync(self._file.fileno())  # on disk before the rename publishes it
             self._file.close()
             self._file = None
+
+    def _write_back(self) -> None:
+        """Starts writing what the open file holds to the disk, without waiting, and drops its pages already
+        on the disk from the page cache (POSIX_FADV_DONTNEED: Linux starts the writeback of dirty pages
+        and keeps those). The fsync of `commit` then waits for the last few blocks only, not the whole
+        file (135M shape: 0.09 s at the end of a 1 s merge), and the output does not evict the page cache."""
+        if hasattr(os, "posix_fadvise"):
+            self._file.flush()
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self._flushed = self._written
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Writes the tensor due next, whole or its next rows (in the declared dtype).
@@ -404,7 +418,11 @@ class SafetensorsWriter:
         self._open_shard(self._shard[self._next])
         if data.dtype.byteorder == ">":
             data = data.astype(data.dtype.newbyteorder("<"))
-        self._file.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        block = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self._file.write(block)
+        self._written += block.size
+        if self._written - self._flushed >= WRITE_BACK_BYTES:
+            self._write_back()
         self._rows += rows
         if self._rows == total:
             self._next, self._rows = self._next + 1, 0
