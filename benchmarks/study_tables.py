@@ -275,8 +275,8 @@ def section(study, results: Path, docs: Path, study_path: Path) -> tuple[str, li
     for a in study.arms:
         if a.name in table:
             what = (f"merge of `{a.merge['of']}` seeds {a.merge.get('replica_seeds', [0, 1, 2])}: method="
-                    + a.merge.get("method", "select") + " "
-                    + " ".join(f"{k}={v}" for k, v in a.merge.items() if k not in ("of", "replica_seeds", "method"))
+                    + a.merge.get("method", "select")
+                    + "".join(f" {k}={v}" for k, v in a.merge.items() if k not in ("of", "replica_seeds", "method"))
                     ) if a.merge else " ".join([Path(c).name for c in a.configs] + a.overrides) or "(shared only)"
             lines.append(f"- `{a.name}`: {what}")
     lines += ["", "### Macro metrics (mean ± sd over seeds)", ""]
