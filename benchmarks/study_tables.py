@@ -12,7 +12,9 @@ Comparisons against the best static arm (the static arm with the highest mean ma
 relative loss reduction) are paired by seed: seed S of both arms saw the same prepared
 data and starting model. An arm "beats" it when its mean paired difference is positive
 and larger than the seed spread (the larger of the two arms' standard deviations over
-seeds) and every paired difference is positive.
+seeds) and every paired difference is positive. A merge arm has no training seeds of its
+own (its values are draws over one fixed set of replicas), so it is compared unpaired and
+said to be above or below every seed of the best static arm, never to beat it.
 """
 
 from __future__ import annotations
@@ -88,6 +90,36 @@ def summary_rows(per_arm: dict[str, dict[int, dict]], before: dict) -> list[str]
     return rows
 
 
+def _verdict(a: list[float], b: list[float], diffs: list[float], spread: float, best: str, paired: bool) -> str:
+    """An arm's verdict against the best static arm on the primary metric.
+
+    Paired (a trained arm): it beats the best static arm when its mean paired difference
+    exceeds the seed spread and every paired difference is positive. Unpaired (a merge:
+    its values are its merge seeds' draws over one fixed set of replicas, not training
+    seeds): it is above every seed of the best static arm and by more than the spread;
+    one set of replicas says nothing of how a merge of other replicas would do, and the
+    verdict says so.
+    """
+    d = statistics.mean(diffs)
+    if not paired:
+        if len(b) < 2:
+            return f"one seed of {best}: no verdict"
+        if min(a) > max(b) and d > spread:
+            return f"above every seed of {best} by more than the seed spread (one set of replicas, unpaired)"
+        if max(a) < min(b) and -d > spread:
+            return f"below every seed of {best} by more than the seed spread (one set of replicas, unpaired)"
+        return "within the seed spread (unpaired)"
+    if len(a) < 2 or len(b) < 2:
+        verdict = "one seed: no verdict"
+    elif d > spread and all(x > 0 for x in diffs):
+        verdict = "**beats it** (by more than the seed spread)"
+    elif -d > spread and all(x < 0 for x in diffs):
+        verdict = "worse (by more than the seed spread)"
+    else:
+        verdict = "within the seed spread"
+    return verdict + " (per seed: " + ", ".join(f"{x:+.4f}" for x in diffs) + ")"
+
+
 def paired_rows(per_arm: dict[str, dict[int, dict]], best: str, merge_arms: set[str]) -> tuple[list[str], dict]:
     """Differences against the best static arm, per metric; and each arm's verdict on the primary metric."""
     keys = [PRIMARY, "loss"] + [k for k, _ in TASK_METRICS]
@@ -113,16 +145,8 @@ def paired_rows(per_arm: dict[str, dict[int, dict]], best: str, merge_arms: set[
             sign = "+" if d >= 0 else ""
             cells.append(f"{sign}{d:.4f} (spread {spread:.4f})" + ("" if common else " unpaired"))
             if k == PRIMARY:
-                if len(a) < 2 or len(b) < 2:
-                    verdict = "one seed: no verdict"
-                elif d > spread and all(x > 0 for x in diffs):
-                    verdict = "**beats it** (by more than the seed spread)"
-                elif -d > spread and all(x < 0 for x in diffs):
-                    verdict = "worse (by more than the seed spread)"
-                else:
-                    verdict = "within the seed spread"
-                if common:
-                    verdict += " (per seed: " + ", ".join(f"{x:+.4f}" for x in diffs) + ")"
+                verdict = _verdict(a, b, diffs, spread, best, paired=bool(common)) if common or arm in merge_arms \
+                    else f"no seed in common with {best}: no verdict"
                 verdicts[arm] = (d, spread, verdict)
         pairs = ",".join(map(str, common)) if common else "unpaired (merge seeds)"
         rows.append(f"| {arm} | {pairs} | " + " | ".join(cells) + f" | {verdict} |")

@@ -10,7 +10,10 @@ it with perturbed elements.
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -186,6 +189,19 @@ def test_pieces_go_to_numpy_while_prepare_compiles_the_rule(monkeypatch):
         assert fused.select(*args) is None  # not done: NumPy's
     thread.join()
     assert fused.select(*args) is not None
+
+
+def test_a_process_that_ends_while_the_rule_compiles_exits_cleanly():
+    # A small merge ends before `prepare`'s compile does; on a daemon thread the interpreter's exit then
+    # stopped XLA mid-compile and the process aborted (SIGABRT) after writing its output: about one
+    # exit in two, so three tries; without the tests' compilation cache, whose hit ends the compile first.
+    # The pause lets the thread reach XLA's compile (while it traces, the exit just freezes it).
+    code = ("import time, jax, ml_dtypes; jax.devices('cpu'); from hbo_jax.merging import fused; "
+            "fused.prepare(3, True, ml_dtypes.bfloat16); time.sleep(0.1); print('ended')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert (done.returncode, done.stdout.strip()) == (0, "ended"), done.stderr[-2000:]
 
 
 def test_an_input_digest_is_xxh3_over_its_tensors_lines():

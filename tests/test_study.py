@@ -134,3 +134,18 @@ def test_a_merge_is_set_against_the_mean_of_the_replicas_it_merged():
                "merged": {0: study_tables.metrics(_fake("merged", 0, {"a": 0.8, "b": 0.5}))}}  # rel. 0.55
     row = study_tables.merge_rows(s, per_arm)[-1].split(" | ")
     assert row[1] == "average" and row[4] == "0.5000" and row[6] == "+0.1000"
+
+
+def test_a_merge_above_every_seed_of_the_best_static_arm_is_called_so_and_not_a_win_over_seeds():
+    per_arm = {"uniform": {0: {"rel_reduction": 0.10}, 1: {"rel_reduction": 0.11}},
+               "merged_uniform": {0: {"rel_reduction": 0.15}}}
+    _, verdicts = study_tables.paired_rows(per_arm, "uniform", {"merged_uniform"})
+    assert verdicts["merged_uniform"][2] == ("above every seed of uniform by more than the seed spread "
+                                             "(one set of replicas, unpaired)")
+
+
+def test_a_merge_inside_the_best_static_arms_seeds_is_within_the_spread():
+    per_arm = {"uniform": {0: {"rel_reduction": 0.10}, 1: {"rel_reduction": 0.20}},
+               "merged_uniform": {0: {"rel_reduction": 0.16}, 1: {"rel_reduction": 0.21}}}
+    _, verdicts = study_tables.paired_rows(per_arm, "uniform", {"merged_uniform"})
+    assert verdicts["merged_uniform"][2] == "within the seed spread (unpaired)"

@@ -127,7 +127,10 @@ def prepare(k: int, resample: bool, dtype) -> threading.Thread | None:
             finally:  # a failed compile: the first piece compiles (and raises) on its own
                 _PENDING.discard(key)
 
-    thread = threading.Thread(target=run, daemon=True, name="compile selection")
+    # Not a daemon: a process that ends while XLA compiles on a daemon thread aborts ("terminate called
+    # ... exception not rethrown", SIGABRT) when the interpreter's finalization stops that thread inside
+    # C++; a small merge ends before its compile does. The interpreter joins this one at exit (< 1 s).
+    thread = threading.Thread(target=run, name="compile selection")
     thread.start()
     return thread
 
