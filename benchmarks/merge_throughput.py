@@ -68,7 +68,7 @@ def write_inputs(root: Path, shape, k: int) -> list[Path]:
     import ml_dtypes
     import numpy as np
 
-    from hbo_jax.models.tensor_io import SafetensorsWriter
+    from hbo_jax.models.safetensors_writer import SafetensorsWriter
 
     specs = tensors(shape)
     bf16 = ml_dtypes.bfloat16

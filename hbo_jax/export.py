@@ -25,7 +25,7 @@ def export_run(run_dir: Path, out_dir: Path, step: int | None = None, dtype: str
     from hbo_jax.distributed import FRESH_LAUNCH, initialize
     from hbo_jax.errors import ConfigError
     from hbo_jax.evaluate import load_model
-    from hbo_jax.models.tensor_io import check_output_dir
+    from hbo_jax.models.safetensors_writer import check_output_dir
     from hbo_jax.parallel import make_mesh
     from hbo_jax.scorer import prepare
 

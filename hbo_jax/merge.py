@@ -93,7 +93,7 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
         FileExistsError: `out_dir` exists and not `overwrite`.
     """
     from hbo_jax.models.hf import write_hf_metadata
-    from hbo_jax.models.tensor_io import SafetensorsWriter
+    from hbo_jax.models.safetensors_writer import SafetensorsWriter
 
     check_settings(method, resample, len(models), atol, seed)
     if resample and base is None:

@@ -24,7 +24,8 @@ from scipy import stats as sps
 from hbo_jax.merge import main as merge_main, merge, merge_inputs
 from hbo_jax.merging import fused, inputs as mi
 from hbo_jax.merging.select import average_block, element_bits, select_block, tensor_key
-from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter
+from hbo_jax.models.safetensors_writer import SafetensorsWriter
+from hbo_jax.models.tensor_io import SafetensorsReader
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 TIED = PARITY / "tied"

@@ -20,8 +20,9 @@ from safetensors.numpy import load_file
 from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.models.gguf import GgufReader
 from hbo_jax.models.readers import RunReader, open_reader
-from hbo_jax.models import tensor_io
-from hbo_jax.models.tensor_io import INDEX_FILE, SafetensorsReader, SafetensorsWriter
+from hbo_jax.models import safetensors_writer
+from hbo_jax.models.safetensors_writer import SafetensorsWriter
+from hbo_jax.models.tensor_io import INDEX_FILE, SafetensorsReader
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -187,7 +188,7 @@ def _write(out: Path, tensors: dict, block: int = 2, **kw) -> Path:
 @pytest.mark.parametrize("write_back", [None, 1], ids=["default", "after_every_block"])
 def test_written_file_loads_back_with_safetensors(write_back, tmp_path, monkeypatch):
     if write_back is not None:  # the writer hands what it wrote to the disk this often (`_write_back`)
-        monkeypatch.setattr(tensor_io, "WRITE_BACK_BYTES", write_back)
+        monkeypatch.setattr(safetensors_writer, "WRITE_BACK_BYTES", write_back)
     tensors = _tensors()
     out = _write(tmp_path / "out", tensors)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]

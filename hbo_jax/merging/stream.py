@@ -12,7 +12,7 @@ most (K+1) x (PREFETCH+1+DEPTH) blocks (queued, being read, being merged) plus D
 output blocks (being merged, being written), whatever the model size; `block_bytes` sets
 the block (a tensor smaller than it is one block), by default `auto_block_bytes`: 8 MiB,
 smaller when more inputs would put over `IN_FLIGHT_BYTES` in flight, so memory does not
-grow with K. The output goes through `tensor_io.SafetensorsWriter`: a staging directory
+grow with K. The output goes through `safetensors_writer.SafetensorsWriter`: a staging directory
 renamed into place when complete.
 """
 

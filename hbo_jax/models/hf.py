@@ -27,7 +27,8 @@ import numpy as np
 from hbo_jax.errors import CheckpointMismatch
 from hbo_jax.models.llama import LlamaSpec, RopeScaling, abstract_model
 from hbo_jax.models.loading import VOCAB_AXES, flat_params, layer_entry, place_params
-from hbo_jax.models.tensor_io import SafetensorsReader, SafetensorsWriter, TensorInfo
+from hbo_jax.models.safetensors_writer import SafetensorsWriter
+from hbo_jax.models.tensor_io import SafetensorsReader, TensorInfo
 
 # (Hugging Face name, our parameter path, transposed). `{i}` is the layer index.
 # Rows whose path is absent from a model (lm_head when tied, biases without
@@ -274,7 +275,7 @@ def export_hf(params, spec: LlamaSpec, tokenizer, out_dir: str | Path, *, dtype:
               overwrite: bool = False) -> Path:
     """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    Tensors are gathered and written one at a time (`tensor_io.SafetensorsWriter`), so
+    Tensors are gathered and written one at a time (`safetensors_writer.SafetensorsWriter`), so
     host memory holds at most one full tensor beyond the model; the directory appears
     only once complete. In a multi-process run every process must call this (gathers
     are collective); only process 0 writes.
