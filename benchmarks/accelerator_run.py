@@ -2,6 +2,7 @@
 
     python benchmarks/accelerator_run.py [--smoke] [--out DIR] [--budget-s 470]
     python benchmarks/accelerator_run.py --render RESULT.json   # the docs block again, no run
+    python benchmarks/accelerator_run.py --only scalebio_1b     # env and the named phases only
 
 Phases, run one after another, each in its own process with its own time budget (a slow
 compile or an out-of-memory error costs that phase only; the whole run stays under
@@ -16,6 +17,9 @@ compile or an out-of-memory error costs that phase only; the whole run stays und
                   update intervals 50 and 200
   lisa_scalebio   memory of ScaleBiO / LISA runs (memory planner) once those modules exist;
                   "not available" before
+  scalebio_1b     step time and the device's peak memory of plain fine-tuning, full ScaleBiO
+                  and LISA ScaleBiO (gamma 2, 4) at the ~1B shape, each alone in its own
+                  process (`benchmarks/scalebio_step.py`); full ScaleBiO does not fit a 24 GiB host
   study           the SmolLM2 study (benchmarks/study.py) at a GPU budget in the time the
                   others left; its results go to DIR/study and a rerun continues them
 
@@ -60,12 +64,13 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH
 # the cheaper and more important measurements first, the study last.
 # The smoke budgets are loose: they guard against a hang, not a slow shared CI machine.
 PHASES = {"env": (30, 60), "train_smollm2": (100, 90), "train_1b": (120, 90), "sampler": (45, 60),
-          "mixing": (120, 120), "lisa_scalebio": (45, 180), "study": (0, 0)}
+          "mixing": (120, 120), "lisa_scalebio": (45, 180), "scalebio_1b": (150, 180), "study": (0, 0)}
 SAMPLER_BATCH, SAMPLER_SEQ = 64, 2048
 # --smoke's model (hidden, layers, heads, kv heads, intermediate, vocab, tied): one small
 # block, so that the compiles, not the shapes, are what the smoke run exercises.
 SMOKE_SHAPE = (32, 1, 2, 1, 64, 512, True)
 MIX_INTERVALS = (50, 200)
+SCALEBIO_STEPS = 3  # per variant of `scalebio_1b`: the first compiles, the median of the others is its step time
 # LISA inside ScaleBiO (two stacked-block models, optimizer state for the active blocks
 # only); `scalebio.lisa_layers` is added per shape (at most its layer count).
 # ScaleBiO as configs/scalebio.yaml runs it on the embedded mixture (the planner reads no data).
@@ -201,6 +206,29 @@ def phase_lisa_scalebio(smoke: bool) -> dict:
     return out
 
 
+def phase_scalebio_1b(smoke: bool) -> dict:
+    """Step time and peak memory of plain fine-tuning, full ScaleBiO and LISA ScaleBiO (gamma 2, 4)
+    at the ~1B shape (fp32 parameters and AdamW moments, bf16 compute, batch 4 x 256), each alone
+    in a fresh process (`scalebio_step.alone`), the phase's budget shared among them; plain and
+    full ScaleBiO first. On an accelerator `device_peak_mib` is its allocator's peak; --smoke: the
+    4-layer "tiny" shape on the CPU, where the process's RSS is the measure."""
+    from scalebio_step import Setting, alone
+
+    setting = Setting("tiny" if smoke else "llama_1b", 2 if smoke else 4, 32 if smoke else 256,
+                      param_dtype="float32", dtype="bfloat16")
+    budget = float(os.environ.get("HBO_ACCEL_PHASE_BUDGET_S", "120")) - 5.0
+    # --smoke: one LISA variant (the same code path as the other) and 2 steps, to stay well inside CI's minute or two
+    names = ("plain", "scalebio", "scalebio_lisa_2") + (() if smoke else ("scalebio_lisa_4",))
+    rows = alone(setting, names, 2 if smoke else SCALEBIO_STEPS, None, budget_s=budget)
+    broken = {n: r.get("failed") or r.get("skipped") for n, r in rows.items() if "failed" in r or "skipped" in r}
+    if smoke and broken:  # CI's check that the code path works: a variant that did not run fails the phase
+        raise SystemExit(f"variants that did not run: {broken}\n" + "\n".join(
+            r.get("stderr", "") for r in rows.values()))
+    return {"status": "ok", "shape": setting.shape, "batch": setting.batch, "seq": setting.seq,
+            "param_dtype": setting.param_dtype, "dtype": setting.dtype, "steps": 2 if smoke else SCALEBIO_STEPS,
+            "variants": rows}
+
+
 def phase_study(smoke: bool) -> dict:
     """`benchmarks/study.py` on SmolLM2-135M at the GPU budget of `benchmarks/studies/smollm2_135m_gpu.yaml`,
     for whatever time the other phases left; results under <out>/study (a rerun continues them).
@@ -282,15 +310,16 @@ def render(res: dict) -> str:
         inner = p.get("result", {}).get("status")  # a hook's own word: "not wired", "not available"
         status = p["status"] + (f" ({inner})" if isinstance(inner, str) else "")
         lines.append(f"| {name} | {status} | {_fmt(p.get('seconds'), '.0f')} |")
-    lines += ["", "Train step (bf16 compute, fp32 master weights, AdamW):", "",
-              "| shape | batch x seq | attention | s/step | tokens/s | model TFLOP/s | MFU |", "|---" * 7 + "|"]
-    for name in ("train_smollm2", "train_1b"):
-        if ph.get(name, {}).get("status") == "ok":
-            r = ph[name]["result"]
-            mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            lines.append(f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['attention']} "
-                         f"| {r['median_s_per_step']:.4f} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} "
-                         f"| {mfu} |")
+    trained = [name for name in ("train_smollm2", "train_1b") if ph.get(name, {}).get("status") == "ok"]
+    if trained:
+        lines += ["", "Train step (bf16 compute, fp32 master weights, AdamW):", "",
+                  "| shape | batch x seq | attention | s/step | tokens/s | model TFLOP/s | MFU |", "|---" * 7 + "|"]
+    for name in trained:
+        r = ph[name]["result"]
+        mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['attention']} "
+                     f"| {r['median_s_per_step']:.4f} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} "
+                     f"| {mfu} |")
     head = res["derived"].get("sampler_headroom")
     if head:
         s = ph["sampler"]["result"]
@@ -313,6 +342,20 @@ def render(res: dict) -> str:
                                                             for p, v in r["programs"].items()))
         else:
             lines.append(f"\n{name} memory: {r['status']}.")
+    sb = ph.get("scalebio_1b", {})
+    if sb.get("status") == "ok":
+        r = sb["result"]
+        lines += ["", f"ScaleBiO at the {r['shape']} shape ({r['param_dtype']} parameters and AdamW moments, "
+                  f"{r['dtype']} compute, batch {r['batch']} x {r['seq']}), each variant alone, {r['steps']} steps "
+                  "(the first compiles):", "",
+                  "| variant | device peak | vs plain | peak RSS | vs plain | s/step | vs plain | note |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for name, v in r["variants"].items():
+            gib = lambda x: "—" if x is None else f"{x / 1024:.2f} GiB"  # noqa: E731
+            lines.append(f"| {name} | {gib(v.get('device_peak_mib'))} | {_fmt(v.get('device_vs_plain'), '.2f')} "
+                         f"| {gib(v.get('peak_rss_mib'))} | {_fmt(v.get('rss_vs_plain'), '.2f')} "
+                         f"| {_fmt(v.get('seconds'), '.4f')} | {_fmt(v.get('time_vs_plain'), '.2f')} "
+                         f"| {v.get('failed') or v.get('skipped') or ''} |")
     st = ph.get("study", {}).get("result", {})
     if st.get("results"):
         lines.append(f"\nStudy ({st['study']}): {len(st['results'])} arm-seed results; tables in `{st['docs']}`.")
@@ -341,6 +384,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, help="the whole run's wall-clock budget (default 470; --smoke 400)")
     ap.add_argument("--docs", default=str(DOCS), help="markdown file whose generated block a full run replaces")
     ap.add_argument("--render", metavar="JSON", help="only regenerate the docs block from a result file")
+    ap.add_argument("--only", nargs="+", choices=[p for p in PHASES if p != "env"], metavar="PHASE",
+                    help="run env and these phases only; writes accelerator_only.json/.md, not the docs")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--phase-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -363,9 +408,11 @@ def main() -> int:
         env |= {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
     for name, (budget, smoke_budget) in PHASES.items():
+        if args.only and name != "env" and name not in args.only:
+            continue
         left = args.budget_s - (time.perf_counter() - t0) - 5.0  # 5 s to write the outputs
         budget_s = min(smoke_budget if args.smoke else budget, left)
-        if name == "study":  # whatever time the others left
+        if name == "study" or (args.only and name != "env"):  # whatever time the others left
             budget_s = left
         phases[name] = run_phase(name, args.smoke, budget_s, env)
         print(f"{name}: {phases[name]['status']} ({phases[name].get('seconds', 0):.1f} s)", flush=True)
@@ -382,14 +429,16 @@ def main() -> int:
     res = {"format": FORMAT_VERSION, "smoke": args.smoke, "started": started, "budget_s": args.budget_s,
            "total_seconds": time.perf_counter() - t0, "json": _shown(out / "accelerator.json"), "phases": phases}
     res["derived"] = derived(phases)
-    (out / "accelerator.json").write_text(json.dumps(res, indent=1))
+    stem = "accelerator_only" if args.only else "accelerator"  # a partial run leaves the full run's files
+    res["json"] = _shown(out / f"{stem}.json")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     block = render(res)
-    (out / "accelerator.md").write_text(block + "\n")
+    (out / f"{stem}.md").write_text(block + "\n")
     if args.smoke:
         shutil.rmtree(env["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-    else:
+    elif not args.only:
         write_docs(block, Path(args.docs))
-    print(f"wrote {out / 'accelerator.json'} and {out / 'accelerator.md'} in {res['total_seconds']:.0f} s")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.md'} in {res['total_seconds']:.0f} s")
     bad = [n for n, p in phases.items() if p["status"] in ("failed", "timeout")]
     # A smoke run must pass every phase (it is CI's check that the code paths work).
     if bad:

@@ -18,7 +18,7 @@ reports it (`scalebio_memory`, also what an accelerator run calls). `--time` run
 on random weights, the variants taking turns step by step in one process, and reports
 medians. `--rss` runs each variant alone in a fresh process for `--rss-steps` steps and
 reports its peak resident memory (VmHWM: the host's view, which on CPU includes the
-device buffers) and its median step time after the first (which compiles): the timing for
+device buffers; on an accelerator also the device allocator's own peak) and its median step time after the first (which compiles): the timing for
 shapes whose variants do not fit in one process together. A variant whose compiled peak
 does not fit the host's available memory is not run, and a running one is killed when the
 available memory runs low (and is the kernel's first choice if memory runs out).
@@ -213,6 +213,8 @@ def _worker(name: str, setting: Setting, steps: int) -> None:
     # If the host runs out of memory, the kernel is to kill this process rather than another job's.
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
+    import jax
+
     spec, mesh, graphdef, _, _ = _setup(setting)
     data = random_batch(spec.vocab_size, setting.batch, setting.seq, mesh)
     args, fn = _runner(name, spec, mesh, graphdef)
@@ -220,8 +222,11 @@ def _worker(name: str, setting: Setting, steps: int) -> None:
         args, seconds = _timed_step(fn, args, data)
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so it would
         # report the parent's peak (the planner's compiles) when that is the larger.
-        print(json.dumps({"step": i, "seconds": seconds, "peak_rss_mib": _meminfo_mib("/proc/self/status", "VmHWM")}),
-              flush=True)
+        # An accelerator's own peak comes from its allocator (None on CPU: there RSS is it).
+        stats = jax.local_devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        print(json.dumps({"step": i, "seconds": seconds, "peak_rss_mib": _meminfo_mib("/proc/self/status", "VmHWM"),
+                          "device_peak_mib": None if peak is None else peak / 2**20}), flush=True)
 
 
 def _meminfo_mib(path: str, key: str) -> float:
@@ -233,12 +238,15 @@ def _meminfo_mib(path: str, key: str) -> float:
         return 0.0
 
 
-def _run_watched(cmd: list[str], env: dict, floor_mib: float) -> dict:
+def _run_watched(cmd: list[str], env: dict, floor_mib: float, timeout_s: float | None = None) -> dict:
     """Runs `cmd`, killing it if the host's available memory falls below `floor_mib` (so that
-    it, not another job, gives way). Returns its return code, stdout, stderr, the lowest
-    available memory seen and its own peak RSS as last seen (VmHWM)."""
+    it, not another job, gives way) or after `timeout_s`. Returns its return code, stdout,
+    stderr, the lowest available memory seen, its own peak RSS as last seen (VmHWM) and
+    whether it ran out of time."""
     lowest = _meminfo_mib("/proc/meminfo", "MemAvailable")
     hwm = 0.0
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    timed_out = False
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         out = []  # drained by a thread: a full pipe would block the worker
         reader = threading.Thread(target=lambda: out.append(proc.communicate()))
@@ -246,36 +254,50 @@ def _run_watched(cmd: list[str], env: dict, floor_mib: float) -> dict:
         while proc.poll() is None:
             lowest = min(lowest, _meminfo_mib("/proc/meminfo", "MemAvailable"))
             hwm = max(hwm, _meminfo_mib(f"/proc/{proc.pid}/status", "VmHWM"))
+            if end is not None and time.monotonic() > end and proc.poll() is None:
+                timed_out = True
+                proc.kill()
             if lowest < floor_mib:
                 proc.kill()
             time.sleep(0.2)
         reader.join()
     return {"rc": proc.returncode, "stdout": out[0][0], "stderr": out[0][1], "lowest_available_mib": lowest,
-            "watched_peak_rss_mib": hwm}
+            "watched_peak_rss_mib": hwm, "timed_out": timed_out}
 
 
-def alone(setting: Setting, names, steps: int, planned_mib: dict, margin_mib: float = 1536,
-          floor_mib: float = 1024) -> dict:
-    """Each variant run alone in a fresh process, one after the other: peak RSS and median step time
-    (of the steps after the first, which compiles).
+def alone(setting: Setting, names, steps: int, planned_mib: dict | None, margin_mib: float = 1536,
+          floor_mib: float = 1024, budget_s: float | None = None) -> dict:
+    """Each variant run alone in a fresh process, one after the other: peak RSS, the device's
+    own peak (an accelerator's allocator; None on CPU) and median step time (of the steps
+    after the first, which compiles).
 
-    A variant runs only if its compiled peak plus `margin_mib` (the runtime, compiling)
-    fits in the host's available memory less `floor_mib`; while it runs, it is killed if
-    the available memory falls below `floor_mib` (its row then says how far it got).
+    On the host (`planned_mib` given), a variant runs only if its compiled peak plus
+    `margin_mib` (the runtime, compiling) fits in the host's available memory less
+    `floor_mib`; while it runs, it is killed if the available memory falls below
+    `floor_mib` (its row then says how far it got). `budget_s` shares a deadline among the
+    variants: each gets an equal share of the time left when it starts.
     """
     here = os.path.abspath(__file__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (os.path.dirname(os.path.dirname(here)), os.environ.get("PYTHONPATH")) if p))
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # on a GPU: the allocator's peak is the variant's
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     out = {}
-    for name in names:
+    for i, name in enumerate(names):
         available = _meminfo_mib("/proc/meminfo", "MemAvailable")
-        row = {"planned_peak_mib": planned_mib[name], "available_mib": available, "load_before": os.getloadavg()}
+        row = {"available_mib": available, "load_before": os.getloadavg()}
         out[name] = row
-        if planned_mib[name] + margin_mib > available - floor_mib:
-            row["skipped"] = "planned peak + margin over the available memory"
+        if planned_mib is not None:
+            row["planned_peak_mib"] = planned_mib[name]
+            if planned_mib[name] + margin_mib > available - floor_mib:
+                row["skipped"] = "planned peak + margin over the available memory"
+                continue
+        share = None if deadline is None else (deadline - time.monotonic()) / (len(names) - i)
+        if share is not None and share <= 0:
+            row["skipped"] = "no time left"
             continue
         run = _run_watched([sys.executable, here, "--worker", name, *setting.argv(), "--rss-steps", str(steps)],
-                           env, floor_mib)
+                           env, floor_mib, share)
         done = [json.loads(line) for line in run["stdout"].splitlines() if line.startswith("{")]
         times = [d["seconds"] for d in done[1:]]
         row.update(load_after=os.getloadavg(), lowest_available_mib=run["lowest_available_mib"],
@@ -284,12 +306,15 @@ def alone(setting: Setting, names, steps: int, planned_mib: dict, margin_mib: fl
                    seconds=statistics.median(times) if times else None)
         if done:  # the peak over the steps that completed (all of them unless it failed)
             row["peak_rss_mib"] = done[-1]["peak_rss_mib"]
+            row["device_peak_mib"] = done[-1].get("device_peak_mib")
         if run["rc"]:
-            row.update(failed=f"exit {run['rc']} after {len(done)} of {steps} steps", stderr=run["stderr"][-2000:])
+            why = f"out of time ({share:.0f} s)" if run["timed_out"] else f"exit {run['rc']}"
+            row.update(failed=f"{why} after {len(done)} of {steps} steps", stderr=run["stderr"][-2000:])
     plain = out.get("plain", {})
     for row in out.values():
-        if "peak_rss_mib" in plain and "peak_rss_mib" in row:
-            row["rss_vs_plain"] = row["peak_rss_mib"] / plain["peak_rss_mib"]
+        for key, ratio in (("peak_rss_mib", "rss_vs_plain"), ("device_peak_mib", "device_vs_plain")):
+            if plain.get(key) and row.get(key):
+                row[ratio] = row[key] / plain[key]
         if row.get("seconds") and plain.get("seconds"):
             row["time_vs_plain"] = row["seconds"] / plain["seconds"]
     return out

@@ -30,3 +30,21 @@ def test_a_result_renders_into_the_docs_block_in_place(tmp_path):
     ar.write_docs(block, doc)
     ar.write_docs(block, doc)  # idempotent: the block is replaced, not appended
     assert doc.read_text() == f"intro\n\n{block}\n\nafter\n"
+
+
+def test_scalebio_at_1b_renders_each_variant_against_plain():
+    variants = {"plain": {"device_peak_mib": 20480.0, "peak_rss_mib": 3072.0, "seconds": 0.5,
+                          "device_vs_plain": 1.0, "rss_vs_plain": 1.0, "time_vs_plain": 1.0},
+                "scalebio": {"device_peak_mib": 30720.0, "peak_rss_mib": 3072.0, "seconds": 1.25,
+                             "device_vs_plain": 1.5, "rss_vs_plain": 1.0, "time_vs_plain": 2.5},
+                "scalebio_lisa_4": {"skipped": "no time left"}}
+    res = {"smoke": False, "started": "now", "total_seconds": 400.0, "budget_s": 470.0, "json": "x.json",
+           "phases": {"env": {"status": "ok", "seconds": 3.0, "result": {}},
+                      "scalebio_1b": {"status": "ok", "seconds": 140.0, "result": {
+                          "shape": "llama_1b", "batch": 4, "seq": 256, "param_dtype": "float32",
+                          "dtype": "bfloat16", "steps": 3, "variants": variants}}},
+           "derived": {}}
+    block = ar.render(res)
+    assert "| scalebio | 30.00 GiB | 1.50 | 3.00 GiB | 1.00 | 1.2500 | 2.50 |  |" in block
+    assert "| scalebio_lisa_4 | — | — | — | — | — | — | no time left |" in block
+    assert "Train step" not in block  # no train phase ran: no empty table
