@@ -23,7 +23,9 @@ from hbo_jax.memory import model_spec, plan
 from hbo_jax.mixing.scalebio import ScaleBiOLisa
 from hbo_jax.mixing.scalebio_step import make_optimizers
 from hbo_jax.models.llama import abstract_model
-from hbo_jax.mixing.draw import main as draw_main
+from hbo_jax.data import tokenizer as tok_lib
+from hbo_jax.data.formats import to_conversation
+from hbo_jax.mixing.draw import main as draw_main, row_buckets, split_by_buckets, usable_rows
 from hbo_jax.mixing.strategies import load_schedule
 from hbo_jax.parallel import make_mesh
 from hbo_jax.train import main
@@ -217,9 +219,10 @@ def test_draw_takes_floor_n_p_rows_per_subset_and_the_validation_set_only_when_a
     p = dict(zip(*(lambda s: (s["subsets"], s["entries"][0]["p_global"]))(
         json.loads((whole / "scalebio_weights.json").read_text()))))
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    assert draw_main(["--run", str(whole), "--total", "30", "--out", str(a)]) == 0
-    assert draw_main(["--run", str(whole), "--total", "30", "--out", str(b)]) == 0
-    assert draw_main(["--run", str(whole), "--total", "30", "--out", str(c), "--include-validation"]) == 0
+    uniform = ["--run", str(whole), "--total", "30", "--within", "uniform"]
+    assert draw_main([*uniform, "--out", str(a)]) == 0
+    assert draw_main([*uniform, "--out", str(b)]) == 0
+    assert draw_main([*uniform, "--out", str(c), "--include-validation"]) == 0
     for name, pi in p.items():
         got = (a / f"{name}.train.jsonl").read_text().splitlines()
         source = set((FIXTURE / f"{name}.train.jsonl").read_text().splitlines())
@@ -289,7 +292,37 @@ def test_config_errors_name_the_key(tmp_path, extra, message):
         load_config(None, [f"run_dir={tmp_path}", "algorithm=scalebio", *extra])
 
 
-def test_draw_warns_that_a_learned_p_local_is_not_applied(whole, tmp_path, capsys):
-    assert draw_main(["--run", str(whole), "--total", "10", "--out", str(tmp_path / "d")]) == 0
-    assert "learned p_local" in capsys.readouterr().err  # the command's logging writes to stderr
-    assert json.loads((tmp_path / "d" / "draw.json").read_text())["p_local_applied"] is False
+def test_draw_splits_each_subset_over_its_difficulty_buckets_by_the_learned_p_local(whole, tmp_path):
+    assert draw_main(["--run", str(whole), "--total", "40", "--out", str(tmp_path / "d")]) == 0
+    record = json.loads((tmp_path / "d" / "draw.json").read_text())
+    schedule = json.loads((whole / "scalebio_weights.json").read_text())
+    p, q = schedule["entries"][-1]["p_global"], schedule["entries"][-1]["p_local"]
+    sizes = {s["name"]: s["bucket_sizes"] for s in json.loads(
+        (Path(json.loads((whole / "summary.json").read_text())["prepared"]) / "manifest.json").read_text())["subsets"]}
+    assert record["p_local_applied"] is True
+    for i, name in enumerate(schedule["subsets"]):
+        expected = split_by_buckets(math.floor(40 * p[i]), np.array(q[i]), np.array(sizes[name]))
+        assert record["drawn_per_bucket"][name] == expected.tolist()
+        assert len((tmp_path / "d" / f"{name}.train.jsonl").read_text().splitlines()) == expected.sum()
+
+
+def test_each_input_row_maps_to_the_bucket_of_its_prepared_example(whole):
+    # independently of the mapping: each row tokenized alone, looked up among the stored examples by its tokens
+    cfg = load_config(whole / "config.yaml")
+    data = prepare_lib.find_prepared(cfg)
+    for i, subset in enumerate(prepare_lib.mixture(cfg)):
+        bucket = row_buckets(cfg, data, i, subset)
+        stored = {tuple(data.train[i][e][0].tolist()): int(b) for e, b in enumerate(data.buckets[i])}
+        rows = usable_rows(subset.train, subset.format)
+        assert len(bucket) == len(rows) and (bucket >= 0).sum() == len(data.train[i])
+        for row, b in zip(rows, bucket):
+            ids, mask = tok_lib.encode(data.tokenizer, [to_conversation(row, subset.format)])[0]
+            kept = tok_lib.truncate(ids, mask, cfg.data.seq_len + 1)
+            assert stored.get(tuple(np.asarray(kept[0]).tolist()) if kept else None, -1) == b
+
+
+def test_bucket_split_takes_largest_remainders_and_moves_a_full_buckets_excess_by_p_local():
+    assert split_by_buckets(10, np.array([0.55, 0.45]), np.array([100, 100])).tolist() == [6, 4]
+    assert split_by_buckets(10, np.array([0.2, 0.3, 0.5]), np.array([100, 1, 100])).tolist() == [3, 1, 6]
+    assert split_by_buckets(10, np.array([1.0, 0.0]), np.array([4, 100])).tolist() == [4, 6]  # q = 0 takes the rest
+    assert split_by_buckets(10, np.array([0.5, 0.5]), np.array([3, 2])).tolist() == [3, 2]  # all there is

@@ -214,15 +214,16 @@ TOO_LONG = "longer than data.seq_len (data.too_long=drop)"  # the skip reason of
 
 
 def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: SkipReport,
-           cut_rows: list | None = None) -> tuple[list, int]:
+           cut_rows: list | None = None, kept_rows: list | None = None) -> tuple[list, int]:
     """(ids, mask) of every usable row of the inputs, in order, and how many of them were cut.
 
     Bad rows go by `data.bad_input`; rows longer than data.seq_len by `data.too_long`. This is
     the one place an example is cut to fit (the stores hold at most seq_len + 1 tokens, so
     `collate` and `pack` never cut one), so it is counted here; `cut_rows`, when given,
-    receives whether each returned example was cut.
+    receives whether each returned example was cut, and `kept_rows` the position of each
+    returned example's row among the inputs' usable rows (parseable, in the row format).
     """
-    out, cut = [], 0
+    out, cut, position = [], 0, 0
     max_len = cfg.data.seq_len + 1  # seq_len + 1 ids give seq_len predicted positions
     for src in sources:
         wheres, convs = [], []
@@ -230,6 +231,7 @@ def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: Skip
             wheres.append(where)
             convs.append(conv)
         for where, (ids, mask) in zip(wheres, tok_lib.encode(tokenizer, convs)):
+            position += 1
             if len(ids) > max_len and cfg.data.too_long == "drop":
                 report.add(TOO_LONG, where)  # asked for, so counted even under bad_input=error
                 continue
@@ -243,6 +245,8 @@ def encode(tokenizer, sources: list[Source], fmt: str, cfg: Config, report: Skip
                 out.append(kept)
                 if cut_rows is not None:
                     cut_rows.append(len(ids) > max_len)
+                if kept_rows is not None:
+                    kept_rows.append(position - 1)
     return out, cut
 
 
@@ -422,6 +426,12 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     data = load(root, cfg, tokenizer)
     data.scorer_model = (graphdef, params)
     return data
+
+
+def find_prepared(cfg: Config) -> PreparedData | None:
+    """The run's prepared data where the cache holds it (nothing is prepared), else None."""
+    root = cache_root(cfg) / "prepared" / _hash(_key_settings(cfg, mixture(cfg)))
+    return load(root, cfg) if (root / "manifest.json").is_file() else None
 
 
 def load(root: Path, cfg: Config, tokenizer=None) -> PreparedData:
