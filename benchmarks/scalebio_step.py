@@ -18,8 +18,9 @@ reports it (`scalebio_memory`, also what an accelerator run calls). `--time` run
 on random weights, the variants taking turns step by step in one process, and reports
 medians. `--rss` runs each variant alone in a fresh process for `--rss-steps` steps and
 reports its peak resident memory (VmHWM: the host's view, which on CPU includes the
-device buffers; on an accelerator also the device allocator's own peak) and its median step time after the first (which compiles): the timing for
-shapes whose variants do not fit in one process together. A variant whose compiled peak
+device buffers; on an accelerator also the device allocator's own peak) and its median
+step time after the first (which compiles): the timing for shapes whose variants do not
+fit in one process together. A variant whose compiled peak
 does not fit the host's available memory is not run, and a running one is killed when the
 available memory runs low (and is the kernel's first choice if memory runs out).
 
