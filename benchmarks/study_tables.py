@@ -9,12 +9,13 @@ Metrics, per arm and seed, on the held-out rows of every subset:
     it (a 4.0 -> 3.6 subset moves it as much as ten 0.4 -> 0.36 ones).
   - macro accuracy (multiple-choice subsets) and exact match (short-answer subsets).
 Comparisons against the best static arm (the static arm with the highest mean macro
-relative loss reduction) are paired by seed: seed S of both arms saw the same prepared
-data and starting model. An arm "beats" it when its mean paired difference is positive
-and larger than the seed spread (the larger of the two arms' standard deviations over
-seeds) and every paired difference is positive. A merge arm has no training seeds of its
-own (its values are draws over one fixed set of replicas), so it is compared unpaired and
-said to be above or below every seed of the best static arm, never to beat it.
+relative loss reduction, over at least two seeds once any static arm has two) are paired
+by seed: seed S of both arms saw the same prepared data and starting model. An arm
+"beats" it when its mean paired difference is positive and larger than the seed spread
+(the larger of the two arms' standard deviations over seeds) and every paired difference
+is positive. A merge arm has no training seeds of its own (its values are draws over one
+fixed set of replicas), so it is compared unpaired and said to be above or below every
+seed of the best static arm, never to beat it.
 """
 
 from __future__ import annotations
@@ -73,9 +74,13 @@ def _sd(vals: list[float]) -> float:
 
 
 def best_static(table: dict[str, dict[int, dict]], static: list[str]) -> str | None:
-    """The static arm with the highest mean macro relative loss reduction."""
+    """The static arm with the highest mean macro relative loss reduction, among those with at least
+    two seeds while any has (one seed is no evidence of being the best: a lucky seed would make
+    every paired comparison a one-seed one); among all of them before."""
     have = [a for a in static if table.get(a)]
-    return max(have, key=lambda a: statistics.mean(m[PRIMARY] for m in table[a].values())) if have else None
+    seeded = [a for a in have if len(table[a]) >= 2]
+    return max(seeded or have, key=lambda a: statistics.mean(m[PRIMARY] for m in table[a].values())) \
+        if have else None
 
 
 def summary_rows(per_arm: dict[str, dict[int, dict]], before: dict) -> list[str]:

@@ -149,3 +149,11 @@ def test_a_merge_inside_the_best_static_arms_seeds_is_within_the_spread():
                "merged_uniform": {0: {"rel_reduction": 0.16}, 1: {"rel_reduction": 0.21}}}
     _, verdicts = study_tables.paired_rows(per_arm, "uniform", {"merged_uniform"})
     assert verdicts["merged_uniform"][2] == "within the seed spread (unpaired)"
+
+
+def test_a_static_arm_with_one_seed_is_not_the_best_while_another_has_two():
+    table = {"uniform": {0: {"rel_reduction": 0.50}, 1: {"rel_reduction": 0.52}},
+             "temperature": {0: {"rel_reduction": 0.53}}}
+    assert study_tables.best_static(table, ["uniform", "temperature"]) == "uniform"
+    table["temperature"][1] = {"rel_reduction": 0.52}
+    assert study_tables.best_static(table, ["uniform", "temperature"]) == "temperature"
