@@ -426,11 +426,10 @@ def main() -> int:
     else:
         out = ROOT / "benchmarks" / "results" / "accelerator" / re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
     out.mkdir(parents=True, exist_ok=True)
-    res = {"format": FORMAT_VERSION, "smoke": args.smoke, "started": started, "budget_s": args.budget_s,
-           "total_seconds": time.perf_counter() - t0, "json": _shown(out / "accelerator.json"), "phases": phases}
-    res["derived"] = derived(phases)
     stem = "accelerator_only" if args.only else "accelerator"  # a partial run leaves the full run's files
-    res["json"] = _shown(out / f"{stem}.json")
+    res = {"format": FORMAT_VERSION, "smoke": args.smoke, "started": started, "budget_s": args.budget_s,
+           "total_seconds": time.perf_counter() - t0, "json": _shown(out / f"{stem}.json"), "phases": phases}
+    res["derived"] = derived(phases)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     block = render(res)
     (out / f"{stem}.md").write_text(block + "\n")

@@ -311,9 +311,9 @@ def test_each_input_row_maps_to_the_bucket_of_its_prepared_example(whole):
     cfg = load_config(whole / "config.yaml")
     data = prepare_lib.find_prepared(cfg)
     for i, subset in enumerate(prepare_lib.mixture(cfg)):
-        bucket = row_buckets(cfg, data, i, subset)
-        stored = {tuple(data.train[i][e][0].tolist()): int(b) for e, b in enumerate(data.buckets[i])}
         rows = usable_rows(subset.train, subset.format)
+        bucket = row_buckets(cfg, data, i, subset, len(rows))
+        stored = {tuple(data.train[i][e][0].tolist()): int(b) for e, b in enumerate(data.buckets[i])}
         assert len(bucket) == len(rows) and (bucket >= 0).sum() == len(data.train[i])
         for row, b in zip(rows, bucket):
             ids, mask = tok_lib.encode(data.tokenizer, [to_conversation(row, subset.format)])[0]

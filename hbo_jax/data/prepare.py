@@ -350,7 +350,7 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     """
     mix = mixture(cfg)
     settings = _key_settings(cfg, mix)
-    root = cache_root(cfg) / "prepared" / _hash(settings)
+    root = _prepared_root(cfg, settings)
     if (root / "manifest.json").is_file():
         log.info("prepared data found in %s: no tokenizing, scorer warm-up or scoring", root)
         return load(root, cfg)
@@ -428,9 +428,14 @@ def prepare(cfg: Config, mesh, scoring_model: ScoringModel) -> PreparedData:
     return data
 
 
+def _prepared_root(cfg: Config, settings: dict) -> Path:
+    """Where the mixture prepared with `settings` (`_key_settings`) lives in the data cache."""
+    return cache_root(cfg) / "prepared" / _hash(settings)
+
+
 def find_prepared(cfg: Config) -> PreparedData | None:
     """The run's prepared data where the cache holds it (nothing is prepared), else None."""
-    root = cache_root(cfg) / "prepared" / _hash(_key_settings(cfg, mixture(cfg)))
+    root = _prepared_root(cfg, _key_settings(cfg, mixture(cfg)))
     return load(root, cfg) if (root / "manifest.json").is_file() else None
 
 

@@ -95,10 +95,10 @@ def split_by_buckets(n: int, q: np.ndarray, available: np.ndarray) -> np.ndarray
     return take
 
 
-def row_buckets(cfg, data, i: int, subset) -> np.ndarray:
-    """The difficulty bucket of each usable training row of subset `i` (-1: not among its prepared
-    examples), found by encoding the inputs again as preparation did and checking every
-    example against the prepared store."""
+def row_buckets(cfg, data, i: int, subset, n_rows: int) -> np.ndarray:
+    """The difficulty bucket of each of the `n_rows` usable training rows of subset `i` (-1: not among
+    its prepared examples), found by encoding the inputs again as preparation did and checking
+    every example against the prepared store."""
     positions: list[int] = []
     examples, _ = encode(data.tokenizer, subset.train, subset.format, cfg, SkipReport(), kept_rows=positions)
     keep = train_rows(len(examples), cfg.data.train_fraction, subset.name, cfg.data.num_buckets)
@@ -107,7 +107,7 @@ def row_buckets(cfg, data, i: int, subset) -> np.ndarray:
                                       for e, k in enumerate(keep)):
         raise ConfigError(f"subset {subset.name!r}: its inputs no longer give the run's prepared examples "
                           f"({data.root}); --within uniform draws without the buckets")
-    out = np.full(len(usable_rows(subset.train, subset.format)), -1, np.int64)
+    out = np.full(n_rows, -1, np.int64)
     out[[positions[k] for k in keep]] = data.buckets[i]
     return out
 
@@ -158,7 +158,7 @@ def draw(run: Path, total: int, out: Path, seed: int = 42, include_validation: b
         rows = usable_rows(s.train, s.format)
         want = math.floor(total * p[i])
         if local:
-            bucket = row_buckets(cfg, data, i, s)
+            bucket = row_buckets(cfg, data, i, s, len(rows))
             leaves = [np.flatnonzero(bucket == b) for b in range(p_local.shape[1])]
             take = split_by_buckets(want, p_local[i], np.array([len(x) for x in leaves]))
             # each bucket's rows drawn without replacement from its own stream; written in input order
