@@ -34,13 +34,14 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from hbo_jax.config import resolve_data_seed
-from hbo_jax.config_keys import RESUME_FREE, RESUME_NEVER, RESUME_SECTIONS, RESUME_WARN, flatten, matches
+from hbo_jax.config_keys import (RESUME_FREE, RESUME_NEVER, RESUME_SECTIONS, RESUME_WARN, flatten, is_input_path,
+                                  matches)
 from hbo_jax.errors import ConfigError
 from hbo_jax.parallel import tree_shardings
 
@@ -267,7 +268,8 @@ class Checkpointer:
         self.manager.close()
 
 
-def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> list[str]:
+def check_resume_config(saved: dict, current: dict, allow: bool, where: str,
+                        same_inputs: Callable[[], bool | None] | None = None) -> list[str]:
     """Refuses a resume whose configuration would not continue the checkpointed run.
 
     `train.data_seed` is compared by its resolved value (-1 = train.seed), the value the
@@ -275,11 +277,17 @@ def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> 
     spelling the default out on resume is no change. A checkpoint written before the key
     existed drew its batches with train.seed, which is what -1 resolves to.
 
+    Where the training files are read from (`config_keys.is_input_path`) is compared by
+    content when `same_inputs` can tell: data moved to another folder continues the run,
+    other data does not, even with `allow`.
+
     Args:
         saved: The configuration stored in the checkpoint (`to_dict(cfg)` at save time).
         current: The configuration of the run that resumes.
         allow: `train.allow_config_change`: report the changes as warnings instead.
         where: The checkpoint, for messages.
+        same_inputs: Called (once) when an input path changed: whether the files now named
+            have the checkpointed run's contents (None: unknown, the path is compared as text).
 
     Returns:
         The changes that were accepted (each a message), for the log.
@@ -291,7 +299,7 @@ def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> 
     for flat in (old, new):  # the sampler's stream uses the resolved data seed
         if "train.seed" in flat:
             flat[_DATA_SEED] = resolve_data_seed(flat["train.seed"], flat.get(_DATA_SEED, -1))
-    notes = []
+    notes, same = [], []
     # A key only one side knows is a version change. The data seed comes last, so a changed
     # train.seed (which moves a resolved -1 too) is named as itself.
     for key in sorted(old.keys() & new.keys(), key=lambda k: (k == _DATA_SEED, k)):
@@ -299,6 +307,17 @@ def check_resume_config(saved: dict, current: dict, allow: bool, where: str) -> 
                                                                       or key in RESUME_NEVER):
             continue
         change = f"{key} changed from {old[key]!r} to {new[key]!r} since {where}"
+        if is_input_path(key) and same_inputs is not None:
+            if not same:
+                same.append(same_inputs())
+            if same[0]:
+                notes.append(f"{change}: the files it names have the checkpointed run's contents (the prepared "
+                             "data's key, a hash of their bytes, is the same), so the run continues")
+                continue
+            if same[0] is False:
+                raise ConfigError(f"{change}, and the files it names are not the ones the checkpoint was trained "
+                                  "on (the prepared data's key, a hash of their bytes, differs). Point it at the "
+                                  "checkpointed run's data, or use a new run_dir")
         if key == _DATA_SEED:
             change += " (values resolved: -1 = train.seed)"
         if key in RESUME_WARN:

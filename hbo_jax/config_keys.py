@@ -43,6 +43,19 @@ RESUME_WARN = {"train.steps": "the learning-rate schedule spans train.steps, so 
                                        "model.attention", "model.loss_chunk")}}
 
 
+# Where a run's training files are read from. A resume that finds one of these changed (the data
+# moved: another mount on a new VM, a renamed checkout) continues when the files' contents are
+# the checkpoint's, which the prepared data's key decides (it hashes each file's bytes and name,
+# not its folder); without that key, or with other contents, the change is refused like any other.
+# (A tokenizer's or a model's path enters the key as text: moving those is a change.)
+_SUBSET_FILES = ("train", "eval")  # data.subsets.<name>.train / .eval
+
+
+def is_input_path(key: str) -> bool:
+    """Whether a dotted key names where training files are read from (`data.source_dir`, a subset's files)."""
+    return key == "data.source_dir" or (key.startswith("data.subsets.") and key.rsplit(".", 1)[1] in _SUBSET_FILES)
+
+
 def matches(key: str, patterns: Iterable[str]) -> bool:
     """Whether a dotted key is one of `patterns` or in a section ("name.") among them."""
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)

@@ -27,7 +27,7 @@ from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
 from hbo_jax.config import Config, resolve_config, to_dict, to_yaml
 from hbo_jax.config_sources import ConfigSources
 from hbo_jax.data.packing import default_pack_rows
-from hbo_jax.data.prepare import PreparedData, check_min_prob, data_notes
+from hbo_jax.data.prepare import PreparedData, check_min_prob, data_notes, prepared_key
 from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.errors import ConfigError
@@ -59,8 +59,10 @@ def _start(cfg: Config, run_dir: Path, sources: ConfigSources | None):
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
     found = ckpt.find_resumable()
     if found is not None:
+        saved_key = found[1].get("prepared_key")  # None: a checkpoint from before the key was stored
+        same_inputs = (lambda: prepared_key(cfg) == saved_key) if saved_key else None  # noqa: E731
         for note in check_resume_config(found[1].get("config", {}), to_dict(cfg), cfg.train.allow_config_change,
-                                        f"the checkpoint at step {found[0]}"):
+                                        f"the checkpoint at step {found[0]}", same_inputs):
             log.warning("resume: %s", note)
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg, sources))
@@ -141,7 +143,7 @@ def _run(cfg: Config, stop: StopRequest, t_start: float, sources: ConfigSources 
     guard = NonFiniteGuard(tc.max_nonfinite_steps, str(ckpt.directory),
                            on_stop=lambda: (bar.close(), ckpt.close(), logs.tracker.close()))
     meta = lambda: {"eval_before": before, "config": to_dict(cfg), "log_acc": metrics_log.state(),  # noqa: E731
-                    **algo.meta()}
+                    "prepared_key": data.root.name, **algo.meta()}
     checkpoints = Checkpointing(ckpt, algo, sampler, meta, before_save=guard.check)
     logs.restart(start)
     if found:

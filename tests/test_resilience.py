@@ -280,6 +280,60 @@ def test_check_resume_config_names_nested_keys():
     assert check_resume_config(to_dict(a), to_dict(c), allow=False, where="here") == []
 
 
+def test_a_moved_input_folder_is_accepted_when_its_contents_are_the_same():
+    from hbo_jax.config import to_dict
+
+    a, b = (to_dict(load_config(None, [f"data.source_dir={d}"])) for d in ("/x", "/y"))
+    notes = check_resume_config(a, b, allow=False, where="here", same_inputs=lambda: True)
+    assert len(notes) == 1 and "data.source_dir changed from '/x' to '/y'" in notes[0] and "contents" in notes[0]
+
+
+def test_a_moved_input_folder_with_other_contents_is_refused_even_when_allowed():
+    from hbo_jax.config import to_dict
+
+    a, b = (to_dict(load_config(None, [f"data.source_dir={d}"])) for d in ("/x", "/y"))
+    with pytest.raises(ConfigError, match="not the ones the checkpoint was trained on.*new run_dir"):
+        check_resume_config(a, b, allow=True, where="here", same_inputs=lambda: False)
+
+
+def test_the_contents_are_looked_up_once_and_only_for_input_paths():
+    from hbo_jax.config import to_dict
+
+    calls = []
+    a = to_dict(load_config(None, ["data.source_dir=/x", "data.subsets={s: {train: [/x/s.jsonl]}}"]))
+    b = to_dict(load_config(None, ["data.source_dir=/y", "data.subsets={s: {train: [/y/s.jsonl]}}"]))
+    assert len(check_resume_config(a, b, allow=False, where="here",
+                                   same_inputs=lambda: calls.append(1) or True)) == 2
+    assert calls == [1]
+    c = to_dict(load_config(None, ["data.source_dir=/x", "data.subsets={s: {train: [/x/s.jsonl]}}",
+                                   "data.seq_len=64"]))
+    with pytest.raises(ConfigError, match="data.seq_len changed"):  # not an input path: contents do not matter
+        check_resume_config(a, c, allow=False, where="here", same_inputs=lambda: True)
+
+
+def test_resume_continues_from_a_moved_copy_of_the_data_and_refuses_an_edited_one(reference, tmp_path, capsys):
+    from conftest import FIXTURE
+
+    ref_dir, ref_over = reference
+    moved = tmp_path / "moved_data"
+    shutil.copytree(FIXTURE, moved)
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    over = [f"run_dir={run_dir}" if o.startswith("run_dir=") else f"data.source_dir={moved}"
+            if o.startswith("data.source_dir=") else o for o in ref_over]
+    edited = next(p for p in sorted(moved.rglob("*")) if p.is_file() and p.suffix in (".jsonl", ".json"))
+    original = edited.read_bytes()
+    edited.write_bytes(original + b"\n")  # one more byte: another file by content
+    assert main([*over, "train.steps=5", "train.allow_config_change=true"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source_dir changed from" in err and "not the ones the checkpoint was trained on" in err, err[-2000:]
+    edited.write_bytes(original)
+    assert main([*over, "train.steps=5"]) == 0
+    err = capsys.readouterr().err
+    assert "the checkpointed run's contents" in err and "resumed from step 4" in err, err[-2000:]
+    assert [r["step"] for r in rows(run_dir, "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
 def test_a_resume_with_another_algorithm_is_refused_even_when_allowed():
     from hbo_jax.config import to_dict
 

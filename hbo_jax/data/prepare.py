@@ -144,9 +144,10 @@ def mixture(cfg: Config) -> list[Subset]:
     return out
 
 
-def _key(cfg: Config, subsets: list[Subset]) -> str:
-    """The prepared directory's name: a hash of `_key_settings`."""
-    return _hash(_key_settings(cfg, subsets))
+def prepared_key(cfg: Config) -> str:
+    """The name the run's prepared data has (or will have) in the cache: a hash of what it depends on
+    (`_key_settings`: the input files by content, not by path), computed without preparing anything."""
+    return _hash(_key_settings(cfg, mixture(cfg)))
 
 
 def _hash(settings: dict) -> str:
