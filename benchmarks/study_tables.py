@@ -229,8 +229,73 @@ def time_rows(per_arm: dict[str, dict[int, dict]]) -> list[str]:
     return rows
 
 
-def figures(per_arm: dict[str, dict[int, dict]], subsets: list[str], out_prefix: Path) -> list[Path]:
-    """The compare figure (relative loss reduction per subset and arm) and the learned probabilities."""
+def paired_differences(table: dict[str, dict[int, dict]], best: str, subsets: list[str],
+                       merge_arms: set[str]) -> dict[str, tuple[str, list[list[float]]]]:
+    """Each other arm's relative loss reduction minus the best static arm's, per subset and then the
+    macro (the last column), one row per seed: paired by seed where the two share seeds, else (a merge
+    arm, whose seeds are draws over one replica set) each of its values minus the best arm's mean.
+
+    Returns:
+        arm -> (how it is paired, for the figure's titles; rows of len(subsets) + 1 differences).
+    """
+    def row(res: dict) -> list[float]:
+        rr = rel_reductions(res)
+        return [rr.get(s, float("nan")) for s in subsets] + [statistics.mean(rr.values())]
+
+    ref = {seed: row(res) for seed, res in table[best].items()}
+    ref_mean = [statistics.mean(col) for col in zip(*ref.values())]
+    out = {}
+    for arm, seeds in table.items():
+        common = sorted(set(seeds) & set(ref)) if arm not in merge_arms else []
+        if arm == best or not (common or arm in merge_arms):
+            continue
+        if common:
+            out[arm] = (f"paired seed{'s' if len(common) > 1 else ''} " + ",".join(map(str, common)),
+                        [[a - b for a, b in zip(row(seeds[s]), ref[s])] for s in common])
+        else:
+            out[arm] = (f"unpaired: minus {best}'s mean", [[a - b for a, b in zip(row(r), ref_mean)]
+                                                           for r in seeds.values()])
+    return out
+
+
+def _paired_figure(diffs: dict[str, tuple[str, list[list[float]]]], best: str, subsets: list[str],
+                   path: Path) -> Path:
+    """Small multiples, one panel per arm: each seed's difference per subset (dots) and their mean (bar)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = min(4, len(diffs))
+    rows = -(-len(diffs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.6, 2.6 * rows + 0.9), sharex=True, sharey=True,
+                             squeeze=False)
+    x = np.arange(len(subsets) + 1)
+    for ax, (arm, (how, per_seed)) in zip(axes.flat, diffs.items()):
+        d = np.array(per_seed)
+        mean = np.nanmean(d, axis=0)
+        ax.bar(x, mean, 0.7, color=np.where(mean >= 0, "tab:green", "tab:red"), alpha=0.45)
+        for r in d:
+            ax.plot(x, r, "o", ms=2.5, color="k")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.axvline(len(subsets) - 0.5, color="grey", lw=0.5, ls=":")
+        ax.set_title(f"{arm}\n({how})", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(diffs):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xticks(x, subsets + ["macro"], rotation=60, ha="right", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"minus {best}", fontsize=8)
+    fig.suptitle(f"Relative loss reduction minus {best}'s, per subset (dots: seeds; bars: their mean)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figures(per_arm: dict[str, dict[int, dict]], subsets: list[str], out_prefix: Path, best: str | None = None,
+            merge_arms: set[str] = frozenset()) -> list[Path]:
+    """The compare figure (relative loss reduction per subset and arm), each arm's per-subset difference
+    to the best static arm (with `best`), and the learned probabilities."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,12 +307,14 @@ def figures(per_arm: dict[str, dict[int, dict]], subsets: list[str], out_prefix:
     cols = subsets + ["macro"]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) + 2), 4.5))
     width = 0.8 / max(len(arms), 1)
+    colors = plt.get_cmap("tab20")(np.arange(len(arms)) % 20)  # tab10's ten colours repeat past ten arms
     for i, arm in enumerate(arms):
         rr = [rel_reductions(r) for r in per_arm[arm].values()]
         per_seed = np.array([[x.get(s, np.nan) for s in subsets] + [np.mean(list(x.values()))] for x in rr])
         mean = np.nanmean(per_seed, axis=0)
         sd = np.nanstd(per_seed, axis=0, ddof=1) if len(per_seed) > 1 else np.zeros_like(mean)
-        ax.bar(np.arange(len(cols)) + i * width - 0.4 + width / 2, mean, width, yerr=sd, label=arm, capsize=1.5)
+        ax.bar(np.arange(len(cols)) + i * width - 0.4 + width / 2, mean, width, yerr=sd, label=arm, capsize=1.5,
+               color=colors[i])
     ax.set_xticks(np.arange(len(cols)), cols, rotation=30, ha="right")
     ax.set_ylabel("relative loss reduction\n(before - after) / before")
     ax.set_title("Held-out loss reduction per subset (mean over seeds; bars: sd)")
@@ -257,6 +324,9 @@ def figures(per_arm: dict[str, dict[int, dict]], subsets: list[str], out_prefix:
     paths.append(out_prefix.with_name(out_prefix.name + "_compare.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    diffs = paired_differences(per_arm, best, subsets, merge_arms) if best else {}
+    if diffs:
+        paths.append(_paired_figure(diffs, best, subsets, out_prefix.with_name(out_prefix.name + "_paired.png")))
 
     learned = {a: s for a, s in per_arm.items() if any(_moves(r["mixing"]) for r in s.values())}
     if learned:
@@ -332,7 +402,7 @@ def section(study, results: Path, docs: Path, study_path: Path) -> tuple[str, li
                   "most common answer's share: how many rows got the model's most common answer (1.00: the same "
                   "answer to every question, a base rate, not knowledge).", ""] + tasks
     lines += ["", "### Time per run", ""] + time_rows(table)
-    figs = figures(table, subsets, docs.parent / f"study_{study.name}")
+    figs = figures(table, subsets, docs.parent / f"study_{study.name}", best, merge_arms)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in figs]
     return "\n".join(lines), figs
 

@@ -63,6 +63,16 @@ def test_an_arm_ahead_on_average_but_not_on_every_seed_is_within_the_spread():
     assert verdicts["hbo"][2].startswith("within the seed spread (per seed: -0.0100, +0.2000)")
 
 
+def test_the_per_subset_differences_are_paired_by_seed_and_a_merge_is_set_against_the_mean():
+    table = {"uniform": {0: _fake("uniform", 0, {"a": 1.0, "b": 0.5}), 1: _fake("uniform", 1, {"a": 1.2, "b": 0.5})},
+             "hbo": {1: _fake("hbo", 1, {"a": 1.0, "b": 0.6}), 2: _fake("hbo", 2, {"a": 0.2, "b": 0.2})},
+             "merged": {0: _fake("merged", 0, {"a": 0.9, "b": 0.5})}}
+    diffs = study_tables.paired_differences(table, "uniform", ["a", "b"], {"merged"})
+    assert diffs["hbo"][0] == "paired seed 1"  # seed 2 has no uniform run to pair with
+    assert diffs["hbo"][1] == [pytest.approx([0.1, -0.1, 0.0])]  # a: 0.5 - 0.4, b: 0.4 - 0.5, macro
+    assert diffs["merged"][0].startswith("unpaired") and diffs["merged"][1] == [pytest.approx([0.1, 0.0, 0.05])]
+
+
 def test_a_finished_arm_and_seed_is_not_run_again(tmp_path, monkeypatch):
     spec = _study_file(tmp_path, {"uniform": {}})
     results = tmp_path / "results"
@@ -86,6 +96,7 @@ def test_the_docs_section_is_rewritten_in_place_and_the_rest_kept(tmp_path):
     study.main(args)
     assert docs.read_text() == first and first.startswith("# Results\n\nwritten by hand\n")
     assert first.count("<!-- study:t:begin -->") == 1 and (tmp_path / "study_t_p_global.png").is_file()
+    assert "![study_t_paired](study_t_paired.png)" in first and (tmp_path / "study_t_paired.png").is_file()
 
 
 def test_a_user_mixture_goes_after_the_study_configs_and_before_the_arm(tmp_path):
