@@ -88,11 +88,13 @@ def macro_average(results: dict[str, dict]) -> dict:
     return macro
 
 
-def make_logprob_fn(nll_fn, params, mesh, seq_len: int, pad_id: int, batch_size: int):
-    """`f([(ids, mask), ...]) -> summed log-probability of each example's masked tokens`."""
-    def f(encoded: list) -> np.ndarray:
-        nll = score_examples(encoded, nll_fn, params, mesh, seq_len, pad_id, batch_size)
-        return -nll * np.array([m[1:].sum() for _, m in encoded], np.float64)
+def make_logprob_fn(graphdef, params, mesh, pad_id: int, batch_size: int):
+    """`f([[(ids, mask), ...] per question]) -> per question, each option's summed log-probability of its
+    masked tokens`; the options' shared prompt runs once (`hbo_jax.models.continuations`)."""
+    from hbo_jax.models.continuations import continuation_logprobs
+
+    def f(groups: list) -> list[np.ndarray]:
+        return continuation_logprobs(graphdef, params, groups, mesh=mesh, pad_id=pad_id, batch_size=batch_size)
     return f
 
 
@@ -106,10 +108,10 @@ def make_generate_fn(graphdef, params, mesh, tokenizer, pad_id: int, max_new_tok
     return f
 
 
-def task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset: int) -> dict[str, dict]:
+def task_metrics(graphdef, params, data, cfg, mesh, max_per_subset: int) -> dict[str, dict]:
     """Multiple-choice accuracy or exact match per subset, as `cfg.eval` chooses."""
     seq_len, bs = cfg.data.seq_len, cfg.scorer.score_batch_size
-    example_logprob = make_logprob_fn(nll_fn, params, mesh, seq_len, data.pad_id, bs)
+    option_logprob = make_logprob_fn(graphdef, params, mesh, data.pad_id, bs)
     generate_fn = make_generate_fn(graphdef, params, mesh, data.tokenizer, data.pad_id,
                                    cfg.eval.max_new_tokens, bs)
     out = {}
@@ -120,7 +122,7 @@ def task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset: int)
         metric = tasks.choose_metric(requested, items, cfg.eval.exact_match_max_chars)
         t0 = time.perf_counter()
         if metric == "mc":
-            out[name] = tasks.score_mc(items, data.tokenizer, seq_len, example_logprob)
+            out[name] = tasks.score_mc(items, data.tokenizer, seq_len, option_logprob)
         elif metric == "exact_match":
             max_prompt = max(seq_len - cfg.eval.max_new_tokens, 1)
             out[name] = tasks.score_exact_match(items, data.tokenizer, generate_fn, max_prompt)
@@ -178,7 +180,7 @@ def evaluate_model(graphdef, params, data, cfg, mesh, nll_fn, *, max_per_subset:
     if bar:  # a full evaluation (the periodic one is unnamed and frequent)
         log.info("eval: held-out loss of %d subsets in %.1fs", len(out), time.perf_counter() - t0)
     if with_tasks:
-        for name, res in task_metrics(graphdef, params, data, cfg, mesh, nll_fn, max_per_subset).items():
+        for name, res in task_metrics(graphdef, params, data, cfg, mesh, max_per_subset).items():
             merge_task_result(out.setdefault(name, {}), res)
     out["macro_avg"] = macro_average(out)
     return out

@@ -167,30 +167,36 @@ def eos_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def encode_options(rows: Sequence[EvalItem], tokenizer, seq_len: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Per row, each option as the assistant's answer, encoded as training encodes a conversation
+    ((ids, loss mask)) and cut to seq_len + 1 tokens (the prompt from the left, as in training)."""
+    convs = [it.prompt + [{"role": "assistant", "content": o}] for it in rows for o in it.options]
+    encoded = []
+    for ids, mask in tok_lib.encode(tokenizer, convs):
+        kept = tok_lib.truncate(ids, mask, seq_len + 1)
+        encoded.append(kept if kept is not None else (ids[-(seq_len + 1):], mask[-(seq_len + 1):]))
+    bounds = np.cumsum([0] + [len(it.options) for it in rows])
+    return [encoded[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def score_mc(items: Sequence[EvalItem], tokenizer, seq_len: int,
-             example_logprob: Callable[[list], np.ndarray]) -> dict[str, float]:
+             option_logprob: Callable[[list], list[np.ndarray]]) -> dict[str, float]:
     """Multiple-choice accuracy of a model on the rows whose reference is one of their options.
 
     Args:
         items: Eval rows; rows without options, or whose reference is not an option, are not scored.
         tokenizer: Tokenizer with the chat template the model was trained with.
         seq_len: Sequence length (prompts are cut from the left to fit, as in training).
-        example_logprob: Maps a list of (ids, loss mask) pairs to the summed log-probability
-            of each pair's masked tokens.
+        option_logprob: Maps a list of rows, each the list of its options' (ids, loss mask)
+            pairs, to each row's array of its options' summed log-probabilities of their
+            masked tokens (`evaluate.make_logprob_fn`).
     """
     rows = [it for it in items if it.options and it.answer in it.options]
     if not rows:
         return {"metric": "mc", "examples": 0, "unavailable": (
             f"none of its {len(items)} eval rows is multiple choice: a row needs `options` (a list holding its "
             "answer), or options lettered A., B., ... in its prompt and a letter as its answer")}
-    convs = [it.prompt + [{"role": "assistant", "content": o}] for it in rows for o in it.options]
-    encoded = []
-    for ids, mask in tok_lib.encode(tokenizer, convs):
-        kept = tok_lib.truncate(ids, mask, seq_len + 1)
-        encoded.append(kept if kept is not None else (ids[-(seq_len + 1):], mask[-(seq_len + 1):]))
-    flat = example_logprob(encoded)
-    bounds = np.cumsum([0] + [len(it.options) for it in rows])
-    per_row = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    per_row = option_logprob(encode_options(rows, tokenizer, seq_len))
     raw, norm = mc_choices(per_row, [it.options for it in rows])
     gold = np.array([it.options.index(it.answer) for it in rows])
     return {"metric": "mc", "acc": float((raw == gold).mean()), "acc_norm": float((norm == gold).mean()),

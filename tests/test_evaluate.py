@@ -78,8 +78,7 @@ MC_ITEMS = [tasks.EvalItem([{"role": "user", "content": f"Which colour is grass?
 @pytest.mark.parametrize("favoured,expected", [("green", 1.0), ("blue", 0.0)])
 def test_multiple_choice_accuracy_of_a_rigged_model(tokenizer, mesh, favoured, expected):
     graphdef, params = bigram_model(len(tokenizer), _answer_chain(tokenizer, MC_ITEMS[0], favoured), mesh)
-    logprob = make_logprob_fn(make_example_nll_fn(graphdef, mesh), params, mesh, SEQ_LEN,
-                              tokenizer.pad_token_id, 16)
+    logprob = make_logprob_fn(graphdef, params, mesh, tokenizer.pad_token_id, 16)
     res = tasks.score_mc(MC_ITEMS, tokenizer, SEQ_LEN, logprob)
     assert res["examples"] == 5
     assert res["acc"] == expected and res["acc_norm"] == expected
@@ -148,7 +147,6 @@ def test_lettered_options_in_plain_chat_are_scored_by_option_likelihood(tokenize
     items = tasks.read_eval_items(path)
     assert tasks.choose_metric("auto", items, 40) == "mc"
     graphdef, params = bigram_model(len(tokenizer), _answer_chain(tokenizer, items[0], favoured), mesh)
-    logprob = make_logprob_fn(make_example_nll_fn(graphdef, mesh), params, mesh, SEQ_LEN,
-                              tokenizer.pad_token_id, 16)
+    logprob = make_logprob_fn(graphdef, params, mesh, tokenizer.pad_token_id, 16)
     res = tasks.score_mc(items, tokenizer, SEQ_LEN, logprob)
     assert res["examples"] == 4 and res["acc"] == expected

@@ -30,6 +30,12 @@ def to_device(batch: dict, mesh, keys=("input_ids", "targets", "loss_mask")) -> 
     return tuple(jax.device_put(batch[k], sh) for k in keys)
 
 
+def bucket_width(longest: int, seq_len: int) -> int:
+    """The padded width of a scoring batch whose longest example has `longest` tokens: the next power of
+    two of its inputs (longest - 1), at least 32, at most seq_len (fewer compiled shapes)."""
+    return int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(longest - 1, 1)))))))
+
+
 def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: int,
                    batch_size: int, desc: str = "") -> np.ndarray:
     """Mean response NLL per example in one batched pass, padded per length bucket."""
@@ -40,7 +46,7 @@ def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: i
     pending: list = []
     for a in progress(range(0, len(order), batch_size), desc=desc, disable=not desc):
         idx = order[a:a + batch_size]
-        width = int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(lengths[idx].max() - 1, 1)))))))
+        width = bucket_width(int(lengths[idx].max()), seq_len)
         chunk = [examples[i] for i in idx] + [examples[idx[0]]] * (batch_size - len(idx))
         batch = collate(chunk, width, pad_id)
         pending.append((idx, nll_fn(params, *to_device(batch, mesh))[0]))

@@ -68,20 +68,29 @@ def filter_logits(logits: jax.Array, temperature, top_p, *, top_k: int, use_top_
     return logits
 
 
+def empty_cache(spec, mesh, rows: int, slots: int):
+    """(a zero KV cache of `rows` x `slots` for `LlamaLM.hidden_cached`, the function that constrains a
+    cache array to its sharding: rows over the batch axes, kv heads by the `kv_heads` rule). Traced."""
+    shape = (rows, slots, spec.num_kv_heads, spec.head_dim)
+    logical = ("batch", None, "kv_heads", None)
+    if spec.scan_layers:  # one (keys, values) pair stacked over the layers
+        logical, shape = ("layers", *logical), (spec.num_layers, *shape)
+    sharding = NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+    shard = lambda c: jax.lax.with_sharding_constraint(c, sharding)  # noqa: E731
+    zeros = jnp.zeros(shape, DTYPES[spec.dtype])
+    if spec.scan_layers:
+        return (shard(zeros), shard(zeros)), shard
+    return [(shard(zeros), shard(zeros)) for _ in range(spec.num_layers)], shard
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "new_len", "sample", "top_k", "use_top_p"))
 def _generate_batch(graphdef, params, tokens, pads, row_ids, eos, budget, pad_id, temperature, top_p, key,
                     *, mesh, new_len: int, sample: bool, top_k: int, use_top_p: bool):
     """Generated ids [B, new_len] (pad_id after a row's EOS) for a left-padded batch."""
     model = nnx.merge(graphdef, params)
-    spec = model.spec
     b, t = tokens.shape
     slots = jnp.arange(t + new_len)
-    cache_shape = (b, t + new_len, spec.num_kv_heads, spec.head_dim)
-    logical = ("batch", None, "kv_heads", None)
-    if spec.scan_layers:  # one (keys, values) pair stacked over the layers
-        logical, cache_shape = ("layers", *logical), (spec.num_layers, *cache_shape)
-    cache_sharding = NamedSharding(mesh, logical_to_spec(logical, cache_shape, mesh))
-    shard_cache = lambda c: jax.lax.with_sharding_constraint(c, cache_sharding)
+    cache, shard_cache = empty_cache(model.spec, mesh, b, t + new_len)
 
     def mask(query_slots):
         # [B, T, S]: causal over slots, and never a row's left-pad slots.
@@ -100,11 +109,6 @@ def _generate_batch(graphdef, params, tokens, pads, row_ids, eos, budget, pad_id
         tok = jnp.where(done, pad_id, tok)
         return tok, done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
-    zeros = jnp.zeros(cache_shape, DTYPES[spec.dtype])
-    if spec.scan_layers:
-        cache = (shard_cache(zeros), shard_cache(zeros))
-    else:
-        cache = [(shard_cache(zeros), shard_cache(zeros)) for _ in range(spec.num_layers)]
     positions = jnp.maximum(jnp.arange(t)[None, :] - pads[:, None], 0)
     h, cache = model.hidden_cached(tokens, positions, cache, 0, mask(jnp.arange(t)))
     # Only the last slot's logits are needed: skip the [B, T, V] projection of the prompt.
@@ -129,8 +133,8 @@ def _generate_batch(graphdef, params, tokens, pads, row_ids, eos, budget, pad_id
     return jax.lax.with_sharding_constraint(out, replicated(mesh))
 
 
-def _put(x: np.ndarray, sharding) -> jax.Array:
-    # From the same host array on every process, also on multi-host meshes.
+def put_host(x: np.ndarray, sharding) -> jax.Array:
+    """A host array (the same on every process, also on multi-host meshes) as a global array."""
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
@@ -176,8 +180,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, mesh, max_ne
     rows = round_up_rows(_pow2_at_least(n) if batch_size is None else min(_pow2_at_least(n), batch_size),
                          mesh)
     new_len = _round_up(max_new_tokens, _NEW_TOKENS_BUCKET)
-    eos = _put(np.asarray(list(eos_ids) or [-1], np.int32), replicated(mesh))
-    scalar = lambda v, dt: _put(np.asarray(v, dt), replicated(mesh))
+    eos = put_host(np.asarray(list(eos_ids) or [-1], np.int32), replicated(mesh))
+    scalar = lambda v, dt: put_host(np.asarray(v, dt), replicated(mesh))
     static = dict(mesh=mesh, new_len=new_len, sample=temperature > 0, top_k=top_k if temperature > 0 else 0,
                   use_top_p=temperature > 0 and top_p < 1)
     # Longest first, so prompts of similar length share a batch (and a length bucket).
@@ -193,8 +197,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, mesh, max_ne
             tokens[r, t - len(prompts[i]):] = prompts[i]
             pads[r], row_ids[r] = t - len(prompts[i]), i
         out = _generate_batch(
-            graphdef, params, _put(tokens, batch_sharding(mesh, 2)), _put(pads, batch_sharding(mesh, 1)),
-            _put(row_ids, batch_sharding(mesh, 1)), eos, scalar(max_new_tokens, np.int32),
+            graphdef, params, put_host(tokens, batch_sharding(mesh, 2)), put_host(pads, batch_sharding(mesh, 1)),
+            put_host(row_ids, batch_sharding(mesh, 1)), eos, scalar(max_new_tokens, np.int32),
             scalar(pad_id, np.int32), scalar(max(temperature, 1e-6), np.float32), scalar(top_p, np.float32),
             jax.random.key(seed), **static)
         out = np.asarray(out)
