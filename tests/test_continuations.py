@@ -48,9 +48,9 @@ def _whole(graphdef, params, groups, mesh, seq_len, pad_id):
     return [lp[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_options_after_a_shared_prefill_equal_the_whole_sequences(tokenizer, scan):
-    mesh = make_mesh(MeshConfig())  # the 8 host devices: rows sharded over the batch axes
+@pytest.mark.parametrize("scan,shape", [(False, (8, 1, 1)), (True, (8, 1, 1)), (False, (2, 2, 2))])
+def test_options_after_a_shared_prefill_equal_the_whole_sequences(tokenizer, scan, shape):
+    mesh = make_mesh(MeshConfig(*shape))  # the 8 host devices; (2, 2, 2): parameters and kv heads sharded too
     graphdef, params = _model(len(tokenizer), mesh, scan)
     groups = _groups(tokenizer, 256)
     got = continuation_logprobs(graphdef, params, groups, mesh=mesh, pad_id=tokenizer.pad_token_id, batch_size=4)
