@@ -15,7 +15,7 @@ import pytest
 
 from hbo_jax.config import ConfigError, load_config
 from hbo_jax.data.formats import DataError, SkipReport, iter_conversations
-from hbo_jax.data.prepare import TOO_LONG, _key, _key_settings, data_notes, mixture
+from hbo_jax.data.prepare import TOO_LONG, _key_settings, data_notes, mixture, prepared_key
 from hbo_jax.parallel import make_mesh
 from hbo_jax.scorer import prepare
 from hbo_jax.train import main
@@ -124,7 +124,7 @@ def _key_config(tmp_path, *extra):
 
 def test_drop_changes_the_cache_key(tmp_path):
     cfg, drop = _key_config(tmp_path), _key_config(tmp_path, "data.too_long=drop")
-    assert _key(cfg, mixture(cfg)) != _key(drop, mixture(drop))
+    assert prepared_key(cfg) != prepared_key(drop)
 
 
 def test_default_too_long_keeps_the_cache_key_of_before_the_option(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from hbo_jax.config import ConfigError, load_config
 from hbo_jax.data.formats import DataError
-from hbo_jax.data.prepare import _key, mixture
+from hbo_jax.data.prepare import mixture, prepared_key
 from hbo_jax.tasks import read_eval_items
 from hbo_jax.train import main
 
@@ -127,17 +127,17 @@ def test_source_dir_and_declared_subsets_combine(tmp_path):
 def test_changed_input_file_changes_the_prepare_key(tmp_path):
     path = _jsonl(tmp_path / "d" / "a.jsonl", [_sum_row(i) for i in range(4)])
     cfg = load_config(None, ["data.source_dir=''", f"data.subsets.a.train=[{tmp_path}/d/*.jsonl]"])
-    before = _key(cfg, mixture(cfg))
-    assert _key(cfg, mixture(cfg)) == before
+    before = prepared_key(cfg)
+    assert prepared_key(cfg) == before
     _jsonl(path, [_sum_row(i) for i in range(5)])
-    assert _key(cfg, mixture(cfg)) != before
+    assert prepared_key(cfg) != before
 
 
 def test_format_override_changes_the_prepare_key(tmp_path):
     _jsonl(tmp_path / "a.jsonl", [_sum_row(i) for i in range(4)])
     base = ["data.source_dir=''", f"data.subsets.a.train=[{tmp_path}/a.jsonl]"]
     cfg, forced = load_config(None, base), load_config(None, base + ["data.subsets.a.format=messages"])
-    assert _key(cfg, mixture(cfg)) != _key(forced, mixture(forced))
+    assert prepared_key(cfg) != prepared_key(forced)
 
 
 def test_eval_items_keep_options_from_parquet(tmp_path):

@@ -39,11 +39,11 @@ def test_data_seed_minus_one_resolves_to_train_seed():
 
 
 def test_the_prepared_key_holds_train_seed_but_not_data_seed(tmp_path):
-    from hbo_jax.data.prepare import _key, mixture
+    from hbo_jax.data.prepare import prepared_key
 
     def key(*extra):
         cfg = load_config(None, tiny_overrides(tmp_path / "run", tmp_path / "cache", *extra))
-        return _key(cfg, mixture(cfg))
+        return prepared_key(cfg)
 
     assert key("train.data_seed=0") == key("train.data_seed=1") == key()
     assert key("train.seed=1") != key()
@@ -153,7 +153,7 @@ def test_data_seed_equal_to_train_seed_reproduces_the_pinned_run(tmp_path, share
 
 
 def test_with_a_pretrained_model_train_seed_leaves_the_prepared_key_alone(tmp_path):
-    from hbo_jax.data.prepare import _key, mixture
+    from hbo_jax.data.prepare import prepared_key
 
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
@@ -161,7 +161,7 @@ def test_with_a_pretrained_model_train_seed_leaves_the_prepared_key_alone(tmp_pa
     def key(seed):
         cfg = load_config(None, tiny_overrides(tmp_path / "run", tmp_path / "cache", f"model.init=hf:{tmp_path}/base",
                                                f"train.seed={seed}"))
-        return _key(cfg, mixture(cfg))
+        return prepared_key(cfg)
 
     assert key(0) == key(1)  # nothing is warmed up, so nothing the seed decides is prepared
 
