@@ -135,9 +135,12 @@ def merge_inputs(base: Input | None, models: list[Input], out_dir: str | Path, *
         record = {
             "method": method, "resample": resample, "seed": seed, "atol": atol,
             "probs" if method == "select" else "weights": p.tolist(),
-            "rng": "numpy Philox4x64 keyed (seed, first 8 bytes of sha256(tensor name)); element i of the "
-                   "row-major tensor uses 32-bit word i of the stream (output i // 2, lower half for even i): its "
-                   "upper 16 bits draw the model, its lower 16 the redraw (probability resolution 2**-16)",
+            "rng": "element i of the row-major tensor: the 32-bit word t(t((i mod 2**32) ^ k0) ^ k1), t the "
+                   "triple32 hash (x ^= x >> 17; x *= 0xed5ad4bb; x ^= x >> 11; x *= 0xac4c1b51; x ^= x >> 15; "
+                   "x *= 0x31848bab; x ^= x >> 14), (k0, k1) the first two little-endian uint32 of "
+                   "d = sha256(seed as 8 little-endian bytes + tensor name), or of sha256(d + (i >> 32) as 8 "
+                   "bytes) from i = 2**32 on; its upper 16 bits draw the model, its lower 16 the redraw "
+                   "(probability resolution 2**-16)",
             "digest": "xxh3_128 over sorted lines 'name shape dtype xxh3_128(tensor bytes)' of the tensors read",
             "base": None if base is None else {"source": base.source, "step": base.step, "digest": base_digest,
                                                "cast_to_model_dtype_for_comparison": cast},

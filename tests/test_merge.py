@@ -76,12 +76,39 @@ def test_selection_frequencies_match_the_probabilities():
     assert sps.chisquare(counts, probs * n).pvalue > 1e-3, counts
 
 
-def test_element_draws_are_the_philox_stream_at_any_offset():
+def _triple32(x: int) -> int:
+    """The hash of the element words, on Python ints: the reference the arrays are checked against."""
+    for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB), (14, 1)):
+        x ^= x >> shift
+        x = x * mult & 0xFFFFFFFF
+    return x
+
+
+def _words(seed: int, name: str, start: int, count: int) -> list[int]:
+    key = hashlib.sha256(seed.to_bytes(8, "little") + name.encode()).digest()
+    out = []
+    for i in range(start, start + count):
+        high = i >> 32
+        digest = key if high == 0 else hashlib.sha256(key + high.to_bytes(8, "little")).digest()
+        k0, k1 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
+        out.append(_triple32(_triple32((i & 0xFFFFFFFF) ^ k0) ^ k1))
+    return out
+
+
+@pytest.mark.parametrize("start", [0, 1, 13, 2 ** 32 - 5])  # the last crosses to the next round keys
+def test_element_words_are_the_keyed_hash_of_the_index(start):
     key = tensor_key(3, "model.norm.weight")
-    stream = np.random.Philox(key=np.array(key, np.uint64)).random_raw(64)
-    words = np.stack([stream & 0xFFFFFFFF, stream >> 32], axis=1).reshape(-1)  # element i: 32-bit word i
-    for start in (0, 1, 3, 4, 7, 8, 13):
-        np.testing.assert_array_equal(element_bits(key, start, 40), words[start:start + 40])
+    np.testing.assert_array_equal(element_bits(key, start, 40), _words(3, "model.norm.weight", start, 40))
+
+
+def test_draw_and_redraw_halves_and_neighbours_are_independent():
+    # the upper 16 bits draw the run and the lower 16 the redraw: neither may predict the other, nor
+    # an element's draw its neighbour's (contingency tables of their top 4 bits, 2**20 elements)
+    w = element_bits(tensor_key(0, "w"), 0, 1 << 20).astype(np.int64)
+    hi, lo = w >> 28, (w >> 12) & 15
+    for a, b in ((hi, lo), (hi[:-1], hi[1:]), (hi[:-576], hi[576:])):
+        table = np.bincount(a * 16 + b, minlength=256).reshape(16, 16)
+        assert sps.chi2_contingency(table)[1] > 1e-3
 
 
 def test_redraws_follow_the_probabilities_renormalised_over_the_runs_that_changed():
@@ -121,25 +148,41 @@ def test_resampling_never_keeps_the_base_where_some_run_changed_it():
 
 @pytest.mark.parametrize("pieces", [None, (4096, 1024)], ids=["numpy", "fused"])
 @pytest.mark.parametrize("k, resample, probs, digest, resampled, kept_base", [
-    (3, True, [1 / 3] * 3, "abf57d548dfe25b5", 6123, 3818),
-    (5, True, [0.1, 0.0, 0.4, 0.3, 0.2], "f6a2de89e41c68e8", 6718, 3135),  # a run of probability 0
-    (3, False, [0.5, 0.3, 0.2], "5f9c7b163bde0f54", 0, 0),
+    (3, True, [1 / 3] * 3, "1d55c22162d5b012", 7470, 1729),
+    (5, True, [0.1, 0.0, 0.4, 0.3, 0.2], "b1d241c70caebc45", 7979, 673),  # a run of probability 0
+    (3, False, [0.5, 0.3, 0.2], "b282e4515a575822", 0, 0),
 ])
 def test_selection_bytes_are_pinned(k, resample, probs, digest, resampled, kept_base, pieces, monkeypatch):
     # A merge's bytes are a function of (seed, name, position) that users may re-derive: each
-    # implementation must give the same ones (pinned from the first version of the rules). "fused":
+    # implementation must give the same ones (pinned from the version whose element words are the keyed
+    # hash). Each run changes its elements its own way, so the bytes depend on which run is drawn. "fused":
     # short compiled pieces, so the 21000 elements go through XLA (4096, then the 520 of the tail padded to
-    # 1024; the block starts at an odd element: the draws' words are copied to an aligned array)
+    # 1024; the block starts at an odd element: the inputs are copied to aligned arrays)
     if pieces is not None:
         monkeypatch.setattr(fused, "PIECES", pieces)
     rng = np.random.default_rng(11)
     base = rng.normal(size=(70, 300)).astype(ml_dtypes.bfloat16)
     models = [np.where(rng.random(base.shape) < 0.4, base,
-                       (base.astype(np.float32) * 1.01 + 0.01).astype(ml_dtypes.bfloat16)) for _ in range(k)]
+                       (base.astype(np.float32) * (1 + 0.01 * (j + 1)) + 0.01).astype(ml_dtypes.bfloat16))
+              for j in range(k)]
     out, st = select_block(models, base, np.array(probs), tensor_key(9, "model.layers.3.mlp.up_proj.weight"),
                            1234567, resample=resample)
     assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == digest
-    assert (st.resampled, st.kept_base, st.equal_base[:3]) == (resampled, kept_base, [9943, 9973, 9925])
+    assert (st.resampled, st.kept_base, st.equal_base[:3]) == (resampled, kept_base, [9943, 8995, 8645])
+
+
+def test_fused_pieces_past_2_32_elements_give_numpys_bytes(monkeypatch):
+    # the fused rule counts the index's lower 32 bits with the round keys of its upper ones: a block
+    # crossing 2**32 (its crossing piece goes to NumPy) must give the bytes NumPy gives everywhere
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 1 << 16, 21000, dtype=np.uint16).view(ml_dtypes.bfloat16)
+    models = [np.where(rng.random(base.size) < 0.5, base, rng.integers(0, 1 << 16, base.size, dtype=np.uint16)
+                       .view(ml_dtypes.bfloat16)) for _ in range(3)]
+    args = (models, base, np.full(3, 1 / 3), tensor_key(5, "lm_head.weight"), 2 ** 32 - 9000)
+    numpy_only, _ = select_block(*args, resample=True)
+    monkeypatch.setattr(fused, "PIECES", (4096, 1024))
+    with_fused, _ = select_block(*args, resample=True)
+    np.testing.assert_array_equal(with_fused.view(np.uint16), numpy_only.view(np.uint16))
 
 
 def test_average_equals_the_direct_computation():
@@ -161,13 +204,12 @@ def test_threads_calling_a_new_piece_length_compile_it_once(monkeypatch):
     fused._compiled.cache_clear()
     rng = np.random.default_rng(5)
     vals = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(k)]
-    bits = element_bits(tensor_key(1, "w"), 0, n)
     start = threading.Barrier(2)
 
     def call():
         start.wait()
-        fused.select(vals, vals[0], np.array([1 << 15, 1 << 15], np.uint32), np.array([1 << 15], np.uint32), bits,
-                     True, np.empty(n, np.uint16))
+        fused.select(vals, vals[0], np.array([1 << 15, 1 << 15], np.uint32), np.array([1 << 15], np.uint32),
+                     np.arange(3, dtype=np.uint32), True, np.empty(n, np.uint16))
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
@@ -184,7 +226,7 @@ def test_pieces_go_to_numpy_while_prepare_compiles_the_rule(monkeypatch):
     rng = np.random.default_rng(6)
     vals = [rng.integers(0, 1 << 16, n, dtype=np.uint16) for _ in range(2)]
     args = (vals, vals[0], np.array([1 << 15, 1 << 15], np.uint32), np.array([1 << 15], np.uint32),
-            element_bits(tensor_key(1, "w"), 0, n), True, np.empty(n, np.uint16))
+            np.arange(3, dtype=np.uint32), True, np.empty(n, np.uint16))
     with fused._FIRST_CALLS:  # holds the compiling thread back
         thread = fused.prepare(2, True, ml_dtypes.bfloat16)
         assert fused.select(*args) is None  # not done: NumPy's

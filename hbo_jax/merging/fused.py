@@ -3,8 +3,10 @@
 
 NumPy runs the rule as a chain of whole-array passes (the draw's comparisons,
 bit-pattern blends, the redraw's prefix sums), ~10 + 6 K of them; XLA fuses them into one
-loop that reads each input once. Integer operations only (the stored bit patterns, exact
-equality), so the bytes are the same; a test pins both paths to the same digests. XLA's
+loop that reads each input once and hashes each element's random word from its index
+(`mix32`) on the way: no word is drawn, stored or read. Integer operations only (the
+stored bit patterns, exact equality), so the bytes are the same; a test pins both paths
+to the same digests. XLA's
 CPU client takes a host array as it is (no copy) only when its data is 64-byte aligned:
 it copies any other, slowly (bf16, K = 3: 2.8 ns of CPU per element, 0.7 when aligned;
 NumPy's passes 4.8), so unaligned arguments are first copied into this thread's aligned
@@ -28,6 +30,26 @@ PIECES = (1 << 19, 1 << 17)  # the lengths compiled (each call costs ~0.1 ms of 
 _FIRST_CALLS = threading.Lock()  # a first call compiles: one thread compiles, the others wait for it
 _COMPILED: set = set()  # (K, resample, length, unsigned dtype) called once already
 _PENDING: set = set()  # those `prepare` is compiling: their pieces go to NumPy meanwhile
+
+
+MIX = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB), (14, None))  # triple32: shift, then multiply
+
+
+def mix32(x, tmp: np.ndarray | None = None):
+    """The triple32 hash of uint32 `x`: a JAX array, or a NumPy one hashed in place (with `tmp`, a work
+    array of its size: a fresh temporary per pass costs its page faults)."""
+    if not isinstance(x, np.ndarray):
+        for shift, mult in MIX:
+            x = x ^ (x >> shift)
+            if mult is not None:
+                x = x * np.uint32(mult)
+        return x
+    tmp = np.empty_like(x) if tmp is None else tmp
+    for shift, mult in MIX:
+        np.bitwise_xor(x, np.right_shift(x, np.uint32(shift), out=tmp), out=x)
+        if mult is not None:
+            np.multiply(x, np.uint32(mult), out=x)
+    return x
 
 
 def padded_length(n: int) -> int | None:
@@ -75,7 +97,10 @@ def _compiled(k: int, resample: bool):
     import jax
     import jax.numpy as jnp
 
-    def rule(bits, shares, edges, base, *vals):
+    def rule(counter, shares, edges, base, *vals):
+        # the piece's element words (`select.element_bits`): its first index, then the round keys
+        index = counter[0] + jax.lax.iota(jnp.uint32, base.size)  # a piece never crosses 2**32
+        bits = mix32(mix32(index ^ counter[1]) ^ counter[2])
         draw = bits >> 16
         drawn = vals[-1]  # the drawn run: the first j with draw < edges[j]
         for j in range(k - 2, -1, -1):
@@ -120,7 +145,7 @@ def prepare(k: int, resample: bool, dtype) -> threading.Thread | None:
             try:
                 with _FIRST_CALLS:
                     if key not in _COMPILED:
-                        res = _call((np.zeros(n, np.uint32), np.zeros(k, np.uint32), np.zeros(k - 1, np.uint32),
+                        res = _call((np.zeros(3, np.uint32), np.zeros(k, np.uint32), np.zeros(k - 1, np.uint32),
                                      *[np.zeros(n, udt)] * (k + 1)), resample)
                         _wait(res)
                         _COMPILED.add(key)
@@ -152,18 +177,18 @@ def _call(args, resample: bool):
 
 
 def select(vals: list[np.ndarray], base: np.ndarray | None, shares: np.ndarray, edges: np.ndarray,
-           bits: np.ndarray, resample: bool, out: np.ndarray) -> int | None:
-    """The selection of one piece into `out` (unsigned bit patterns, as `select._select`'s arguments), run
+           counter: np.ndarray, resample: bool, out: np.ndarray) -> int | None:
+    """The selection of one piece into `out` (unsigned bit patterns, as `select._select`'s arguments; `counter`:
+    uint32 [the lower 32 bits of the piece's first index, the two round keys]), run
     at `padded_length` (or its own length where that is None); returns the number of elements whose
     drawn run left them at the base when resampling, else 0;
     None (nothing done) where JAX has no host backend."""
-    n = bits.size
+    n = out.size
     length = padded_length(n) or n
     key = (len(vals), resample, length, vals[0].dtype)
     if key in _PENDING:
         return None  # `prepare` is compiling it: NumPy does this piece
-    piece = _staged([bits, vals[0] if base is None else base, *vals], length)
-    args = (piece[0], shares, edges, *piece[1:])
+    args = (counter, shares, edges, *_staged([vals[0] if base is None else base, *vals], length))
     if key in _COMPILED:
         res = _call(args, resample)
     else:  # threads making a new jit function or calling a new shape at once would each compile it (0.1 s)
