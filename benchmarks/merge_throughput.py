@@ -1,7 +1,7 @@
 """Merge throughput and peak memory of `python -m hbo_jax.merge` against the disk's read bandwidth.
 
     python benchmarks/merge_throughput.py [--shapes smollm2_135m llama_1b] [--k 3 8] [--dir /tmp/merge_bench]
-        [--code OTHER_CHECKOUT .]
+        [--code OTHER_CHECKOUT .] [--repeat N]
 
 Writes K synthetic bf16 fine-tunes and their base (Hugging Face safetensors directories
 at the shapes of `train_step_cpu.SHAPES`, each fine-tune differing from the base in half
@@ -14,7 +14,11 @@ versions compared on the same inputs), and reports seconds, input bytes read per
 their ratios to the single-stream cold and O_DIRECT disk rates (each the best of 3
 reads; the merge reads with O_DIRECT: the higher one is the disk's limit), CPU time per element (user + system,
 all threads: less sensitive to a shared machine's load than seconds), the load average,
-and the subprocess's peak RSS (getrusage). Everything under `--dir` is deleted at the end.
+and the subprocess's peak RSS (getrusage). `--repeat N` runs every merge N times, the
+checkouts alternating round by round with a cold and an O_DIRECT disk read between
+rounds (joining the best-of): the table gives each merge's median seconds and CPU (and
+the range of seconds) against the best disk rates of all reads, the JSON lines every
+merge. Everything under `--dir` is deleted at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -163,6 +168,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/merge_bench"))
     ap.add_argument("--code", type=Path, nargs="+", default=[ROOT],
                     help="checkouts whose hbo_jax to merge with, each on the same inputs (default: this one)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of merges, checkouts alternating, disk read again between rounds (medians)")
     args = ap.parse_args()
     rows = []
     try:
@@ -182,28 +189,49 @@ def main() -> None:
                 dirs = written[:k + 1]
                 size = sum(f.stat().st_size for d in dirs for f in files(d))
                 disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
+                runs = []
+                for r in range(args.repeat):
+                    if r:  # the disk's rate drifts: read again between rounds, the best of all reads is its limit
+                        disk_cold = max(disk_cold, read_bandwidth([biggest], True))
+                        disk_direct = max(disk_direct, read_bandwidth([biggest], False, direct=True))
+                    for code in args.code if r % 2 == 0 else args.code[::-1]:
+                        for cold in (True, False):
+                            seconds, cpu, rss = run_merge(dirs, root / "merged", cold, code)
+                            runs.append({"shape": name, "k": k, "code": str(code), "cache": "cold" if cold else "warm",
+                                         "round": r, "seconds": seconds, "cpu_ns_per_element": cpu / elements * 1e9,
+                                         "peak_rss_GB": rss / 1e9, "load_average": os.getloadavg()})
+                            print(json.dumps(runs[-1]), flush=True)
                 for code in args.code:
-                    for cold in (True, False):
-                        seconds, cpu, rss = run_merge(dirs, root / "merged", cold, code)
-                        rows.append({"shape": name, "k": k, "code": str(code), "cache": "cold" if cold else "warm",
-                                     "input_GB": size / 1e9, "seconds": seconds, "GB_per_s": size / seconds / 1e9,
-                                     "cpu_ns_per_element": cpu / elements * 1e9,
+                    for cache in ("cold", "warm"):
+                        mine = [x for x in runs if x["code"] == str(code) and x["cache"] == cache]
+                        seconds = statistics.median(x["seconds"] for x in mine)
+                        rows.append({"shape": name, "k": k, "code": str(code), "cache": cache, "merges": len(mine),
+                                     "input_GB": size / 1e9, "seconds": seconds,
+                                     "seconds_range": [min(x["seconds"] for x in mine),
+                                                       max(x["seconds"] for x in mine)],
+                                     "GB_per_s": size / seconds / 1e9,
+                                     "cpu_ns_per_element": statistics.median(x["cpu_ns_per_element"] for x in mine),
                                      "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
                                      "disk_direct_GB_per_s": disk_direct / 1e9,
                                      "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
                                      "vs_cold_disk": size / seconds / disk_cold,
-                                     "vs_direct_disk": size / seconds / disk_direct, "peak_rss_GB": rss / 1e9,
-                                     "inputs_written_s": made, "load_average": os.getloadavg()})
+                                     "vs_direct_disk": size / seconds / disk_direct,
+                                     "peak_rss_GB": max(x["peak_rss_GB"] for x in mine),
+                                     "inputs_written_s": made,
+                                     "load_average": [max(x["load_average"][i] for x in mine) for i in range(3)]})
                         print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(root, ignore_errors=True)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print("\n| shape | K | code | page cache | input GB | merge s | merge GB/s | CPU ns / element | disk GB/s: "
+    print("\n| shape | K | code | page cache | merges | input GB | merge s (median; range) | merge GB/s | "
+          "CPU ns / element | disk GB/s: "
           "1 stream cold / warm / O_DIRECT, K+1 streams cold | merge / disk: 1 stream cold, O_DIRECT | "
           "peak RSS GB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['k']} | {r['code']} | {r['cache']} | {r['input_GB']:.2f} | {r['seconds']:.1f} | "
+        lo, hi = r["seconds_range"]
+        print(f"| {r['shape']} | {r['k']} | {r['code']} | {r['cache']} | {r['merges']} | {r['input_GB']:.2f} | "
+              f"{r['seconds']:.2f}" + (f"; {lo:.2f}-{hi:.2f}" if r["merges"] > 1 else "") + " | "
               f"{r['GB_per_s']:.2f} | {r['cpu_ns_per_element']:.1f} | {r['disk_cold_GB_per_s']:.2f} / "
               f"{r['disk_warm_GB_per_s']:.2f} / {r['disk_direct_GB_per_s']:.2f} / "
               f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f}, {r['vs_direct_disk']:.2f} | "
