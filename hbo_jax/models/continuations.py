@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hbo_jax.models.generate import empty_cache, put_host
+from hbo_jax.models.generate import empty_cache, put_host, slot_mask
 from hbo_jax.parallel import batch_sharding, replicated, round_up_rows
 
 _MIN_PREFIX = 32
@@ -64,11 +64,8 @@ def _score_batch(graphdef, params, prefix, pads, suffix, suffix_mask, *, mesh):
     model = nnx.merge(graphdef, params)
     b, t = prefix.shape
     s = suffix.shape[2]
-    slots = jnp.arange(t + s)
     cache, _ = empty_cache(model.spec, mesh, b, t + s)
-
-    def mask(query_slots):  # [B, Q, T + S]: causal over slots, never a row's left-pad slots
-        return (slots[None, None, :] <= query_slots[None, :, None]) & (slots[None, None, :] >= pads[:, None, None])
+    mask = functools.partial(slot_mask, pads, t + s)
 
     positions = jnp.maximum(jnp.arange(t)[None, :] - pads[:, None], 0)
     h, cache = model.hidden_cached(prefix, positions, cache, 0, mask(jnp.arange(t)))

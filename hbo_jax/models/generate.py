@@ -83,19 +83,21 @@ def empty_cache(spec, mesh, rows: int, slots: int):
     return [(shard(zeros), shard(zeros)) for _ in range(spec.num_layers)], shard
 
 
+def slot_mask(pads, num_slots: int, query_slots):
+    """[B, Q, num_slots] attention mask of a left-padded batch against its KV cache: causal over the
+    slots, and never a row's left-pad slots (`pads` [B]: each row's count; `query_slots` [Q])."""
+    slots = jnp.arange(num_slots)
+    return (slots[None, None, :] <= query_slots[None, :, None]) & (slots[None, None, :] >= pads[:, None, None])
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "new_len", "sample", "top_k", "use_top_p"))
 def _generate_batch(graphdef, params, tokens, pads, row_ids, eos, budget, pad_id, temperature, top_p, key,
                     *, mesh, new_len: int, sample: bool, top_k: int, use_top_p: bool):
     """Generated ids [B, new_len] (pad_id after a row's EOS) for a left-padded batch."""
     model = nnx.merge(graphdef, params)
     b, t = tokens.shape
-    slots = jnp.arange(t + new_len)
     cache, shard_cache = empty_cache(model.spec, mesh, b, t + new_len)
-
-    def mask(query_slots):
-        # [B, T, S]: causal over slots, and never a row's left-pad slots.
-        return ((slots[None, None, :] <= query_slots[None, :, None])
-                & (slots[None, None, :] >= pads[:, None, None]))
+    mask = functools.partial(slot_mask, pads, t + new_len)
 
     def choose(logits, step, done):
         if sample:
