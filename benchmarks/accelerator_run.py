@@ -236,8 +236,9 @@ def phase_study(smoke: bool) -> dict:
     import study
     import yaml
 
-    default = tempfile.mkdtemp(prefix="accelerator_study_") if smoke else ROOT / "benchmarks/results/accelerator"
-    out = Path(os.environ.get("HBO_ACCEL_OUT") or default) / "study"
+    out = os.environ.get("HBO_ACCEL_OUT") or (tempfile.mkdtemp(prefix="accelerator_study_") if smoke
+                                               else ROOT / "benchmarks/results/accelerator")
+    out = Path(out) / "study"
     budget = float(os.environ.get("HBO_ACCEL_PHASE_BUDGET_S", "0")) - 10.0  # 10 s to write the tables
     spec = ROOT / "benchmarks" / "studies" / "smollm2_135m_gpu.yaml"
     if smoke:
@@ -401,6 +402,8 @@ def main() -> int:
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     phases: dict = {}
     env = {}
+    if args.smoke and not args.out:  # one temporary folder for everything the smoke writes, named at the end
+        args.out = tempfile.mkdtemp(prefix="accelerator_smoke_")
     if args.out:
         env["HBO_ACCEL_OUT"] = str(Path(args.out).resolve())
     if args.smoke:  # the smoke's two train phases compile the same program: compile it once
@@ -421,8 +424,6 @@ def main() -> int:
     kind = phases["env"].get("result", {}).get("device_kind", "unknown")
     if args.out:
         out = Path(args.out)
-    elif args.smoke:
-        out = Path(tempfile.mkdtemp(prefix="accelerator_smoke_"))
     else:
         out = ROOT / "benchmarks" / "results" / "accelerator" / re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
     out.mkdir(parents=True, exist_ok=True)
