@@ -1,8 +1,11 @@
-"""What the command-line entry points share: logging set-up and the errors that are the user's."""
+"""What the command-line entry points share: logging set-up, the compilation cache and the
+errors that are the user's."""
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from hbo_jax.errors import CheckpointMismatch, ConfigError, DataError, NonFiniteError
 
@@ -17,6 +20,25 @@ def add_config_arguments(parser) -> None:
                         help="YAML file (configs/*.yaml); repeat to compose several, later files win key by key "
                              "(relative input paths in a file are read from its folder); defaults = the demo run")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 mixing.strategy=uniform")
+
+
+def use_compile_cache(cfg) -> Path | None:
+    """Keeps compiled programs in `<cache root>/xla` (`train.compile_cache`; the cache root of
+    `data.cache_dir`), so a rerun, a resume, another seed or an evaluation of the same shapes loads
+    them instead of compiling. A JAX_COMPILATION_CACHE_DIR of the user's wins. Programs that
+    compiled in under a second are not kept (JAX's default: reading them back would cost about
+    as much). Returns the folder used, None when off or the user's. Call before the first compile.
+    """
+    import jax
+
+    from hbo_jax.config import cache_root
+
+    if not cfg.train.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+            or jax.config.jax_compilation_cache_dir:
+        return None
+    path = cache_root(cfg) / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 def setup_logging() -> None:

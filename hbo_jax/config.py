@@ -258,6 +258,9 @@ class TrainConfig:
     # next step donates the original buffers, orbax#626), so peak device memory grows by
     # one copy of parameters + optimizer state while a save runs.
     async_checkpoint: bool = False
+    # Keep compiled programs in <data.cache_dir or ~/.cache/hbo_jax>/xla, so a rerun, resume or
+    # another seed of the same shapes skips compiling (hbo_jax.cli.use_compile_cache).
+    compile_cache: bool = True
     # Resume even when a key that breaks the exact continuation (data, model, mixture,
     # batch size, seed, ...) differs from the checkpoint's configuration.
     allow_config_change: bool = False

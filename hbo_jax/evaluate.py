@@ -311,7 +311,7 @@ def load_model(spec: str, cfg, data, mesh, run_dir: Path | None, step: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hbo_jax.cli import USER_ERRORS, setup_logging
+    from hbo_jax.cli import USER_ERRORS, setup_logging, use_compile_cache
     from hbo_jax.config import load_config
     from hbo_jax.errors import ConfigError
     from hbo_jax.parallel import make_mesh
@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = (load_config(run_dir / "config.yaml", [*FRESH_LAUNCH, *args.overrides], paths_from_file=False)
                if run_dir else load_config(args.config, args.overrides))
         initialize(cfg.distributed)  # every host runs the command on a multi-host cluster
+        use_compile_cache(cfg)
         mesh = make_mesh(cfg.mesh)
         data = prepare(cfg, mesh)
         model = args.model if run_dir is not None or args.model != "checkpoint" else "base"

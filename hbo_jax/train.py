@@ -23,7 +23,7 @@ import numpy as np
 
 from hbo_jax.algorithm import Algorithm, RunContext, algorithm_class
 from hbo_jax.checkpoint import Checkpointer, check_resume_config
-from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging
+from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging, use_compile_cache
 from hbo_jax.config import Config, resolve_config, to_dict, to_yaml
 from hbo_jax.config_sources import ConfigSources
 from hbo_jax.data.packing import default_pack_rows
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in sources.lines() if args.config else ():
             log.info("config: %s", line)
         init_distributed(cfg.distributed)  # here, not at import (grain#802)
+        use_compile_cache(cfg)
         with StopRequest() as stop:
             run(cfg, stop, sources)
     except USER_ERRORS as e:
