@@ -143,17 +143,21 @@ def read_bandwidth(paths: list[Path], cold: bool, direct: bool = False) -> float
 
 
 def run_merge(dirs: list[Path], out: Path, cold: bool, code: Path = ROOT) -> tuple[float, float, float]:
-    """(seconds, CPU seconds of all its threads in the merge call, peak RSS bytes) of the merge in a fresh
-    process, importing hbo_jax from `code` (another checkout: compare versions on the same inputs)."""
+    """(seconds, CPU seconds of all its threads in the command, peak RSS bytes) of `python -m hbo_jax.merge`'s
+    `main` (after its imports) in a fresh process, importing hbo_jax from `code` (another checkout: compare
+    versions on the same inputs). The command keeps its compiled programs in a cache next to `out`
+    (the first merge of a K and dtype fills it); the progress bar is off (stderr is not a terminal)."""
     if cold:
         drop_cache([f for d in dirs for f in files(d)])
-    code_line = ("import sys, time, resource; from hbo_jax.merge import merge; "
+    argv = ["--base", str(dirs[0]), "--models", *map(str, dirs[1:]), "--out", str(out), "--method", "select",
+            "--resample", "--overwrite"]
+    code_line = ("import sys, time, resource; from hbo_jax.merge import main; "
                  "t, c = time.perf_counter(), time.process_time(); "
-                 f"merge({str(dirs[0])!r}, {[str(d) for d in dirs[1:]]!r}, {str(out)!r}, method='select', "
-                 "resample=True, overwrite=True, progress=False); "
+                 f"assert main({argv!r}) == 0; "
                  "print(time.perf_counter() - t, time.process_time() - c, "
                  "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    env = {**os.environ, "PYTHONPATH": str(code), "JAX_PLATFORMS": "cpu"}
+    # its compile cache in the benchmark's folder: empty at the start, filled by the first merge
+    env = {**os.environ, "PYTHONPATH": str(code), "JAX_PLATFORMS": "cpu", "HBO_JAX_CACHE": str(out.parent / "cache")}
     res = subprocess.run([sys.executable, "-c", code_line], capture_output=True, text=True, env=env, check=True,
                          cwd=code)  # `python -c` puts its working directory first on the path
     seconds, cpu, rss = res.stdout.split()[-3:]

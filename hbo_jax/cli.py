@@ -22,22 +22,25 @@ def add_config_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 mixing.strategy=uniform")
 
 
-def use_compile_cache(cfg) -> Path | None:
-    """Keeps compiled programs in `<cache root>/xla` (`train.compile_cache`; the cache root of
-    `data.cache_dir`), so a rerun, a resume, another seed or an evaluation of the same shapes loads
-    them instead of compiling. A JAX_COMPILATION_CACHE_DIR of the user's wins. Programs that
-    compiled in under a second are not kept (JAX's default: reading them back would cost about
-    as much). Returns the folder used, None when off or the user's. Call before the first compile.
+def use_compile_cache(cfg=None, min_compile_seconds: float | None = None) -> Path | None:
+    """Keeps compiled programs in `<cache root>/xla` (the cache root of `data.cache_dir`;
+    `train.compile_cache=false`: off), so a rerun, a resume, another seed or an evaluation of
+    the same shapes loads them instead of compiling. A JAX_COMPILATION_CACHE_DIR of the user's
+    wins. Programs that compiled in under `min_compile_seconds` are not kept (default: JAX's 1 s,
+    below which reading one back saves little). Returns the folder used, None when off or the
+    user's. For an entry point's process (the setting is JAX's, global); before the first compile.
     """
     import jax
 
     from hbo_jax.config import cache_root
 
-    if not cfg.train.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+    if (cfg is not None and not cfg.train.compile_cache) or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
             or jax.config.jax_compilation_cache_dir:
         return None
     path = cache_root(cfg) / "xla"
     jax.config.update("jax_compilation_cache_dir", str(path))
+    if min_compile_seconds is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     return path
 
 

@@ -549,6 +549,7 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def cache_root(cfg: Config) -> Path:
-    root = cfg.data.cache_dir or os.environ.get("HBO_JAX_CACHE") or "~/.cache/hbo_jax"
+def cache_root(cfg: Config | None = None) -> Path:
+    """`data.cache_dir`, else $HBO_JAX_CACHE, else ~/.cache/hbo_jax (no config: the latter two)."""
+    root = (cfg and cfg.data.cache_dir) or os.environ.get("HBO_JAX_CACHE") or "~/.cache/hbo_jax"
     return Path(root).expanduser()
