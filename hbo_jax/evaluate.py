@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output JSON (default: <run_dir>/eval_<model>.json)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args(argv)
+    if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():
+        args.overrides.insert(0, args.run_dir)  # `--config FILE key=value ...`: no run directory, an override
+        args.run_dir = None
     setup_logging()
     try:
         run_dir = Path(args.run_dir) if args.run_dir else None

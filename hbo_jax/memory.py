@@ -107,7 +107,7 @@ def plan(cfg: Config, mesh=None, num_datasets: int | None = None) -> tuple[Llama
     # Scoring and evaluation: score_batch_size rows (rounded up to the mesh), widest at seq_len.
     ev = _rows(round_up_rows(cfg.scorer.score_batch_size, mesh), seq, mesh)
     nll = make_example_nll_fn(graphdef, mesh)
-    lowered = nll.lower(params, ev["input_ids"], ev["targets"], ev["loss_mask"])
+    lowered = nll.everywhere.lower(params, ev["input_ids"], ev["targets"], ev["loss_mask"])  # the larger one
     out.append(ProgramMemory.of("scoring / evaluation forward", lowered.compile()))
     return spec, out
 

@@ -16,6 +16,7 @@ batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -332,12 +333,47 @@ def make_train_step(graphdef, tx, mesh, num_groups: int, state_sharding, ref_nll
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,), keep_unused=True)
 
 
-def make_example_nll_fn(graphdef, mesh) -> Callable:
-    """Jitted `f(params, input_ids, targets, loss_mask) -> (example mean NLL [B], tokens [B])`."""
+@dataclasses.dataclass(frozen=True)
+class ExampleNll:
+    """`f(params, input_ids, targets, loss_mask, columns=None) -> (example mean NLL [B], tokens [B])`.
 
-    def f(params, input_ids, targets, loss_mask):
-        nll = token_nll(graphdef, params, input_ids, targets)
-        return example_nll(nll, loss_mask)
+    `columns` [B, R] (`hbo_jax.data.scoring.scored_columns`): the positions each row scores, -1
+    after its last; the output head then runs on those R positions instead of all T. The head
+    and its log-softmax over the vocabulary are about a fifth of a forward at SmolLM2-135M's
+    shape (49K vocabulary): batch 8 x 128 tokens, 32 of them scored, 3.28 -> 2.70 s on this CPU.
+
+    Attributes:
+        everywhere: The jitted function without `columns` (its `lower` plans memory).
+        at_columns: The jitted function with them.
+    """
+
+    everywhere: Callable
+    at_columns: Callable
+
+    def __call__(self, params, input_ids, targets, loss_mask, columns=None):
+        if columns is None:
+            return self.everywhere(params, input_ids, targets, loss_mask)
+        return self.at_columns(params, input_ids, targets, loss_mask, columns)
+
+
+def make_example_nll_fn(graphdef, mesh) -> ExampleNll:
+    """The per-example mean NLL of a batch, jitted for `mesh` (`ExampleNll`)."""
+
+    def everywhere(params, input_ids, targets, loss_mask):
+        return example_nll(token_nll(graphdef, params, input_ids, targets), loss_mask)
+
+    def at_columns(params, input_ids, targets, loss_mask, columns):
+        model = nnx.merge(graphdef, params)
+        at = jnp.maximum(columns, 0)
+        h = jnp.take_along_axis(model.hidden(input_ids, None, None), at[..., None], axis=1)  # [B, R, D]
+        picked = jnp.take_along_axis(targets, at, axis=1)
+        chunk = model.spec.loss_chunk
+        if chunk and columns.shape[1] > chunk:
+            nll = chunked_nll(model, h, picked, chunk)
+        else:
+            nll = optax.softmax_cross_entropy_with_integer_labels(model.unembed(h), picked)
+        return example_nll(nll, jnp.take_along_axis(loss_mask, at, axis=1) * (columns >= 0))
 
     bs = batch_sharding(mesh)
-    return jax.jit(f, in_shardings=(None, bs, bs, bs), out_shardings=replicated(mesh))
+    return ExampleNll(jax.jit(everywhere, in_shardings=(None, bs, bs, bs), out_shardings=replicated(mesh)),
+                      jax.jit(at_columns, in_shardings=(None, bs, bs, bs, bs), out_shardings=replicated(mesh)))

@@ -67,6 +67,16 @@ def test_cli_evaluates_a_run_dir_that_a_run_holds(run_dir, tmp_path):
         assert evaluate.main([str(run_dir), "--no-tasks", "--out", str(tmp_path / "e.json")]) == 0
 
 
+def test_cli_takes_overrides_after_a_config_file(run_dir, tmp_path):
+    # no run directory: the first key=value is an override, not taken for one
+    out = tmp_path / "e.json"
+    argv = ["--config", str(run_dir / "config.yaml"), "--model", "base", "--no-tasks", "--out", str(out),
+            "data.max_eval_per_subset=3"]
+    assert evaluate.main(argv) == 0
+    got = json.loads(out.read_text())["eval"]
+    assert {v["examples"] for k, v in got.items() if k != "macro_avg"} == {3}
+
+
 def test_cli_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -1,11 +1,14 @@
 """The batched, length-bucketed scoring pass equals a plain per-example computation."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from hbo_jax.config import Config, MeshConfig, ModelConfig
 from hbo_jax.data.prepare import difficulty, make_buckets
+from hbo_jax.data.scoring import scored_columns
 from hbo_jax.models.llama import LlamaSpec, init_params
 from hbo_jax.parallel import make_mesh
 from hbo_jax.step import make_example_nll_fn, token_nll
@@ -78,3 +81,40 @@ def test_buckets_are_equal_size_and_keep_every_example():
     bucket, edges = make_buckets(scores, 4)
     assert sorted(np.bincount(bucket).tolist()) == [5, 6, 6, 6]
     assert all(scores[bucket == j].max() <= scores[bucket == j + 1].min() for j in range(3))
+
+
+def test_scored_columns_are_each_rows_positions_then_minus_one():
+    mask = np.zeros((3, 32), np.float32)
+    mask[0, [5, 6, 7]] = 1
+    mask[2, 20:28] = 1  # 8 scored: a quarter of the width
+    cols = scored_columns(mask)
+    assert cols.shape == (3, 8)
+    assert cols[0].tolist() == [5, 6, 7] + [-1] * 5
+    assert cols[1].tolist() == [-1] * 8
+    assert cols[2].tolist() == list(range(20, 28))
+
+
+def test_scored_columns_are_none_past_half_the_width():
+    mask = np.zeros((2, 32), np.float32)
+    mask[1, 10:27] = 1  # 17 of 32
+    assert scored_columns(mask) is None
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+def test_head_at_scored_columns_equals_the_head_everywhere(setup, loss_chunk):
+    mesh, _, _, _ = setup
+    spec = dataclasses.replace(SPEC, loss_chunk=loss_chunk)
+    graphdef, params = init_params(spec, mesh, 0)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 50, (8, 32)).astype(np.int32)
+    targets = rng.integers(3, 50, (8, 32)).astype(np.int32)
+    mask = np.zeros((8, 32), np.float32)
+    for r in range(7):  # the last row scores nothing
+        mask[r, rng.choice(32, rng.integers(1, 9), replace=False)] = 1
+    fn = make_example_nll_fn(graphdef, mesh)
+    everywhere, tokens = fn(params, ids, targets, mask)
+    cols = scored_columns(mask)
+    assert cols is not None and cols.shape[1] == 8
+    picked, picked_tokens = fn(params, ids, targets, mask, cols)
+    np.testing.assert_allclose(np.asarray(picked), np.asarray(everywhere), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(picked_tokens), np.asarray(tokens))

@@ -36,9 +36,23 @@ def bucket_width(longest: int, seq_len: int) -> int:
     return int(min(seq_len, max(32, 2 ** int(np.ceil(np.log2(max(longest - 1, 1)))))))
 
 
+def scored_columns(loss_mask: np.ndarray) -> np.ndarray | None:
+    """The positions each row of a [B, T] loss mask scores, ascending, -1 after its last: [B, R] with R a
+    quarter or a half of T, the smallest that holds every row's (two extra compiled shapes per width at
+    most); None where a row scores more than half its positions (the head then runs on all of them)."""
+    b, t = loss_mask.shape
+    most = int(np.count_nonzero(loss_mask, axis=1).max(initial=0))
+    r = next((w for w in (t // 4, t // 2) if most <= w and w >= 8), None)
+    if r is None:
+        return None
+    order = np.argsort(loss_mask == 0, axis=1, kind="stable")[:, :r]  # the scored positions first, in order
+    return np.where(np.take_along_axis(loss_mask, order, axis=1) != 0, order, -1).astype(np.int32)
+
+
 def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: int,
                    batch_size: int, desc: str = "") -> np.ndarray:
-    """Mean response NLL per example in one batched pass, padded per length bucket."""
+    """Mean response NLL per example in one batched pass, padded per length bucket; the output head only
+    at the scored positions when they are at most half of the width (`scored_columns`)."""
     batch_size = round_up_rows(batch_size, mesh)
     lengths = np.array([len(ids) for ids, _ in examples])
     order = np.argsort(lengths, kind="stable")
@@ -49,7 +63,10 @@ def score_examples(examples: list, nll_fn, params, mesh, seq_len: int, pad_id: i
         width = bucket_width(int(lengths[idx].max()), seq_len)
         chunk = [examples[i] for i in idx] + [examples[idx[0]]] * (batch_size - len(idx))
         batch = collate(chunk, width, pad_id)
-        pending.append((idx, nll_fn(params, *to_device(batch, mesh))[0]))
+        columns = scored_columns(batch["loss_mask"])
+        if columns is not None:
+            batch["columns"] = columns
+        pending.append((idx, nll_fn(params, *to_device(batch, mesh, tuple(batch)))[0]))
         # Read results back two batches late: the host pads the next batch while the
         # device runs this one, and at most a few batches wait in memory.
         while len(pending) > 2:
