@@ -27,7 +27,7 @@ from hbo_jax.cli import USER_ERRORS, add_config_arguments, setup_logging, use_co
 from hbo_jax.config import Config, resolve_config, to_dict, to_yaml
 from hbo_jax.config_sources import ConfigSources
 from hbo_jax.data.packing import default_pack_rows
-from hbo_jax.data.prepare import PreparedData, check_min_prob, data_notes, prepared_key
+from hbo_jax.data.prepare import PreparedData, check_min_prob, counted_cuts, data_notes, prepared_key
 from hbo_jax.data.sampler import HierarchicalSampler, batch_iterator
 from hbo_jax.distributed import StopRequest, Trace, initialize as init_distributed
 from hbo_jax.errors import ConfigError
@@ -236,7 +236,7 @@ def _finish(cfg: Config, data: PreparedData, algo: Algorithm, checkpoints: Check
         "mixing_share": algo.mixing_seconds / max(loop_seconds, 1e-9), **algo.summary(),
         "nonfinite_skipped": total_nonfinite(algo.state()["train"].opt_state),
         "data_skipped": m["skipped"]["total"], "prepared": str(data.root),
-        "data_truncated": {s["name"]: s.get("truncated") for s in m["subsets"]},  # None: not counted
+        "data_truncated": {s["name"]: counted_cuts(s) for s in m["subsets"]},  # None: not counted
         # Strategies compare on the loop's time: preparing (tokenizing, the scorer's warm-up,
         # scoring) happens once per mixture and is near zero when the prepared data is reused.
         "prepare_seconds": times["prepare"],

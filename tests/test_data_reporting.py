@@ -164,11 +164,19 @@ def test_subset_whose_eval_rows_were_all_skipped_is_noted():
     assert "subset 'x': every eval row (2 of 2) was skipped, so it has no held-out loss" in data_notes(manifest)
 
 
+def test_cuts_counted_over_rows_a_train_fraction_dropped_are_not_reported():
+    # data prepared before the count kept to the train_fraction's rows: "300 of 75 (400.0%)"
+    manifest = {"key": "k", "seq_len": SEQ_LEN, "skipped": {"total": 0, "by_reason": {}},
+                "subsets": [{"name": "x", "train": 75, "eval": 2, "truncated": {"train": 300, "eval": 1}}]}
+    assert data_notes(manifest) == ["examples cut to data.seq_len were not counted (or miscounted) when prepared "
+                                    "data k was made (the cache key is the same); delete it to count them"]
+
+
 def test_data_prepared_before_cuts_were_counted_says_so():
     manifest = {"key": "k", "seq_len": SEQ_LEN, "skipped": {"total": 0, "by_reason": {}},
                 "subsets": [{"name": "x", "train": 8, "eval": 2}]}
-    assert data_notes(manifest) == ["examples cut to data.seq_len were not counted when prepared data k was "
-                                    "made (the cache key is the same); delete it to count them"]
+    assert data_notes(manifest) == ["examples cut to data.seq_len were not counted (or miscounted) when prepared "
+                                    "data k was made (the cache key is the same); delete it to count them"]
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])

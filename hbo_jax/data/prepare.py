@@ -275,6 +275,14 @@ def _too_few(s: Subset, usable: int, report: SkipReport, num_buckets: int) -> st
             f"data.num_buckets={num_buckets}{skipped}")
 
 
+def counted_cuts(subset: dict) -> dict | None:
+    """A manifest subset's {"train": n, "eval": n} examples cut to seq_len; None where they were not
+    counted (prepared before cuts were) or miscounted (counted over every train row, before a fix kept
+    the count to the rows data.train_fraction keeps: more cut than kept). Such a cache's key is the same."""
+    cut = subset.get("truncated")
+    return None if cut is None or cut["train"] > subset["train"] else cut
+
+
 def data_notes(manifest: dict) -> list[str]:
     """What a run logs about its prepared data, one line each (none for clean data).
 
@@ -283,11 +291,12 @@ def data_notes(manifest: dict) -> list[str]:
     skipped.
     """
     notes = [f"skipped {line}" for line in SkipReport.from_dict(manifest["skipped"]).lines()]
-    if any("truncated" not in s for s in manifest["subsets"]):  # prepared before cuts were counted
-        notes.append(f"examples cut to data.seq_len were not counted when prepared data {manifest['key']} "
-                     "was made (the cache key is the same); delete it to count them")
+    stale = [s for s in manifest["subsets"] if counted_cuts(s) is None]
+    if stale:
+        notes.append(f"examples cut to data.seq_len were not counted (or miscounted) when prepared data "
+                     f"{manifest['key']} was made (the cache key is the same); delete it to count them")
     for s in manifest["subsets"]:
-        cut = s.get("truncated", {"train": 0, "eval": 0})
+        cut = s.get("truncated", {"train": 0, "eval": 0}) if s not in stale else {"train": 0, "eval": 0}
         parts = [f"{cut[split]} of {s[split]} {split} examples ({cut[split] / s[split]:.1%})"
                  for split in ("train", "eval") if cut[split]]
         if parts:
