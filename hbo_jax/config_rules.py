@@ -1,4 +1,4 @@
-"""The allowed values of every numeric configuration key (checked by `config.validate`).
+"""The allowed values of every numeric configuration key (checked by `config_checks.validate`).
 
 One table, key -> `Rule`, instead of one `if` per key: a field added to a config
 dataclass without a rule here fails tests/test_config.py.

@@ -109,7 +109,7 @@ def count_subsets(cfg: Config) -> int:
 def check_min_prob(cfg: Config) -> None:
     """min_prob * D < 1 for the D subsets, so the floor leaves room for the global actor.
 
-    Reads no data: a run calls it before anything else (`config.validate` checks the buckets).
+    Reads no data: a run calls it before anything else (`config_checks.validate` checks the buckets).
     """
     floor = cfg.mixing.min_prob
     if floor <= 0:

@@ -55,7 +55,7 @@ def load_schedule(source: str, names: Sequence[str], num_buckets: int) -> Probab
 def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
     """(1 - n * floor) * p + floor along the last axis: every entry >= floor, sums kept at 1.
 
-    `config.validate` has checked floor * n < 1 for the datasets and the buckets.
+    `config_checks.validate` has checked floor * n < 1 for the datasets and the buckets.
     """
     n = p.shape[-1]
     if floor <= 0:
