@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     # The selection's programs compile in ~0.06 s each, but a 135M merge lasts ~1 s and waits on
     # them at its start: kept, later merges of the same K and dtype start ~0.1 s sooner.
     use_compile_cache(min_compile_seconds=0.0)
+    start = time.perf_counter()
     try:
         record = merge(args.base, args.models, args.out, method=args.method, probs=args.probs,
                        resample=args.resample, seed=args.seed, atol=args.atol, step=args.step,
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{x:.4f}" for x in t["frac_equal_base"]))
     if record["resample"]:
         print(f"resampled: {t['frac_resampled']:.4f}, kept the base: {t['frac_kept_base']:.4f}")
-    print(f"merged {len(args.models)} models ({args.method}) into {args.out}")
+    print(f"merged {len(args.models)} models ({args.method}) into {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
