@@ -20,6 +20,8 @@ compile or an out-of-memory error costs that phase only; the whole run stays und
   scalebio_1b     step time and the device's peak memory of plain fine-tuning, full ScaleBiO
                   and LISA ScaleBiO (gamma 2, 4) at the ~1B shape, each alone in its own
                   process (`benchmarks/scalebio_step.py`); full ScaleBiO does not fit a 24 GiB host
+  merge           `python -m hbo_jax.merge` (select + resample, K = 3, SmolLM2-135M's shape) on the
+                  machine's CPU cores and disk, against the disk's read rate
   study           the SmolLM2 study (benchmarks/study.py) at a GPU budget in the time the
                   others left; its results go to DIR/study and a rerun continues them
 
@@ -64,7 +66,8 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH
 # the cheaper and more important measurements first, the study last.
 # The smoke budgets are loose: they guard against a hang, not a slow shared CI machine.
 PHASES = {"env": (30, 60), "train_smollm2": (100, 90), "train_1b": (120, 90), "sampler": (45, 60),
-          "mixing": (120, 120), "lisa_scalebio": (45, 180), "scalebio_1b": (150, 180), "study": (0, 0)}
+          "mixing": (120, 120), "lisa_scalebio": (45, 180), "scalebio_1b": (150, 180), "merge": (60, 60),
+          "study": (0, 0)}
 SAMPLER_BATCH, SAMPLER_SEQ = 64, 2048
 # --smoke's model (hidden, layers, heads, kv heads, intermediate, vocab, tied): one small
 # block, so that the compiles, not the shapes, are what the smoke run exercises.
@@ -229,6 +232,18 @@ def phase_scalebio_1b(smoke: bool) -> dict:
             "variants": rows}
 
 
+def phase_merge(smoke: bool) -> dict:
+    """`merge_throughput.measure` on this machine's CPU cores and disk (a merge runs on the host; the
+    accelerator machine has more cores than the 2-core one the merge was tuned on): K = 3 synthetic
+    bf16 fine-tunes at SmolLM2-135M's shape, 3 rounds; --smoke: the tiny shape, 1 round."""
+    import merge_throughput
+
+    with tempfile.TemporaryDirectory(prefix="accelerator_merge_") as tmp:
+        rows = merge_throughput.measure(Path(tmp), "tiny" if smoke else "smollm2_135m", [3], [ROOT],
+                                        1 if smoke else 3)
+    return {"cpu_count": os.cpu_count(), "rows": rows}
+
+
 def phase_study(smoke: bool) -> dict:
     """`benchmarks/study.py` on SmolLM2-135M at the GPU budget of `benchmarks/studies/smollm2_135m_gpu.yaml`,
     for whatever time the other phases left; results under <out>/study (a rerun continues them).
@@ -357,6 +372,19 @@ def render(res: dict) -> str:
                          f"| {gib(v.get('peak_rss_mib'))} | {_fmt(v.get('rss_vs_plain'), '.2f')} "
                          f"| {_fmt(v.get('seconds'), '.4f')} | {_fmt(v.get('time_vs_plain'), '.2f')} "
                          f"| {v.get('failed') or v.get('skipped') or ''} |")
+    mg = ph.get("merge", {})
+    if mg.get("status") == "ok":
+        r = mg["result"]
+        lines += ["", f"Merge (`python -m hbo_jax.merge --method select --resample`, K = 3, {r['rows'][0]['shape']} "
+                  f"shape, {r['cpu_count']} CPU cores; medians of {r['rows'][0]['merges']} merges against the best "
+                  "of the disk's reads of one input):", "",
+                  "| page cache | input GB | merge s | merge GB/s | CPU ns / element | disk GB/s: cold / O_DIRECT "
+                  "| merge / disk: cold, O_DIRECT | peak RSS GB |", "|---|---:|---:|---:|---:|---|---|---:|"]
+        for m in r["rows"]:
+            lines.append(f"| {m['cache']} | {m['input_GB']:.2f} | {m['seconds']:.2f} | {m['GB_per_s']:.2f} "
+                         f"| {m['cpu_ns_per_element']:.1f} | {m['disk_cold_GB_per_s']:.2f} / "
+                         f"{m['disk_direct_GB_per_s']:.2f} | {m['vs_cold_disk']:.2f}, {m['vs_direct_disk']:.2f} "
+                         f"| {m['peak_rss_GB']:.2f} |")
     st = ph.get("study", {}).get("result", {})
     if st.get("results"):
         lines.append(f"\nStudy ({st['study']}): {len(st['results'])} arm-seed results; tables in `{st['docs']}`.")

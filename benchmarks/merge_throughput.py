@@ -164,6 +164,75 @@ def run_merge(dirs: list[Path], out: Path, cold: bool, code: Path = ROOT) -> tup
     return float(seconds), float(cpu), float(rss)
 
 
+def measure(root: Path, name: str, ks: list[int], codes: list[Path], repeat: int = 1) -> list[dict]:
+    """Writes the inputs of shape `name` under `root` (once, for the largest K), reads the disk, merges
+    `repeat` rounds per K, checkout and page cache; one row per K, checkout and cache (medians)."""
+    rows = []
+    shutil.rmtree(root, ignore_errors=True)
+    t = time.perf_counter()
+    written = write_inputs(root, SHAPES[name], max(ks))
+    made = time.perf_counter() - t
+    biggest = max(files(written[0]), key=lambda f: f.stat().st_size)
+    # the best of 3: this virtual disk's rate moves 2x from one read to the next; its limit is the best
+    disk_cold = max(read_bandwidth([biggest], True) for _ in range(3))
+    disk_warm = read_bandwidth([biggest], False)
+    disk_direct = max(read_bandwidth([biggest], False, direct=True) for _ in range(3))  # no page cache
+    elements = sum(math.prod(s) for _, s in tensors(SHAPES[name]))
+    for k in ks:
+        dirs = written[:k + 1]
+        size = sum(f.stat().st_size for d in dirs for f in files(d))
+        disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
+        runs = []
+        for r in range(repeat):
+            if r:  # the disk's rate drifts: read again between rounds, the best of all reads is its limit
+                disk_cold = max(disk_cold, read_bandwidth([biggest], True))
+                disk_direct = max(disk_direct, read_bandwidth([biggest], False, direct=True))
+            for code in codes if r % 2 == 0 else codes[::-1]:
+                for cold in (True, False):
+                    seconds, cpu, rss = run_merge(dirs, root / "merged", cold, code)
+                    runs.append({"shape": name, "k": k, "code": str(code), "cache": "cold" if cold else "warm",
+                                 "round": r, "seconds": seconds, "cpu_ns_per_element": cpu / elements * 1e9,
+                                 "peak_rss_GB": rss / 1e9, "load_average": os.getloadavg()})
+                    print(json.dumps(runs[-1]), flush=True)
+        for code in codes:
+            for cache in ("cold", "warm"):
+                mine = [x for x in runs if x["code"] == str(code) and x["cache"] == cache]
+                seconds = statistics.median(x["seconds"] for x in mine)
+                rows.append({"shape": name, "k": k, "code": str(code), "cache": cache, "merges": len(mine),
+                             "input_GB": size / 1e9, "seconds": seconds,
+                             "seconds_range": [min(x["seconds"] for x in mine),
+                                               max(x["seconds"] for x in mine)],
+                             "GB_per_s": size / seconds / 1e9,
+                             "cpu_ns_per_element": statistics.median(x["cpu_ns_per_element"] for x in mine),
+                             "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
+                             "disk_direct_GB_per_s": disk_direct / 1e9,
+                             "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
+                             "vs_cold_disk": size / seconds / disk_cold,
+                             "vs_direct_disk": size / seconds / disk_direct,
+                             "peak_rss_GB": max(x["peak_rss_GB"] for x in mine),
+                             "inputs_written_s": made,
+                             "load_average": [max(x["load_average"][i] for x in mine) for i in range(3)]})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of `measure`'s rows."""
+    out = ["| shape | K | code | page cache | merges | input GB | merge s (median; range) | merge GB/s | "
+           "CPU ns / element | disk GB/s: 1 stream cold / warm / O_DIRECT, K+1 streams cold | "
+           "merge / disk: 1 stream cold, O_DIRECT | peak RSS GB | load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["seconds_range"]
+        out.append(f"| {r['shape']} | {r['k']} | {r['code']} | {r['cache']} | {r['merges']} | {r['input_GB']:.2f} | "
+                   f"{r['seconds']:.2f}" + (f"; {lo:.2f}-{hi:.2f}" if r["merges"] > 1 else "") + " | "
+                   f"{r['GB_per_s']:.2f} | {r['cpu_ns_per_element']:.1f} | {r['disk_cold_GB_per_s']:.2f} / "
+                   f"{r['disk_warm_GB_per_s']:.2f} / {r['disk_direct_GB_per_s']:.2f} / "
+                   f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f}, {r['vs_direct_disk']:.2f} | "
+                   f"{r['peak_rss_GB']:.2f} | {r['load_average'][0]:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["smollm2_135m", "llama_1b"], choices=sorted(SHAPES))
@@ -178,69 +247,11 @@ def main() -> None:
     rows = []
     try:
         for name in args.shapes:
-            root = args.dir / name
-            shutil.rmtree(root, ignore_errors=True)
-            t = time.perf_counter()
-            written = write_inputs(root, SHAPES[name], max(args.k))
-            made = time.perf_counter() - t
-            biggest = max(files(written[0]), key=lambda f: f.stat().st_size)
-            # the best of 3: this virtual disk's rate moves 2x from one read to the next; its limit is the best
-            disk_cold = max(read_bandwidth([biggest], True) for _ in range(3))
-            disk_warm = read_bandwidth([biggest], False)
-            disk_direct = max(read_bandwidth([biggest], False, direct=True) for _ in range(3))  # no page cache
-            elements = sum(math.prod(s) for _, s in tensors(SHAPES[name]))
-            for k in args.k:
-                dirs = written[:k + 1]
-                size = sum(f.stat().st_size for d in dirs for f in files(d))
-                disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
-                runs = []
-                for r in range(args.repeat):
-                    if r:  # the disk's rate drifts: read again between rounds, the best of all reads is its limit
-                        disk_cold = max(disk_cold, read_bandwidth([biggest], True))
-                        disk_direct = max(disk_direct, read_bandwidth([biggest], False, direct=True))
-                    for code in args.code if r % 2 == 0 else args.code[::-1]:
-                        for cold in (True, False):
-                            seconds, cpu, rss = run_merge(dirs, root / "merged", cold, code)
-                            runs.append({"shape": name, "k": k, "code": str(code), "cache": "cold" if cold else "warm",
-                                         "round": r, "seconds": seconds, "cpu_ns_per_element": cpu / elements * 1e9,
-                                         "peak_rss_GB": rss / 1e9, "load_average": os.getloadavg()})
-                            print(json.dumps(runs[-1]), flush=True)
-                for code in args.code:
-                    for cache in ("cold", "warm"):
-                        mine = [x for x in runs if x["code"] == str(code) and x["cache"] == cache]
-                        seconds = statistics.median(x["seconds"] for x in mine)
-                        rows.append({"shape": name, "k": k, "code": str(code), "cache": cache, "merges": len(mine),
-                                     "input_GB": size / 1e9, "seconds": seconds,
-                                     "seconds_range": [min(x["seconds"] for x in mine),
-                                                       max(x["seconds"] for x in mine)],
-                                     "GB_per_s": size / seconds / 1e9,
-                                     "cpu_ns_per_element": statistics.median(x["cpu_ns_per_element"] for x in mine),
-                                     "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
-                                     "disk_direct_GB_per_s": disk_direct / 1e9,
-                                     "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
-                                     "vs_cold_disk": size / seconds / disk_cold,
-                                     "vs_direct_disk": size / seconds / disk_direct,
-                                     "peak_rss_GB": max(x["peak_rss_GB"] for x in mine),
-                                     "inputs_written_s": made,
-                                     "load_average": [max(x["load_average"][i] for x in mine) for i in range(3)]})
-                        print(json.dumps(rows[-1]), flush=True)
-            shutil.rmtree(root, ignore_errors=True)
+            rows += measure(args.dir / name, name, args.k, args.code, args.repeat)
+            shutil.rmtree(args.dir / name, ignore_errors=True)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print("\n| shape | K | code | page cache | merges | input GB | merge s (median; range) | merge GB/s | "
-          "CPU ns / element | disk GB/s: "
-          "1 stream cold / warm / O_DIRECT, K+1 streams cold | merge / disk: 1 stream cold, O_DIRECT | "
-          "peak RSS GB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        lo, hi = r["seconds_range"]
-        print(f"| {r['shape']} | {r['k']} | {r['code']} | {r['cache']} | {r['merges']} | {r['input_GB']:.2f} | "
-              f"{r['seconds']:.2f}" + (f"; {lo:.2f}-{hi:.2f}" if r["merges"] > 1 else "") + " | "
-              f"{r['GB_per_s']:.2f} | {r['cpu_ns_per_element']:.1f} | {r['disk_cold_GB_per_s']:.2f} / "
-              f"{r['disk_warm_GB_per_s']:.2f} / {r['disk_direct_GB_per_s']:.2f} / "
-              f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f}, {r['vs_direct_disk']:.2f} | "
-              f"{r['peak_rss_GB']:.2f} | "
-              f"{r['load_average'][0]:.1f} |")
+    print("\n" + table(rows))
 
 
 if __name__ == "__main__":

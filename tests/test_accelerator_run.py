@@ -32,6 +32,19 @@ def test_a_result_renders_into_the_docs_block_in_place(tmp_path):
     assert doc.read_text() == f"intro\n\n{block}\n\nafter\n"
 
 
+def test_merge_renders_its_medians_against_the_disk():
+    row = {"shape": "smollm2_135m", "cache": "warm", "merges": 3, "input_GB": 1.08, "seconds": 0.5,
+           "GB_per_s": 2.16, "cpu_ns_per_element": 11.0, "disk_cold_GB_per_s": 3.0, "disk_direct_GB_per_s": 4.0,
+           "vs_cold_disk": 0.72, "vs_direct_disk": 0.54, "peak_rss_GB": 0.6}
+    res = {"smoke": False, "started": "now", "total_seconds": 400.0, "budget_s": 470.0, "json": "x.json",
+           "phases": {"env": {"status": "ok", "seconds": 3.0, "result": {}},
+                      "merge": {"status": "ok", "seconds": 40.0, "result": {"cpu_count": 16, "rows": [row]}}},
+           "derived": {}}
+    block = ar.render(res)
+    assert "smollm2_135m shape, 16 CPU cores; medians of 3 merges" in block
+    assert "| warm | 1.08 | 0.50 | 2.16 | 11.0 | 3.00 / 4.00 | 0.72, 0.54 | 0.60 |" in block
+
+
 def test_scalebio_at_1b_renders_each_variant_against_plain():
     variants = {"plain": {"device_peak_mib": 20480.0, "peak_rss_mib": 3072.0, "seconds": 0.5,
                           "device_vs_plain": 1.0, "rss_vs_plain": 1.0, "time_vs_plain": 1.0},
