@@ -311,6 +311,11 @@ def _fmt(v, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _table(intro: str, header: str, align: str, rows: list[str]) -> list[str]:
+    """A blank line, the intro, a blank line, then the markdown table: the docs block's lines of one phase."""
+    return ["", intro, "", header, align, *rows]
+
+
 def render(res: dict) -> str:
     """The markdown block docs/accelerator.md holds between its markers."""
     ph = res["phases"]
@@ -361,30 +366,28 @@ def render(res: dict) -> str:
     sb = ph.get("scalebio_1b", {})
     if sb.get("status") == "ok":
         r = sb["result"]
-        lines += ["", f"ScaleBiO at the {r['shape']} shape ({r['param_dtype']} parameters and AdamW moments, "
-                  f"{r['dtype']} compute, batch {r['batch']} x {r['seq']}), each variant alone, {r['steps']} steps "
-                  "(the first compiles):", "",
-                  "| variant | device peak | vs plain | peak RSS | vs plain | s/step | vs plain | note |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
-        for name, v in r["variants"].items():
-            gib = lambda x: "—" if x is None else f"{x / 1024:.2f} GiB"  # noqa: E731
-            lines.append(f"| {name} | {gib(v.get('device_peak_mib'))} | {_fmt(v.get('device_vs_plain'), '.2f')} "
-                         f"| {gib(v.get('peak_rss_mib'))} | {_fmt(v.get('rss_vs_plain'), '.2f')} "
-                         f"| {_fmt(v.get('seconds'), '.4f')} | {_fmt(v.get('time_vs_plain'), '.2f')} "
-                         f"| {v.get('failed') or v.get('skipped') or ''} |")
+        gib = lambda x: "—" if x is None else f"{x / 1024:.2f} GiB"  # noqa: E731
+        lines += _table(
+            f"ScaleBiO at the {r['shape']} shape ({r['param_dtype']} parameters and AdamW moments, {r['dtype']} "
+            f"compute, batch {r['batch']} x {r['seq']}), each variant alone, {r['steps']} steps (the first compiles):",
+            "| variant | device peak | vs plain | peak RSS | vs plain | s/step | vs plain | note |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+            [f"| {name} | {gib(v.get('device_peak_mib'))} | {_fmt(v.get('device_vs_plain'), '.2f')} "
+             f"| {gib(v.get('peak_rss_mib'))} | {_fmt(v.get('rss_vs_plain'), '.2f')} "
+             f"| {_fmt(v.get('seconds'), '.4f')} | {_fmt(v.get('time_vs_plain'), '.2f')} "
+             f"| {v.get('failed') or v.get('skipped') or ''} |" for name, v in r["variants"].items()])
     mg = ph.get("merge", {})
     if mg.get("status") == "ok":
         r = mg["result"]
-        lines += ["", f"Merge (`python -m hbo_jax.merge --method select --resample`, K = 3, {r['rows'][0]['shape']} "
-                  f"shape, {r['cpu_count']} CPU cores; medians of {r['rows'][0]['merges']} merges against the best "
-                  "of the disk's reads of one input):", "",
-                  "| page cache | input GB | merge s | merge GB/s | CPU ns / element | disk GB/s: cold / O_DIRECT "
-                  "| merge / disk: cold, O_DIRECT | peak RSS GB |", "|---|---:|---:|---:|---:|---|---|---:|"]
-        for m in r["rows"]:
-            lines.append(f"| {m['cache']} | {m['input_GB']:.2f} | {m['seconds']:.2f} | {m['GB_per_s']:.2f} "
-                         f"| {m['cpu_ns_per_element']:.1f} | {m['disk_cold_GB_per_s']:.2f} / "
-                         f"{m['disk_direct_GB_per_s']:.2f} | {m['vs_cold_disk']:.2f}, {m['vs_direct_disk']:.2f} "
-                         f"| {m['peak_rss_GB']:.2f} |")
+        lines += _table(
+            f"Merge (`python -m hbo_jax.merge --method select --resample`, K = 3, {r['rows'][0]['shape']} shape, "
+            f"{r['cpu_count']} CPU cores; medians of {r['rows'][0]['merges']} merges against the best of the disk's "
+            "reads of one input):",
+            "| page cache | input GB | merge s | merge GB/s | CPU ns / element | disk GB/s: cold / O_DIRECT "
+            "| merge / disk: cold, O_DIRECT | peak RSS GB |", "|---|---:|---:|---:|---:|---|---|---:|",
+            [f"| {m['cache']} | {m['input_GB']:.2f} | {m['seconds']:.2f} | {m['GB_per_s']:.2f} "
+             f"| {m['cpu_ns_per_element']:.1f} | {m['disk_cold_GB_per_s']:.2f} / {m['disk_direct_GB_per_s']:.2f} "
+             f"| {m['vs_cold_disk']:.2f}, {m['vs_direct_disk']:.2f} | {m['peak_rss_GB']:.2f} |" for m in r["rows"]])
     st = ph.get("study", {}).get("result", {})
     if st.get("results"):
         lines.append(f"\nStudy ({st['study']}): {len(st['results'])} arm-seed results; tables in `{st['docs']}`.")
