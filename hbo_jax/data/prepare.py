@@ -291,12 +291,11 @@ def data_notes(manifest: dict) -> list[str]:
     skipped.
     """
     notes = [f"skipped {line}" for line in SkipReport.from_dict(manifest["skipped"]).lines()]
-    stale = [s for s in manifest["subsets"] if counted_cuts(s) is None]
-    if stale:
+    if any(counted_cuts(s) is None for s in manifest["subsets"]):
         notes.append(f"examples cut to data.seq_len were not counted (or miscounted) when prepared data "
                      f"{manifest['key']} was made (the cache key is the same); delete it to count them")
     for s in manifest["subsets"]:
-        cut = s.get("truncated", {"train": 0, "eval": 0}) if s not in stale else {"train": 0, "eval": 0}
+        cut = counted_cuts(s) or {"train": 0, "eval": 0}
         parts = [f"{cut[split]} of {s[split]} {split} examples ({cut[split] / s[split]:.1%})"
                  for split in ("train", "eval") if cut[split]]
         if parts:
