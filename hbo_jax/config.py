@@ -259,6 +259,9 @@ class TrainConfig:
     # Keep compiled programs in <data.cache_dir or ~/.cache/hbo_jax>/xla, so a rerun, resume or
     # another seed of the same shapes skips compiling (hbo_jax.cli.use_compile_cache).
     compile_cache: bool = True
+    # Above this many GB the least recently used programs are deleted from that folder (JAX's
+    # LRU cache: a program of a 7B model can take tens of MB); 0 = no limit.
+    compile_cache_gb: float = 4.0
     # Resume even when a key that breaks the exact continuation (data, model, mixture,
     # batch size, seed, ...) differs from the checkpoint's configuration.
     allow_config_change: bool = False

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 BOOKKEEPING = ("run_dir", "eval.", "tracking.", "distributed.", "data.cache_dir", "data.embedded_archives",
                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
                "train.allow_config_change", "train.max_nonfinite_steps",
-               "train.compile_cache")
+               "train.compile_cache", "train.compile_cache_gb")
 
 # The report: runs that differ only in these are seeds (or data-order replicas) of one experiment.
 GROUP_IGNORE = (*BOOKKEEPING, "train.seed", "train.data_seed")

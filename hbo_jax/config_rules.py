@@ -81,6 +81,7 @@ RULES: dict[str, Rule] = {
     **{f"train.{k}": _NONNEG for k in ("warmup_steps", "weight_decay", "seed")},
     "train.grad_clip": Rule(0, note="0 = no clipping"),
     "train.data_seed": Rule(0, special=(-1,), note="-1 = train.seed"),
+    "train.compile_cache_gb": Rule(0, note="0 = no limit"),
     "eval.every": Rule(0, note="0 = no periodic evaluation"),
     **{f"eval.{k}": _POS for k in ("periodic_max_per_subset", "max_new_tokens")},
     "eval.exact_match_max_chars": _NONNEG,
