@@ -8,7 +8,8 @@ at the shapes of `train_step_cpu.SHAPES`, each fine-tune differing from the base
 its elements) under `--dir`, measures this disk's sequential read bandwidth on one of
 those files (cold: its page cache dropped with posix_fadvise(DONTNEED) first; warm: read
 again; O_DIRECT: around the page cache, as the merge reads) and on all K+1 inputs at once,
-one thread per file (cold), then runs the merge
+one thread per file (cold), and the merge's own reads alone (one block per read, and
+neighbouring blocks read together, as the merge reads), then runs the merge
 (select + resample) in a subprocess, cold and warm (with each `--code` checkout's hbo_jax:
 versions compared on the same inputs), and reports seconds, input bytes read per second,
 their ratios to the single-stream cold and O_DIRECT disk rates (each the best of 3
@@ -142,6 +143,33 @@ def read_bandwidth(paths: list[Path], cold: bool, direct: bool = False) -> float
     return sum(p.stat().st_size for p in paths) / (time.perf_counter() - t)
 
 
+def merge_reads(dirs: list[Path], grouped: bool) -> float:
+    """Bytes per second of the merge's own reading alone (this checkout's `stream_blocks` over the merge's
+    plan, one thread per input, nothing merged): one block per read, or neighbouring blocks read together."""
+    from hbo_jax.merging.inputs import check_inputs, open_input
+    from hbo_jax.merging.stream import auto_block_bytes, row_blocks
+
+    inputs = [open_input(str(d)) for d in dirs]
+    tensors, _ = check_inputs(inputs[0], inputs[1:])
+    block = auto_block_bytes(len(dirs))
+    plan = [(t.name, rows) for t in tensors for rows in row_blocks(t, block)]
+
+    def read(reader):
+        for _ in reader.stream_blocks(plan, block if grouped else 0):
+            pass
+
+    threads = [threading.Thread(target=read, args=(i.reader,)) for i in inputs]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    seconds = time.perf_counter() - t
+    for i in inputs:
+        i.reader.close()
+    return len(dirs) * sum(t.nbytes for t in tensors) / seconds
+
+
 def run_merge(dirs: list[Path], out: Path, cold: bool, code: Path = ROOT) -> tuple[float, float, float]:
     """(seconds, CPU seconds of all its threads in the command, peak RSS bytes) of `python -m hbo_jax.merge`'s
     `main` (after its imports) in a fresh process, importing hbo_jax from `code` (another checkout: compare
@@ -182,6 +210,11 @@ def measure(root: Path, name: str, ks: list[int], codes: list[Path], repeat: int
         dirs = written[:k + 1]
         size = sum(f.stat().st_size for d in dirs for f in files(d))
         disk_parallel = read_bandwidth([f for d in dirs for f in files(d)], True)  # K+1 streams, as merged
+        # the merge's own reads, alone (O_DIRECT: no page cache to drop); the best of 3, alternating
+        reads = {False: 0.0, True: 0.0}
+        for _ in range(3):
+            for grouped in reads:
+                reads[grouped] = max(reads[grouped], merge_reads(dirs, grouped))
         runs = []
         for r in range(repeat):
             if r:  # the disk's rate drifts: read again between rounds, the best of all reads is its limit
@@ -207,6 +240,8 @@ def measure(root: Path, name: str, ks: list[int], codes: list[Path], repeat: int
                              "disk_cold_GB_per_s": disk_cold / 1e9, "disk_warm_GB_per_s": disk_warm / 1e9,
                              "disk_direct_GB_per_s": disk_direct / 1e9,
                              "disk_cold_parallel_GB_per_s": disk_parallel / 1e9,
+                             "merge_reads_block_GB_per_s": reads[False] / 1e9,
+                             "merge_reads_grouped_GB_per_s": reads[True] / 1e9,
                              "vs_cold_disk": size / seconds / disk_cold,
                              "vs_direct_disk": size / seconds / disk_direct,
                              "peak_rss_GB": max(x["peak_rss_GB"] for x in mine),
@@ -220,15 +255,17 @@ def table(rows: list[dict]) -> str:
     """The markdown table of `measure`'s rows."""
     out = ["| shape | K | code | page cache | merges | input GB | merge s (median; range) | merge GB/s | "
            "CPU ns / element | disk GB/s: 1 stream cold / warm / O_DIRECT, K+1 streams cold | "
+           "the merge's reads alone, GB/s: a block per read / grouped | "
            "merge / disk: 1 stream cold, O_DIRECT | peak RSS GB | load |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["seconds_range"]
         out.append(f"| {r['shape']} | {r['k']} | {r['code']} | {r['cache']} | {r['merges']} | {r['input_GB']:.2f} | "
                    f"{r['seconds']:.2f}" + (f"; {lo:.2f}-{hi:.2f}" if r["merges"] > 1 else "") + " | "
                    f"{r['GB_per_s']:.2f} | {r['cpu_ns_per_element']:.1f} | {r['disk_cold_GB_per_s']:.2f} / "
                    f"{r['disk_warm_GB_per_s']:.2f} / {r['disk_direct_GB_per_s']:.2f} / "
-                   f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f}, {r['vs_direct_disk']:.2f} | "
+                   f"{r['disk_cold_parallel_GB_per_s']:.2f} | {r['merge_reads_block_GB_per_s']:.2f} / "
+                   f"{r['merge_reads_grouped_GB_per_s']:.2f} | {r['vs_cold_disk']:.2f}, {r['vs_direct_disk']:.2f} | "
                    f"{r['peak_rss_GB']:.2f} | {r['load_average'][0]:.1f} |")
     return "\n".join(out)
 

@@ -133,6 +133,38 @@ def test_a_row_block_is_the_slice_of_the_whole_tensor(kind, request, tmp_path):
             np.testing.assert_array_equal(reader.stream_block(name), whole)
 
 
+def _row_plan(reader, seed):
+    """Every tensor cut in blocks of 3 rows (a scalar whole), in a shuffled order."""
+    plan = [(n, None if not reader.info(n).shape else (lo, min(lo + 3, reader.info(n).shape[0])))
+            for n in reader.names() for lo in range(0, max(1, (reader.info(n).shape or (1,))[0]), 3)]
+    return [plan[i] for i in np.random.default_rng(seed).permutation(len(plan))]
+
+
+@pytest.mark.parametrize("kind", ["hf_sharded", "hf_single", "gguf"])
+def test_blocks_read_together_equal_blocks_read_alone(kind, request, tmp_path):
+    with _reader(request, kind, tmp_path) as reader:
+        plan = _row_plan(reader, 0)
+        together = [b for group in reader.stream_blocks(plan, 1 << 20) for b in group]
+        assert len(together) == len(plan)
+        for (name, rows), block in zip(plan, together):
+            np.testing.assert_array_equal(block, reader.stream_block(name, rows), err_msg=f"{name} {rows}")
+
+
+def test_blocks_are_read_together_only_where_they_fill_the_read(monkeypatch):
+    """Every other tensor of a file: the holes between them would be half of one read, so each is read
+    alone; the whole file in order: few reads, each of blocks next to each other."""
+    with SafetensorsReader(PARITY / "llama3") as reader:
+        reads = []
+        real = reader._read_together
+        monkeypatch.setattr(reader, "_read_together", lambda blocks: reads.append(blocks) or real(blocks))
+        names = sorted(reader.names(), key=lambda n: reader._span(n, None)[1])  # file order
+        list(reader.stream_blocks([(n, None) for n in names[::2]], 1 << 30))
+        assert all(len(r) == 1 for r in reads)
+        reads.clear()
+        list(reader.stream_blocks([(n, None) for n in names], 1 << 30))
+        assert len(reads) == 1 and len(reads[0]) == len(names)
+
+
 def test_a_file_cut_short_after_opening_is_named_by_read_and_map(tmp_path):
     data = (PARITY / "tied" / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data)

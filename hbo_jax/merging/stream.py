@@ -1,14 +1,16 @@
 """Streams a merge: one block of rows of one tensor from every input at a time.
 
 Each input has its own reader thread that reads the blocks in the merge's order
-(`TensorReader.stream_block`: O_DIRECT for safetensors files, around the page cache,
-whose filling and copying cost more CPU than anything but the selection), hashes them
+(`TensorReader.stream_blocks`: O_DIRECT for safetensors files, around the page cache,
+whose filling and copying cost more CPU than anything but the selection; neighbouring
+small blocks in one read of up to a block's size), hashes them
 (the input's digest in merge.json: XXH3-128, 0.02 ns of CPU per byte where sha256 took
 0.55, the largest single cost of a merge at 4.4 ns per element at K = 3; a digest
 identifies the inputs, it is no defence against crafted files) and hands them over
 through a queue of `PREFETCH` blocks; `DEPTH` blocks of all K models (+ the base) are
 merged at once, and written in order while the readers fetch the next ones. Memory is at
-most (K+1) x (PREFETCH+1+DEPTH) blocks (queued, being read, being merged) plus DEPTH+1
+most (K+1) x (PREFETCH+2+DEPTH) reads of at most a block's size (queued, being read, being
+taken, being merged: a read's buffer lives while any of its blocks does) plus DEPTH+1
 output blocks (being merged, being written), whatever the model size; `block_bytes` sets
 the block (a tensor smaller than it is one block), by default `auto_block_bytes`: 8 MiB,
 smaller when more inputs would put over `IN_FLIGHT_BYTES` in flight, so memory does not
@@ -41,8 +43,8 @@ IN_FLIGHT_BYTES = 512 << 20  # blocks held by all inputs together, by default
 
 
 def auto_block_bytes(inputs: int) -> int:
-    """The default block of each of `inputs` inputs: (PREFETCH+1+DEPTH) blocks of each within IN_FLIGHT_BYTES."""
-    return max(1 << 20, min(MAX_BLOCK_BYTES, IN_FLIGHT_BYTES // ((PREFETCH + 1 + DEPTH) * max(inputs, 1))))
+    """The default block of each of `inputs` inputs: (PREFETCH+2+DEPTH) reads of each within IN_FLIGHT_BYTES."""
+    return max(1 << 20, min(MAX_BLOCK_BYTES, IN_FLIGHT_BYTES // ((PREFETCH + 2 + DEPTH) * max(inputs, 1))))
 
 
 def row_blocks(info: TensorInfo, block_bytes: int) -> list[tuple[int, int] | None]:
@@ -68,13 +70,16 @@ class InputStream:
         plan: (tensor name, row range or None) in the order they will be asked for.
         dtypes: Tensor name -> dtype to cast its blocks to after hashing (the base's to
             the models'; a float32 GGUF base), or None.
+        read_bytes: The most one read takes (blocks that follow each other in a file are read
+            together up to it: a buffer lives while any of its blocks does).
     """
 
     def __init__(self, reader: TensorReader, plan: list[tuple[str, tuple[int, int] | None]],
-                 dtypes: dict | None = None):
-        self.reader, self.plan, self.dtypes = reader, plan, dtypes
+                 dtypes: dict | None = None, read_bytes: int = MAX_BLOCK_BYTES):
+        self.reader, self.plan, self.dtypes, self.read_bytes = reader, plan, dtypes, read_bytes
         self.tensor_digests: dict[str, str] = {}
-        self._queue: queue.Queue = queue.Queue(PREFETCH)
+        self._queue: queue.Queue = queue.Queue(PREFETCH)  # lists of blocks, one per read
+        self._ready: collections.deque = collections.deque()  # the blocks of the read being taken
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"read {reader.where}")
         self._thread.start()
@@ -91,16 +96,22 @@ class InputStream:
     def _run(self) -> None:
         try:
             current, h = None, None
-            for name, rows in self.plan:
-                if name != current:
-                    if h is not None:
-                        self.tensor_digests[current] = h.hexdigest()
-                    current, h = name, xxhash.xxh3_128()
-                block = np.ascontiguousarray(self.reader.stream_block(name, rows))
-                h.update(block.reshape(-1).view(np.uint8))
-                if self.dtypes is not None:
-                    block = block.astype(self.dtypes[name], copy=False)
-                if not self._put(block):
+            plan = iter(self.plan)
+            for blocks in self.reader.stream_blocks(self.plan, self.read_bytes):
+                ready = []
+                for block in blocks:
+                    name, _ = next(plan)
+                    if name != current:
+                        if h is not None:
+                            self.tensor_digests[current] = h.hexdigest()
+                        current, h = name, xxhash.xxh3_128()
+                    block = np.ascontiguousarray(block)
+                    h.update(block.reshape(-1).view(np.uint8))
+                    if self.dtypes is not None:
+                        block = block.astype(self.dtypes[name], copy=False)
+                    ready.append(block)
+                # a read's blocks queued together: the next read starts while they are merged
+                if not self._put(ready):
                     return
             if h is not None:
                 self.tensor_digests[current] = h.hexdigest()
@@ -109,10 +120,12 @@ class InputStream:
             self._put(_Sentinel(e))
 
     def next(self) -> np.ndarray:
-        item = self._queue.get()
-        if isinstance(item, _Sentinel):
-            raise item.error or RuntimeError(f"{self.reader.where}: read past the plan")
-        return item
+        if not self._ready:
+            item = self._queue.get()
+            if isinstance(item, _Sentinel):
+                raise item.error or RuntimeError(f"{self.reader.where}: read past the plan")
+            self._ready.extend(item)
+        return self._ready.popleft()
 
     def close(self) -> None:
         """Stops the thread (blocks not yet taken are dropped) and waits for it."""
@@ -195,9 +208,9 @@ def stream_merge(tensors: list[TensorInfo], models: list[TensorReader], base: Te
     """
     block_bytes = block_bytes or auto_block_bytes(len(models) + (base is not None))
     plan = [(t.name, rows) for t in tensors for rows in row_blocks(t, block_bytes)]
-    streams = [InputStream(r, plan) for r in models]
+    streams = [InputStream(r, plan, read_bytes=block_bytes) for r in models]
     dtypes = {t.name: t.dtype for t in tensors}
-    base_stream = None if base is None else InputStream(base, plan, dtypes)
+    base_stream = None if base is None else InputStream(base, plan, dtypes, block_bytes)
     every = streams + ([base_stream] if base_stream else [])
     bar = progress_lines(desc="merging", total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True,
                          disable=progress is False)

@@ -21,7 +21,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -120,6 +120,14 @@ class TensorReader(abc.ABC):
         """`read(name)` (rows None) or `read_rows(name, *rows)`, for a tool that reads each byte once
         (see `SafetensorsReader`: around the page cache). Here: `read`."""
         return self.read(name) if rows is None else self.read_rows(name, *rows)
+
+    def stream_blocks(self, plan: Iterable[tuple[str, tuple[int, int] | None]],
+                      max_bytes: int) -> Iterator[list[np.ndarray]]:
+        """The blocks of `plan` ((name, rows or None) in order, each as `stream_block`), in lists read
+        together: neighbours in a file in one read of up to ~`max_bytes` (see `SafetensorsReader`).
+        Here: one block per list."""
+        for name, rows in plan:
+            yield [self.stream_block(name, rows)]
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, tensor) pairs, one tensor in memory at a time."""
@@ -252,29 +260,71 @@ class SafetensorsReader(TensorReader):
         once: what the page cache holds is read from the device again. Where the file system
         refuses O_DIRECT (tmpfs), `read`. (Asking the page cache first, with RWF_NOWAIT, costs
         more: a miss starts its readahead, so the block is read twice.)"""
+        return self._read_together([self._locate(name, rows)])[0]
+
+    def stream_blocks(self, plan: Iterable[tuple[str, tuple[int, int] | None]],
+                      max_bytes: int) -> Iterator[list[np.ndarray]]:
+        """The blocks of `plan` as `stream_block` reads them, but neighbours in a file in one read: the
+        next blocks whose bytes lie within ~`max_bytes` of each other and cover at least 3/4 of that
+        window (a layer's tensors, in whatever order the plan asks for them: a file written in
+        another order than the plan's still reads in few requests), their arrays views of its
+        buffer. Each read is a round trip to the device: a 135M model is 278 blocks per input, most
+        of them under 2 MB (norms, attention projections), and four inputs read block by block at
+        1.4-2.0 GB/s where 8 MiB reads reach 1.6-2.2 (a virtual disk)."""
+        group: list[tuple] = []
+        for name, rows in plan:
+            item = self._locate(name, rows)
+            if group and (item[0] != group[0][0] or max(item[1] + item[2], *(b[1] + b[2] for b in group))
+                          - min(item[1], *(b[1] for b in group)) > max_bytes):
+                yield from self._read_window(group)
+                group = []
+            group.append(item)
+        if group:
+            yield from self._read_window(group)
+
+    def _read_window(self, group: list[tuple]) -> Iterator[list[np.ndarray]]:
+        """`group`'s blocks (`_locate`'s, one file) in one read when they cover 3/4 of the window they
+        span; else each block alone (the holes would be read for nothing)."""
+        lo, hi = min(b[1] for b in group), max(b[1] + b[2] for b in group)
+        if 4 * sum(b[2] for b in group) >= 3 * (hi - lo):
+            yield self._read_together(group)
+        else:
+            for b in group:
+                yield self._read_together([b])
+
+    def _locate(self, name: str, rows: tuple[int, int] | None) -> tuple:
+        """(file name, position, bytes, shape, dtype, name, rows) of a block."""
         _, pos, nbytes, shape, dtype = self._span(name, None if rows is None else self._rows(name, *rows))
-        direct = self._direct_fd(self._file_of[name])
-        if direct is None or nbytes == 0:
-            return self._read(name, None if rows is None else slice(*rows))
+        return self._file_of[name], pos, nbytes, shape, dtype, name, rows
+
+    def _read_together(self, blocks: list[tuple]) -> list[np.ndarray]:
+        """Blocks of one file (`_locate`'s, any order) in one O_DIRECT read of the window they span;
+        each one with `_read` where the file or device refuses O_DIRECT."""
+        fname, first, last = blocks[0][0], min(b[1] for b in blocks), max(b[1] + b[2] for b in blocks)
+        direct = self._direct_fd(fname)
+        if direct is None or last == first:
+            return [self._read(b[5], None if b[6] is None else slice(*b[6])) for b in blocks]
         # offset, length and buffer address all multiples of the block size (4096 covers 512-byte devices)
-        start, skip = pos - pos % _DIRECT_ALIGN, pos % _DIRECT_ALIGN
-        span = -(-(skip + nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        start = first - first % _DIRECT_ALIGN
+        span = -(-(last - start) // _DIRECT_ALIGN) * _DIRECT_ALIGN
         raw = np.empty(span + _DIRECT_ALIGN, np.uint8)
         buf = raw[-raw.ctypes.data % _DIRECT_ALIGN:][:span]
         done = 0
-        while done < skip + nbytes:
+        while done < last - start:
             try:
                 got = os.preadv(direct, [buf[done:]], start + done)
             except OSError:  # alignment this device does not take: read through the page cache
-                self._direct[self._file_of[name]] = None
-                return self._read(name, None if rows is None else slice(*rows))
+                self._direct[fname] = None
+                return self._read_together(blocks)
             if got == 0 or got % _DIRECT_ALIGN:  # the end of the file (a last, partial block)
                 done += got
                 break
             done += got
-        if done < skip + nbytes:
-            raise CheckpointMismatch(f"{self.dir / self._file_of[name]}: file ends inside tensor {name!r}")
-        return buf[skip:skip + nbytes].view(dtype).reshape(shape)
+        if done < last - start:
+            ends_in = next(b[5] for b in blocks if b[1] + b[2] > start + done)
+            raise CheckpointMismatch(f"{self.dir / fname}: file ends inside tensor {ends_in!r}")
+        return [buf[pos - start:pos - start + nbytes].view(dtype).reshape(shape)
+                for _, pos, nbytes, shape, dtype, _, _ in blocks]
 
     def _direct_fd(self, fname: str) -> int | None:
         """A descriptor of the file opened with O_DIRECT, or None where that is refused."""
