@@ -76,11 +76,16 @@ def _sd(vals: list[float]) -> float:
 def best_static(table: dict[str, dict[int, dict]], static: list[str]) -> str | None:
     """The static arm with the highest mean macro relative loss reduction, among those with at least
     two seeds while any has (one seed is no evidence of being the best: a lucky seed would make
-    every paired comparison a one-seed one); among all of them before."""
+    every paired comparison a one-seed one); among all of them before. The means are over the
+    seeds the candidates share, when they share any: an arm with a third seed is not judged on
+    data orders the others never saw."""
     have = [a for a in static if table.get(a)]
-    seeded = [a for a in have if len(table[a]) >= 2]
-    return max(seeded or have, key=lambda a: statistics.mean(m[PRIMARY] for m in table[a].values())) \
-        if have else None
+    if not have:
+        return None
+    candidates = [a for a in have if len(table[a]) >= 2] or have
+    common = set.intersection(*(set(table[a]) for a in candidates))
+    return max(candidates, key=lambda a: statistics.mean(
+        m[PRIMARY] for seed, m in table[a].items() if not common or seed in common))
 
 
 def summary_rows(per_arm: dict[str, dict[int, dict]], before: dict) -> list[str]:

@@ -168,3 +168,10 @@ def test_a_static_arm_with_one_seed_is_not_the_best_while_another_has_two():
     assert study_tables.best_static(table, ["uniform", "temperature"]) == "uniform"
     table["temperature"][1] = {"rel_reduction": 0.52}
     assert study_tables.best_static(table, ["uniform", "temperature"]) == "temperature"
+
+
+def test_the_best_static_arm_is_judged_on_the_seeds_the_candidates_share():
+    # uniform's third seed is low; on seeds 0 and 1, which both arms ran, uniform is ahead
+    table = {"uniform": {0: {"rel_reduction": 0.513}, 1: {"rel_reduction": 0.515}, 2: {"rel_reduction": 0.508}},
+             "temperature": {0: {"rel_reduction": 0.515}, 1: {"rel_reduction": 0.511}}}
+    assert study_tables.best_static(table, ["uniform", "temperature"]) == "uniform"
