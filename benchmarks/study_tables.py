@@ -9,7 +9,8 @@ Metrics, per arm and seed, on the held-out rows of every subset:
     it (a 4.0 -> 3.6 subset moves it as much as ten 0.4 -> 0.36 ones).
   - macro accuracy (multiple-choice subsets) and exact match (short-answer subsets).
 Comparisons against the best static arm (the static arm with the highest mean macro
-relative loss reduction, over at least two seeds once any static arm has two) are paired
+relative loss reduction, over at least two seeds once any static arm has two, on the seeds
+those arms share) are paired
 by seed: seed S of both arms saw the same prepared data and starting model. An arm
 "beats" it when its mean paired difference is positive and larger than the seed spread
 (the larger of the two arms' standard deviations over seeds) and every paired difference
