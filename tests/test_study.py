@@ -175,3 +175,12 @@ def test_the_best_static_arm_is_judged_on_the_seeds_the_candidates_share():
     table = {"uniform": {0: {"rel_reduction": 0.513}, 1: {"rel_reduction": 0.515}, 2: {"rel_reduction": 0.508}},
              "temperature": {0: {"rel_reduction": 0.515}, 1: {"rel_reduction": 0.511}}}
     assert study_tables.best_static(table, ["uniform", "temperature"]) == "uniform"
+
+
+def test_the_time_per_run_leaves_out_the_one_off_data_preparation():
+    # the first run on a machine prepares the data (here 1,000 s); its arm is not the slower for it
+    runs = {0: {"seconds": {"train_loop_seconds": 600.0, "wall_seconds": 1000.0, "prepare_seconds": 2.0}},
+            1: {"seconds": {"train_loop_seconds": 600.0, "wall_seconds": 2000.0, "prepare_seconds": 1000.0}}}
+    rows = study_tables.time_rows({"hbo": runs})
+    assert rows[2] == "| hbo | 600 | 999 |"
+    assert "hbo seed 1: 1000 s" in rows[-1]
