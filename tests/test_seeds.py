@@ -21,7 +21,7 @@ from hbo_jax.train import main
 from conftest import tiny_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_pinned_runs import FILES, OUT, pinned_outputs  # noqa: E402
+from make_pinned_runs import FILES, pinned_outputs  # noqa: E402
 
 
 def test_rng_streams_equal_the_literal_seed_sequences_they_replace():
@@ -144,12 +144,12 @@ def test_the_probes_are_drawn_with_the_data_seed(tmp_path, shared_cache, monkeyp
     assert {name: set(s) for name, s in seeds.items()} == {name: {7} for name in spied}
 
 
-def test_data_seed_equal_to_train_seed_reproduces_the_pinned_run(tmp_path, shared_cache):
-    # The pinned logs were made with data_seed unset (-1); tests/test_pinned_runs.py keeps them.
+def test_data_seed_equal_to_train_seed_reproduces_the_run_without_one(tmp_path, shared_cache):
+    # The pinned configuration with data_seed unset (-1) and set to the train seed, on this host: to the bit
+    unset = pinned_outputs("hbo", tmp_path / "unset", shared_cache)
     outputs = pinned_outputs("hbo", tmp_path / "run", shared_cache, ("train.data_seed=0",))
     for f in FILES:
-        pinned = OUT / "hbo" / f
-        assert outputs[f] == (pinned.read_text() if pinned.is_file() else None), f
+        assert outputs[f] == unset[f], f
 
 
 def test_with_a_pretrained_model_train_seed_leaves_the_prepared_key_alone(tmp_path):
