@@ -104,11 +104,7 @@ def log_mismatch(actual: str | None, expected: str | None, rtol: float = RTOL) -
         docs_a, docs_e = [json.loads(actual)], [json.loads(expected)]
     if len(docs_a) != len(docs_e):
         return f"{len(docs_a)} lines, pinned {len(docs_e)}"
-    for i, (a, e) in enumerate(zip(docs_a, docs_e)):
-        where = _mismatch(a, e, rtol, f"[{i}]")
-        if where:
-            return where
-    return None
+    return _mismatch(docs_a, docs_e, rtol, "")
 
 
 def _mismatch(a, e, rtol: float, path: str) -> str | None:
