@@ -234,8 +234,8 @@ def time_rows(per_arm: dict[str, dict[int, dict]]) -> list[str]:
         wall = []
         for seed, r in seeds.items():
             # the run's own wall clock (evaluations included); a merge's is the study's clock around it
-            w, prep = r["seconds"].get("wall_seconds") or r["seconds"].get("study_wall"), r["seconds"].get(
-                "prepare_seconds") or 0.0
+            w = r["seconds"].get("wall_seconds") or r["seconds"].get("study_wall")
+            prep = r["seconds"].get("prepare_seconds") or 0.0
             if w:
                 wall.append(w - prep)
             if prep >= 60:

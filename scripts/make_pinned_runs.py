@@ -109,9 +109,8 @@ def log_mismatch(actual: str | None, expected: str | None, rtol: float = RTOL) -
 
 def _mismatch(a, e, rtol: float, path: str) -> str | None:
     if isinstance(a, float) and isinstance(e, float):
-        if a == e or (math.isfinite(a) and math.isfinite(e) and abs(a - e) <= rtol * max(abs(a), abs(e))):
-            return None
-        return f"{path}: {a!r}, pinned {e!r}"
+        same = math.isclose(a, e, rel_tol=rtol) or (math.isnan(a) and math.isnan(e))  # NaN pinned as NaN
+        return None if same else f"{path}: {a!r}, pinned {e!r}"
     if type(a) is not type(e):
         return f"{path}: {a!r}, pinned {e!r}"
     if isinstance(a, dict):

@@ -26,7 +26,8 @@ def test_run_reproduces_pinned_log(pinned, file):
     name, outputs = pinned
     pinned_file = OUT / name / file
     expected = pinned_file.read_text() if pinned_file.is_file() else None  # None: the run writes no such file
-    assert log_mismatch(outputs[file], expected) is None, f"{name}/{file}: {log_mismatch(outputs[file], expected)}"
+    where = log_mismatch(outputs[file], expected)
+    assert where is None, f"{name}/{file}: {where}"
 
 
 def test_a_float_within_the_tolerance_matches_its_pin():
@@ -44,3 +45,7 @@ def test_a_drawn_index_must_equal_its_pin_exactly():
 def test_a_missing_key_or_line_is_a_mismatch():
     assert log_mismatch('{"a": 1.0}\n', '{"a": 1.0, "b": 2}\n') == "[0]: keys ['b'] differ"
     assert log_mismatch('{"a": 1}\n', '{"a": 1}\n{"a": 2}\n') == "1 lines, pinned 2"
+
+
+def test_a_nan_pinned_as_nan_matches():
+    assert log_mismatch('{"loss": NaN}\n', '{"loss": NaN}\n') is None
